@@ -1,0 +1,96 @@
+"""Multi-head attention with grouped-query heads, masks and a KV cache.
+
+Masks are boolean [B, 1, Lq, Lk] (True = may attend). Masked scores get a large finite negative
+value rather than -inf, so a query row with nothing to attend to (padding) yields a finite output
+instead of NaN; such rows are padding and never read.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from nvlm_jax.layers.linear import Dense
+from nvlm_jax.layers.rope import apply_rope
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+KVCache = dict[str, jnp.ndarray]  # {"k": [B, S, kv_heads, head_dim], "v": same}
+
+
+def dot_product_attention(q, k, v, mask, *, scale: float | None = None):
+  """softmax(q k^T * scale + mask) v with GQA: q [B,Lq,H,D], k/v [B,Lk,KV,D], H % KV == 0.
+
+  Scores and softmax in fp32 (Megatron's --attention-softmax-in-fp32); returns q.dtype [B,Lq,H,D].
+  """
+  batch, q_len, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  groups = heads // kv_heads
+  scale = head_dim ** -0.5 if scale is None else scale
+  q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    scores = jnp.where(mask[:, :, None, :, :], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+  return out.reshape(batch, q_len, heads, head_dim)
+
+
+def causal_segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
+  """[B, L] segment ids (0 = padding) -> [B, 1, L, L]: causal, within a segment, never onto padding."""
+  length = segment_ids.shape[1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  real = (segment_ids != 0)[:, None, :]
+  return (causal[None] & same & real)[:, None]
+
+
+def cached_mask(valid: jnp.ndarray, cache_index: jnp.ndarray, q_len: int) -> jnp.ndarray:
+  """Mask for queries written at cache slots [cache_index, cache_index + q_len) over all cache slots.
+
+  `valid` [B, S] marks slots holding real tokens (prompt padding stays False).
+  """
+  slots = jnp.arange(valid.shape[1])
+  q_slots = cache_index + jnp.arange(q_len)
+  causal = slots[None, :] <= q_slots[:, None]  # [Lq, S]
+  return (causal[None] & valid[:, None, :])[:, None]
+
+
+def update_cache(cache: KVCache, k: jnp.ndarray, v: jnp.ndarray, index: jnp.ndarray) -> KVCache:
+  """Writes k/v [B, L, KV, D] into the cache at slot `index` (same slot for every row)."""
+  write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=1)
+  return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
+class SelfAttention(nn.Module):
+  """RoPE self-attention; q/k/v biases optional (Qwen2 has them, Llama does not)."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  qkv_bias: bool = False
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: KVCache | None = None, cache_index=None) -> tuple[Any, KVCache | None]:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = Dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), use_bias=self.qkv_bias,
+              name="q_proj", **kw)(x)
+    k = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias,
+              name="k_proj", **kw)(x)
+    v = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias,
+              name="v_proj", **kw)(x)
+    q = apply_rope(q, positions, self.rope_theta)
+    k = apply_rope(k, positions, self.rope_theta)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+    if cache is not None:
+      cache = update_cache(cache, k, v, cache_index)
+      k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
+    out = dot_product_attention(q, k, v, mask)
+    out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
+    out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), contract_dims=2, name="o_proj", **kw)(out)
+    return out, cache

@@ -1,0 +1,93 @@
+"""Device mesh, the logical-axis rules table, and sharded initialization.
+
+Every parameter and large activation carries logical axis names ("embed", "heads", ...). One rules
+table maps them onto the mesh axes `data`, `fsdp` and `tensor`. Changing the parallelism layout means
+changing the mesh shape or this table, never the model code.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axes). Weights: the model dim is split over fsdp, the "wide" dims (heads, mlp,
+# vocab) over tensor (Megatron-style tensor parallelism). Activations: batch over data x fsdp.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    ("activation_tiles", None),
+    # parameters
+    ("layers", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("norm", None),
+)
+
+
+def create_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices.
+
+  Axis types are Auto: linen's logical constraints and scanned carries need it (jax 0.10 defaults
+  `jax.make_mesh` to Explicit).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  dims = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
+  if len(dims) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {dims} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+  if dims.count(-1) > 1:
+    raise ValueError(f"mesh shape {dims}: at most one axis may be -1")
+  if -1 in dims:
+    known = int(np.prod([d for d in dims if d != -1]))
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh shape {dims}")
+    dims[dims.index(-1)] = len(devices) // known
+  if int(np.prod(dims)) != len(devices):
+    raise ValueError(
+        f"mesh shape {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
+        f"found {len(devices)}")
+  grid = np.asarray(devices, dtype=object).reshape(dims)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES):
+  """Runs a flax `init_fn(*args)` so every parameter is created already sharded.
+
+  `jax.eval_shape` gives the logical partitioning without allocating; the real init is then jitted
+  with those out_shardings, so no parameter ever exists whole on one device.
+  Returns (unboxed variables, their NamedShardings).
+  """
+  abstract = jax.eval_shape(init_fn, *args)
+  shardings = logical_to_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  unboxed_init = lambda *a: nn.meta.unbox(init_fn(*a))
+  with nn.logical_axis_rules(rules):
+    variables = jax.jit(unboxed_init, out_shardings=shardings)(*args)
+  return variables, shardings
+
+
+def shardings_for(abstract_variables: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
+  """NamedShardings for the (boxed) abstract variables of a model, e.g. from `jax.eval_shape(init)`."""
+  return logical_to_sharding(nn.get_partition_spec(abstract_variables), mesh, rules)
