@@ -51,8 +51,24 @@ _TRANSPARENCY_CAPABLE = ("1", "L", "P", "RGB")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+# ImageError.reason values (the data pipeline counts skipped samples by reason).
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+DECOMPRESSION_BOMB = "decompression_bomb"
+
+
 class ImageError(ValueError):
-    """An image could not be turned into RGB pixels; the message names the source and the reason."""
+    """An image could not be turned into RGB pixels; the message names the source and the problem.
+
+    ``reason`` is one of MISSING_IMAGE (no such file, empty input, URL), DECOMPRESSION_BOMB or CORRUPT_IMAGE.
+    """
+
+    def __init__(self, message: str, reason: str = CORRUPT_IMAGE):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # keep `reason` across pickling (multiprocess data loaders)
+        return type(self), (str(self), self.reason)
 
 
 def describe_source(source: object) -> str:
@@ -95,7 +111,7 @@ def load_image(
             try:
                 opened = Image.open(stream)
             except Image.DecompressionBombError as err:
-                raise ImageError(f"{name}: refused as a decompression bomb ({err})") from err
+                raise ImageError(f"{name}: refused as a decompression bomb ({err})", DECOMPRESSION_BOMB) from err
             except Image.UnidentifiedImageError as err:
                 raise ImageError(f"{name}: not a recognised image format (cannot identify image data)") from err
             except Exception as err:  # noqa: BLE001 - PIL raises many types for garbage headers
@@ -112,7 +128,7 @@ def _open_stream(source: object, name: str):
     """A binary stream over the encoded bytes; missing files and URLs become ImageError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
-            raise ImageError(f"{name}: empty input, no image data")
+            raise ImageError(f"{name}: empty input, no image data", MISSING_IMAGE)
         return io.BytesIO(bytes(source))
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
@@ -121,18 +137,20 @@ def _open_stream(source: object, name: str):
         if text.startswith("data:"):
             return io.BytesIO(_decode_data_uri(text, name))
         if text.startswith(("http://", "https://")):
-            raise ImageError(f"{name}: URLs are not supported (nothing is downloaded); pass a local path or bytes")
+            raise ImageError(
+                f"{name}: URLs are not supported (nothing is downloaded); pass a local path or bytes", MISSING_IMAGE
+            )
         path = Path(text)
         if not path.exists():
-            raise ImageError(f"{name}: image file not found")
+            raise ImageError(f"{name}: image file not found", MISSING_IMAGE)
         if path.is_dir():
-            raise ImageError(f"{name}: is a directory, not an image file")
+            raise ImageError(f"{name}: is a directory, not an image file", MISSING_IMAGE)
         try:
             data = path.read_bytes()
         except OSError as err:
-            raise ImageError(f"{name}: cannot read file ({err.strerror or err})") from err
+            raise ImageError(f"{name}: cannot read file ({err.strerror or err})", MISSING_IMAGE) from err
         if not data:
-            raise ImageError(f"{name}: empty file, no image data")
+            raise ImageError(f"{name}: empty file, no image data", MISSING_IMAGE)
         return io.BytesIO(data)
     if hasattr(source, "read"):
         return source
@@ -151,7 +169,7 @@ def _decode_data_uri(uri: str, name: str) -> bytes:
     except (binascii.Error, ValueError) as err:
         raise ImageError(f"{name}: invalid base64 payload ({err})") from err
     if not data:
-        raise ImageError(f"{name}: empty data: URI")
+        raise ImageError(f"{name}: empty data: URI", MISSING_IMAGE)
     return data
 
 
@@ -163,7 +181,8 @@ def _checked_loaded(image: Image.Image, name: str, max_pixels: int | None) -> Im
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(
             f"{name}: refused as a decompression bomb: {width}x{height} = {width * height} pixels "
-            f"exceeds the limit of {max_pixels} pixels (max_pixels)"
+            f"exceeds the limit of {max_pixels} pixels (max_pixels)",
+            DECOMPRESSION_BOMB,
         )
     try:
         image.load()

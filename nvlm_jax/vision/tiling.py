@@ -130,6 +130,23 @@ def select_grid(
     return find_closest_aspect_ratio(width, height, target_ratios(max_tiles, min_tiles), image_size)
 
 
+def plan_grid(
+    width: int,
+    height: int,
+    *,
+    image_size: int = 448,
+    max_tiles: int = 6,
+    min_tiles: int = 1,
+    use_thumbnail: bool = True,
+    use_tiling: bool = True,
+) -> TileGrid:
+    """The :class:`TileGrid` that :func:`tile_image` will produce, from the image size alone (no pixels)."""
+    if not use_tiling:
+        return TileGrid(1, 1, False, image_size)
+    cols, rows = select_grid(width, height, max_tiles=max_tiles, min_tiles=min_tiles, image_size=image_size)
+    return TileGrid(cols, rows, use_thumbnail and cols * rows != 1, image_size)
+
+
 def tile_image(
     image: Image.Image,
     *,
@@ -152,9 +169,8 @@ def tile_image(
         tile = image.resize((image_size, image_size), _BICUBIC)
         return TiledImage([tile], TileGrid(1, 1, False, image_size))
 
-    width, height = image.size
-    cols, rows = select_grid(width, height, max_tiles=max_tiles, min_tiles=min_tiles, image_size=image_size)
-    grid = TileGrid(cols, rows, use_thumbnail and cols * rows != 1, image_size)
+    grid = plan_grid(image.size[0], image.size[1], image_size=image_size, max_tiles=max_tiles,
+                     min_tiles=min_tiles, use_thumbnail=use_thumbnail, use_tiling=True)
     resized = image.resize(grid.resized_size, _BICUBIC)
     tiles = [resized.crop(grid.tile_box(k)) for k in range(grid.num_regular_tiles)]
     if grid.has_thumbnail:
