@@ -59,9 +59,9 @@ class LlavaSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"LLaVA file {self.path} does not exist")
         self._entries: list[Any] | None = None
-        self._offsets: np.ndarray | None = None  # JSONL: byte offset of each non-blank line
+        self._offsets: np.ndarray | None = None  # JSONL: [start, end) byte offsets of each non-blank line
         self._line_numbers: np.ndarray | None = None  # JSONL: 1-based line number of each entry
-        self._file = None
+        self._fd: int | None = None
         if self._is_jsonl():
             self._index_jsonl()
         else:
@@ -94,18 +94,17 @@ class LlavaSource:
         with open(self.path, "rb") as f:
             for line_no, line in enumerate(f, start=1):
                 if line.strip():
-                    offsets.append(offset)
+                    offsets.append((offset, offset + len(line)))
                     lines.append(line_no)
                 offset += len(line)
-        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         self._line_numbers = np.asarray(lines, dtype=np.int64)
+        self._fd = os.open(self.path, os.O_RDONLY)  # kept open for random access; reopened after unpickling
 
     def _read_jsonl(self, index: int) -> tuple[Any, str]:
         where = f"{self.path}:{int(self._line_numbers[index])}"
-        if self._file is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - kept open for random access, dropped on pickle
-        self._file.seek(int(self._offsets[index]))
-        line = self._file.readline()
+        start, end = (int(v) for v in self._offsets[index])
+        line = os.pread(self._fd, end - start, start)  # positional read: safe from several threads
         try:
             return json.loads(line), where
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -113,12 +112,17 @@ class LlavaSource:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_file"] = None  # file handles do not pickle; reopened lazily in each worker
+        state["_fd"] = None  # file descriptors do not travel; each worker process reopens the file
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._offsets is not None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+
     def __del__(self):
-        if getattr(self, "_file", None) is not None:
-            self._file.close()
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     # ---- random access ------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -28,6 +28,8 @@ from typing import Literal, NotRequired, TypedDict, Union
 
 from PIL import Image
 
+from nvlm_jax.vision.image_io import DEFAULT_MAX_PIXELS
+
 IMAGE_MARK = "<image>"
 ROLES = ("system", "user", "assistant")
 
@@ -44,8 +46,8 @@ BAD_SAMPLE_REASONS = frozenset({
     EMPTY_CONVERSATION, MALFORMED_CONVERSATION, TOO_LONG,
 })
 
-# PIL's own default bomb threshold (~89.5 MP) is also what we use; a 6-tile 448px image is ~1.2 MP.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+# Same limit as the decoder (image_io), so the header probe and the later decode agree on what a bomb is.
+DEFAULT_MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
 class Message(TypedDict):
@@ -106,14 +108,14 @@ def validate_record(
         raise BadSampleError(MALFORMED_CONVERSATION, sample_id, f"record is a {type(record).__name__}")
     if record.get("error"):
         err = record["error"]
-        reason = err.get("reason", MALFORMED_CONVERSATION)
-        raise BadSampleError(reason if reason in BAD_SAMPLE_REASONS else MALFORMED_CONVERSATION,
-                             sample_id, err.get("detail", ""))
+        reason, detail = (err.get("reason"), err.get("detail", "")) if isinstance(err, Mapping) else (None, str(err))
+        raise BadSampleError(reason if reason in BAD_SAMPLE_REASONS else MALFORMED_CONVERSATION, sample_id, detail)
     if not isinstance(record.get("id"), str):
         raise BadSampleError(MALFORMED_CONVERSATION, sample_id, "'id' must be a str")
     messages, images = record.get("messages"), record.get("images")
     if not isinstance(messages, list):
-        raise BadSampleError(MALFORMED_CONVERSATION, sample_id, f"'messages' is a {type(messages).__name__}, not a list")
+        raise BadSampleError(MALFORMED_CONVERSATION, sample_id,
+                             f"'messages' is a {type(messages).__name__}, not a list")
     if not isinstance(images, list):
         raise BadSampleError(MALFORMED_CONVERSATION, sample_id, f"'images' is a {type(images).__name__}, not a list")
 
@@ -146,19 +148,21 @@ def _check_turns(messages: list, sample_id: str, require_answer: bool) -> None:
         role = m["role"]
         if role == "system":
             if k != 0:
-                raise BadSampleError(MALFORMED_CONVERSATION, sample_id, f"system turn at position {k}, only 0 allowed")
+                raise BadSampleError(MALFORMED_CONVERSATION, sample_id,
+                                     f"system turn at position {k}, only 0 allowed")
             if IMAGE_MARK in m["content"]:
                 raise BadSampleError(MALFORMED_CONVERSATION, sample_id, f"{IMAGE_MARK} mark in the system turn")
             continue
         if role != expected:
             raise BadSampleError(MALFORMED_CONVERSATION, sample_id,
-                                 f"message {k} is {role!r}, expected {expected!r} (turns must alternate user/assistant)")
+                                 f"message {k} is {role!r}, expected {expected!r} "
+                                 "(turns must alternate user/assistant)")
         if role == "assistant" and IMAGE_MARK in m["content"]:
             raise BadSampleError(MALFORMED_CONVERSATION, sample_id, f"{IMAGE_MARK} mark in assistant message {k}")
         expected = "assistant" if role == "user" else "user"
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or not any(m["content"].strip() for m in turns if m["role"] == "user"):
-        raise BadSampleError(EMPTY_CONVERSATION, sample_id, "no user turn")
+        raise BadSampleError(EMPTY_CONVERSATION, sample_id, "no non-empty user turn")
     if require_answer:
         answers = [m for m in turns if m["role"] == "assistant"]
         if not answers or not any(m["content"].strip() for m in answers):
@@ -203,15 +207,16 @@ def probe_image(image: Union[bytes, bytearray, str, os.PathLike], *, sample_id: 
 def bad_sample_from_image_error(sample_id: str, error: Exception, index: int | None = None) -> BadSampleError:
     """Maps an image decode failure (e.g. image_io.ImageError) to a BadSampleError for counting.
 
-    Uses the error's own ``reason`` attribute when it is a known reason, else recognises PIL's bomb error,
-    else ``corrupt_image``.
+    Uses the error's own ``reason`` attribute when it is a known reason; else recognises PIL's bomb error and
+    image_io's messages ("decompression bomb", "not found", "empty"); else ``corrupt_image``.
     """
     reason = getattr(error, "reason", None)
     if reason not in BAD_SAMPLE_REASONS:
         chain = [error, error.__cause__, error.__context__]
-        if any(isinstance(e, Image.DecompressionBombError) for e in chain) or "decompression" in str(error).lower():
+        message = str(error).lower()
+        if any(isinstance(e, Image.DecompressionBombError) for e in chain) or "decompression" in message:
             reason = DECOMPRESSION_BOMB
-        elif any(isinstance(e, FileNotFoundError) for e in chain):
+        elif any(isinstance(e, FileNotFoundError) for e in chain) or "not found" in message or "empty" in message:
             reason = MISSING_IMAGE
         else:
             reason = CORRUPT_IMAGE
