@@ -1,0 +1,25 @@
+"""nvlm-jax: a JAX/Flax (linen) reimplementation of NVIDIA NVLM 1.0.
+
+Top-level names are imported lazily so `import nvlm_jax` stays cheap.
+"""
+from __future__ import annotations
+
+_LAZY = {
+    "load_pretrained": "nvlm_jax.checkpoint.hf_import",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'nvlm_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))
