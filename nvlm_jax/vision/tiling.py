@@ -191,8 +191,11 @@ def normalize(
     if len(sizes) != 1:
         raise ValueError(f"normalize: tiles must share one size, got {sorted(sizes)}")
     pixels = np.stack([np.asarray(t.convert("RGB"), dtype=np.uint8) for t in tiles])
-    pixels = pixels.astype(np.float32) / np.float32(255.0)
-    return (pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    # Every uint8 value of a channel maps to one float32: a [3, 256] table lookup is bit-identical to
+    # the arithmetic and skips two full-size float passes (~1.5x faster at 448px x 7 tiles).
+    levels = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    table = (levels[None, :] - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+    return table[np.arange(3), pixels]
 
 
 def preprocess_image(
