@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
     ("activation_tiles", None),
+    ("activation_vision_heads", None),  # see "vision_heads"
     # parameters
     ("layers", None),
     ("vocab", "tensor"),
@@ -34,6 +35,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    # InternViT-6B has 25 heads, not divisible by tensor-parallel degrees 2/4/8 (spec a.2): unsharded by
+    # default; its MLP ("mlp", 12800 wide) and model dim ("embed") still shard.
+    ("vision_heads", None),
     ("mlp", "tensor"),
     ("norm", None),
 )
