@@ -8,11 +8,15 @@ Prompts of different lengths are re-aligned to the right (left padding) on the h
 writes its next token into the same cache slot; positions count real tokens only, so padding never
 shifts RoPE. Models follow one protocol: `apply(vars, input_ids, segment_ids=..., cache=..., **images)`
 returns (logits, cache), and `model.init_cache(batch, length)` makes an empty cache.
+
+`stream_generate` is the same computation for callers that need each token on the host as soon as it
+exists (chat): the prefill and one decode step are each compiled once, and a Python loop drives them.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -67,8 +71,13 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, sampling: SamplingConfig) 
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  """Moves each row's real tokens to the right end (left padding). Returns (ids, segment_ids)."""
+def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int,
+               pad_to_multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Moves each row's real tokens to the right end (left padding). Returns (ids, segment_ids).
+
+  The width is the longest row, rounded up to a multiple of `pad_to_multiple_of` if given (fewer
+  distinct prompt shapes, so fewer compilations when many batches are generated).
+  """
   input_ids = np.asarray(input_ids)
   attention_mask = np.asarray(attention_mask).astype(bool)
   if input_ids.shape != attention_mask.shape:
@@ -77,6 +86,8 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int) -
   if (lengths == 0).any():
     raise ValueError(f"rows {np.flatnonzero(lengths == 0).tolist()} have an empty prompt")
   width = int(lengths.max())
+  if pad_to_multiple_of:
+    width = -(-width // int(pad_to_multiple_of)) * int(pad_to_multiple_of)
   ids = np.full((input_ids.shape[0], width), pad_id, dtype=np.int32)
   segments = np.zeros((input_ids.shape[0], width), dtype=np.int32)
   for row, (tokens, keep) in enumerate(zip(input_ids, attention_mask)):
@@ -123,13 +134,40 @@ def _compiled_generate(model, max_new_tokens: int, sampling: SamplingConfig, eos
 def generate(model, params, input_ids, *, max_new_tokens: int, attention_mask=None,
              pixel_values=None, tile_mask=None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng: jax.Array | None = None, eos_token_id=None,
-             pad_token_id: int | None = None) -> jnp.ndarray:
+             pad_token_id: int | None = None, pad_to_multiple_of: int | None = None) -> jnp.ndarray:
   """Generates `max_new_tokens` tokens per row: int32 [B, max_new_tokens], greedy by default.
 
   input_ids [B, L] with attention_mask [B, L] (1 = real token; any padding side). After a row emits
   EOS (the config's eos ids unless `eos_token_id` is given) the rest of it is `pad_token_id`.
-  pixel_values / tile_mask are passed to multimodal models for the prefill.
+  pixel_values / tile_mask are passed to multimodal models for the prefill. pad_to_multiple_of rounds
+  the (left-padded) prompt width up, so that batches of similar length share one compiled program.
   """
+  prepared = _prepare(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                      pixel_values=pixel_values, tile_mask=tile_mask, temperature=temperature, top_k=top_k,
+                      top_p=top_p, rng=rng, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      pad_to_multiple_of=pad_to_multiple_of)
+  run = _compiled_generate(model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad,
+                           prepared.image_keys)
+  return run(params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  """generate / stream_generate arguments, checked and turned into device arrays + static settings."""
+
+  ids: jnp.ndarray
+  segments: jnp.ndarray
+  images: tuple[jnp.ndarray, ...]
+  image_keys: tuple[str, ...]
+  rng: jax.Array
+  max_new_tokens: int
+  sampling: SamplingConfig
+  eos_ids: tuple[int, ...]
+  pad: int
+
+
+def _prepare(model, input_ids, *, max_new_tokens, attention_mask, pixel_values, tile_mask, temperature, top_k,
+             top_p, rng, eos_token_id, pad_token_id, pad_to_multiple_of) -> _Prepared:
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   cfg = language_config(model)
@@ -141,12 +179,64 @@ def generate(model, params, input_ids, *, max_new_tokens: int, attention_mask=No
   if input_ids.ndim != 2:
     raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
   mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask)
-  ids, segments = left_align(input_ids, mask, pad)
+  ids, segments = left_align(input_ids, mask, pad, pad_to_multiple_of)
   images = {k: v for k, v in (("pixel_values", pixel_values), ("tile_mask", tile_mask)) if v is not None}
   sampling = SamplingConfig(temperature, top_k, top_p)
   if rng is None:
     if not sampling.greedy:
       raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
     rng = jax.random.key(0)
-  run = _compiled_generate(model, int(max_new_tokens), sampling, eos_ids, int(pad), tuple(images))
-  return run(params, jnp.asarray(ids), jnp.asarray(segments), tuple(jnp.asarray(v) for v in images.values()), rng)
+  return _Prepared(jnp.asarray(ids), jnp.asarray(segments), tuple(jnp.asarray(v) for v in images.values()),
+                   tuple(images), rng, int(max_new_tokens), sampling, eos_ids, int(pad))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_stream(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+                     pad_id: int, image_keys: tuple[str, ...]):
+  """(prefill, step): the two halves of `_compiled_generate`'s program, with the same PRNG splits."""
+  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def prefill(params, ids, segments, images, rng):
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    logits, cache = model.apply({"params": params}, ids, segment_ids=segments, cache=cache,
+                                **dict(zip(image_keys, images)))
+    rng, step_rng = jax.random.split(rng)
+    token = sample_token(logits[:, -1], step_rng, sampling)
+    return token, cache, jnp.isin(token, eos), rng
+
+  def step(params, token, cache, done, rng):
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    token = sample_token(logits[:, -1], step_rng, sampling)
+    token = jnp.where(done, pad_id, token)
+    return token, cache, done | jnp.isin(token, eos), rng
+
+  return jax.jit(prefill), jax.jit(step, donate_argnums=(2,))
+
+
+def stream_generate(model, params, input_ids, *, max_new_tokens: int, attention_mask=None,
+                    pixel_values=None, tile_mask=None, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None, rng: jax.Array | None = None, eos_token_id=None,
+                    pad_token_id: int | None = None, pad_to_multiple_of: int | None = None
+                    ) -> Iterator[np.ndarray]:
+  """`generate`, one step at a time: yields int32 [B] numpy arrays, the next token of every row.
+
+  Same arguments and the same tokens as `generate` (also when sampling with the same `rng`): column t
+  of `generate`'s output is the t-th array yielded. Rows that already emitted EOS yield `pad_token_id`;
+  the iteration stops once every row has emitted EOS or after `max_new_tokens` arrays. Each token is
+  copied to the host as it is produced, which is what streaming needs and costs one sync per token.
+  """
+  prepared = _prepare(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
+                      pixel_values=pixel_values, tile_mask=tile_mask, temperature=temperature, top_k=top_k,
+                      top_p=top_p, rng=rng, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                      pad_to_multiple_of=pad_to_multiple_of)
+  prefill, step = _compiled_stream(model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids,
+                                   prepared.pad, prepared.image_keys)
+  token, cache, done, rng = prefill(params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
+  for produced in range(1, prepared.max_new_tokens + 1):
+    host_token, host_done = jax.device_get((token, done))
+    yield np.asarray(host_token)
+    if produced == prepared.max_new_tokens or np.all(host_done):
+      return
+    token, cache, done, rng = step(params, token, cache, done, rng)
