@@ -465,3 +465,11 @@ def test_skip_log_is_rate_limited(caplog):
         limited("too_long", "other reason")
     assert logged == [1, 2, 3, 4, 8, 16, 32, 64]
     assert len(caplog.records) == 9 and "64 so far" in caplog.records[-2].getMessage()
+
+
+def test_a_run_of_skipped_samples_raises_instead_of_spinning(processor):
+    config = synthetic_config(num_samples=50, max_consecutive_skips=20)
+    it = pipeline.make_train_iterator(config, processor, seq_len=8, seed=0)  # every sample is too long
+    with pytest.raises(RuntimeError, match=r"20 samples in a row were skipped .*'too_long'"):
+        next(it)
+    it.close()

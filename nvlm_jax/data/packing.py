@@ -77,7 +77,7 @@ class PackedBatchIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, *, batch_size: int, seq_len: int, max_tiles: int,
                  tile_size: int, pad_id: int, source_names: Sequence[str], pack: str = "all",
                  tile_budget: int = 0, drop_remainder: bool = False, include_sample_ids: bool = False,
-                 worker_count: int = 0):
+                 worker_count: int = 0, max_consecutive_skips: int = 10_000):
         """``worker_count``: the parent's ``mp_prefetch`` workers (0 = none), for :func:`parent_state`."""
         super().__init__(parent)
         if pack not in PACK_MODES:
@@ -91,7 +91,8 @@ class PackedBatchIterDataset(grain.IterDataset):
         self.options = dict(batch_size=int(batch_size), seq_len=int(seq_len), max_tiles=int(max_tiles),
                             tile_size=int(tile_size), pad_id=int(pad_id), source_names=list(source_names),
                             pack=pack, tile_budget=int(tile_budget or 0), drop_remainder=bool(drop_remainder),
-                            include_sample_ids=bool(include_sample_ids), worker_count=int(worker_count))
+                            include_sample_ids=bool(include_sample_ids), worker_count=int(worker_count),
+                            max_consecutive_skips=int(max_consecutive_skips))
 
     def __iter__(self) -> "PackedBatchIterator":
         return PackedBatchIterator(self._parent.__iter__(), **self.options)
@@ -108,9 +109,11 @@ class PackedBatchIterator(grain.DatasetIterator):
     def __init__(self, parent: grain.DatasetIterator, *, batch_size: int, seq_len: int, max_tiles: int,
                  tile_size: int, pad_id: int, source_names: Sequence[str], pack: str = "all",
                  tile_budget: int = 0, drop_remainder: bool = False, include_sample_ids: bool = False,
-                 worker_count: int = 0):
+                 worker_count: int = 0, max_consecutive_skips: int = 10_000):
         super().__init__(parent)
         self.worker_count = worker_count
+        # A run this long of skipped samples means the data or the limits are wrong: fail instead of spinning.
+        self.max_consecutive_skips = max_consecutive_skips
         self.batch_size, self.seq_len, self.max_tiles, self.tile_size = batch_size, seq_len, max_tiles, tile_size
         self.pad_id, self.pack, self.tile_budget = pad_id, pack, tile_budget
         self.drop_remainder, self.include_sample_ids = drop_remainder, include_sample_ids
@@ -162,7 +165,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         if self._exhausted:
             raise StopIteration
         rows = [_Row() for _ in range(self.batch_size)]
-        batch_tiles = 0
+        batch_tiles = skipped_in_a_row = 0
         if self._carry is not None:
             carry, self._carry = self._carry, None
             added = self._place(rows, carry, batch_tiles)
@@ -181,7 +184,14 @@ class PackedBatchIterator(grain.DatasetIterator):
             self._consumed += 1
             if example["skip"]:
                 self.counters.add_skip(example)
+                skipped_in_a_row += 1
+                if skipped_in_a_row >= self.max_consecutive_skips:
+                    raise RuntimeError(
+                        f"{skipped_in_a_row} samples in a row were skipped (last: {example['id']!r}, "
+                        f"{example['skip']!r}); counts so far: {self.counters.state()['skipped']}. "
+                        f"The data or the limits (seq_len={self.seq_len}, max_tiles={self.max_tiles}) are wrong.")
                 continue
+            skipped_in_a_row = 0
             added = self._place(rows, example, batch_tiles)
             if added < 0:
                 self._carry = example

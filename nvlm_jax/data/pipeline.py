@@ -41,6 +41,7 @@ Data config (an ``ml_collections.ConfigDict`` or a dict; factory keyword argumen
     blend_block_size    blend granularity (blend.py; 1024)
     tile_degradation    "12:8,8:6,6:4,4:2,2:1,1:1" (the authors' map; encode.py)
     max_text_chars, max_images   optional limits (0 = none) checked before any decoding
+    max_consecutive_skips        this many skipped samples in a row raise instead of looping forever
 
 Counters (``iterator.stats()``): samples per source, skipped samples by reason and by source, tile-degraded
 samples, emitted rows/tokens/loss tokens/tiles. See stats.py for why they are exact with any number of
@@ -82,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "tile_degradation": "",
     "max_text_chars": 0,
     "max_images": 0,
+    "max_consecutive_skips": 10_000,
 }
 
 
@@ -222,7 +224,8 @@ def make_train_dataset(data_config: Any, processor, *, global_batch_size: int | 
                                 tile_size=processor.image_size, pad_id=processor.tokenizer.pad_id,
                                 source_names=blend.names, pack=str(_option(data_config, "pack")),
                                 tile_budget=local_budget, drop_remainder=False,
-                                include_sample_ids=include_sample_ids, worker_count=workers)
+                                include_sample_ids=include_sample_ids, worker_count=workers,
+                                max_consecutive_skips=int(_option(data_config, "max_consecutive_skips")))
     prefetch = int(_option(data_config, "batch_prefetch"))
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
