@@ -14,6 +14,7 @@ per-task system prompt and answer suffix), decoding is greedy, answers are cut a
 scores, and how the run was made). Samples without answers (unlabelled test splits) are generated but
 not scored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--limit", type=int, help="evaluate only the first N samples of --data")
   parser.add_argument("--batch-size", type=int, default=8)
   parser.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (32 for short answers)")
-  parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                      help="compute/param dtype (default: as saved)")
+  parser.add_argument(
+    "--dtype", choices=("float32", "bfloat16", "float16"), help="compute/param dtype (default: as saved)"
+  )
   parser.add_argument("--tokenizer", help="directory with tokenizer.json, if not beside the checkpoint")
   parser.add_argument("--mesh", type=_parse_mesh, help="shard the model, e.g. 'tensor=8' or 'fsdp=2,tensor=4'")
-  parser.add_argument("--pad-to-multiple-of", type=int, default=128,
-                      help="left-pad prompts to a multiple of this: fewer distinct shapes, fewer compilations")
+  parser.add_argument(
+    "--pad-to-multiple-of",
+    type=int,
+    default=128,
+    help="left-pad prompts to a multiple of this: fewer distinct shapes, fewer compilations",
+  )
   parser.add_argument("--allow-missing", action="store_true", help="scoring only: score the predicted samples")
-  parser.add_argument("--option", action="append", default=[], type=_parse_option,
-                      help="metric option KEY=VALUE, e.g. vqa_mode=official (repeatable)")
+  parser.add_argument(
+    "--option",
+    action="append",
+    default=[],
+    type=_parse_option,
+    help="metric option KEY=VALUE, e.g. vqa_mode=official (repeatable)",
+  )
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   return parser
 
@@ -85,8 +96,9 @@ def _write_json(path: Path, data: dict) -> None:
 def score_only(args) -> dict:
   from nvlm_jax.evaluation import score_file
 
-  summary = score_file(args.benchmark, args.predictions, args.data, allow_missing=args.allow_missing,
-                       **dict(args.option))
+  summary = score_file(
+    args.benchmark, args.predictions, args.data, allow_missing=args.allow_missing, **dict(args.option)
+  )
   if args.out:
     _write_json(Path(args.out) / "summary.json", summary)
   return summary
@@ -113,14 +125,15 @@ def _make_mesh(shape: dict[str, int], batch_size: int):
   mesh = sharding.create_mesh(shape, devices)
   batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % batch_ways:
-    raise SystemExit(f"eval.py: --batch-size {batch_size} must be a multiple of the mesh's data x fsdp = "
-                     f"{batch_ways} (the batch is split over them)")
+    raise SystemExit(
+      f"eval.py: --batch-size {batch_size} must be a multiple of the mesh's data x fsdp = "
+      f"{batch_ways} (the batch is split over them)"
+    )
   return mesh
 
 
 def generate_and_score(args) -> dict:
-  from nvlm_jax.evaluation import (get_benchmark, load_samples, merge_predictions, score_predictions,
-                                   write_predictions)
+  from nvlm_jax.evaluation import get_benchmark, load_samples, merge_predictions, score_predictions, write_predictions
   from nvlm_jax.evaluation import generate_answers as ga
 
   if not args.data:
@@ -131,7 +144,7 @@ def generate_and_score(args) -> dict:
   out = Path(args.out or os.path.join("eval_results", benchmark.name))
   samples = load_samples(args.data, check_images=True)
   if args.limit is not None:
-    samples = samples[:max(args.limit, 0)]
+    samples = samples[: max(args.limit, 0)]
   if not samples:
     raise SystemExit(f"eval.py: no samples to evaluate in {args.data}")
 
@@ -140,34 +153,56 @@ def generate_and_score(args) -> dict:
   model, params = ga.load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
   processor = ga.load_processor(args.checkpoint, model, tokenizer=args.tokenizer)
   load_s = time.perf_counter() - t0
-  _say(f"loaded {type(model).__name__} from {args.checkpoint} in {load_s:.1f}s; "
-       f"{len(samples)} {benchmark.name} samples")
+  _say(
+    f"loaded {type(model).__name__} from {args.checkpoint} in {load_s:.1f}s; {len(samples)} {benchmark.name} samples"
+  )
 
   max_new_tokens = args.max_new_tokens or benchmark.max_new_tokens
   t0 = time.perf_counter()
   with ga.mesh_context(mesh):
-    rows = ga.generate_answers(model, params, processor, benchmark, samples, batch_size=args.batch_size,
-                               max_new_tokens=max_new_tokens, pad_to_multiple_of=args.pad_to_multiple_of,
-                               progress=not args.no_progress)
+    rows = ga.generate_answers(
+      model,
+      params,
+      processor,
+      benchmark,
+      samples,
+      batch_size=args.batch_size,
+      max_new_tokens=max_new_tokens,
+      pad_to_multiple_of=args.pad_to_multiple_of,
+      progress=not args.no_progress,
+    )
   generate_s = time.perf_counter() - t0
   predictions_file = out / "predictions.jsonl"
   out.mkdir(parents=True, exist_ok=True)
   write_predictions(predictions_file, rows)
 
   if _is_unlabelled(benchmark, samples):
-    summary: dict[str, Any] = {"benchmark": benchmark.name, "metric": benchmark.metric, "score": None,
-                               "num_samples": len(rows),
-                               "note": "the samples carry no answers (unlabelled split): predictions written, "
-                                       "not scored; submit them to the benchmark's server"}
+    summary: dict[str, Any] = {
+      "benchmark": benchmark.name,
+      "metric": benchmark.metric,
+      "score": None,
+      "num_samples": len(rows),
+      "note": "the samples carry no answers (unlabelled split): predictions written, "
+      "not scored; submit them to the benchmark's server",
+    }
   else:
     summary = score_predictions(benchmark, merge_predictions(rows, samples), **dict(args.option))
-  summary.update({
-      "checkpoint": os.fspath(args.checkpoint), "data_file": os.fspath(args.data),
-      "predictions_file": os.fspath(predictions_file), "limit": args.limit, "batch_size": args.batch_size,
-      "max_new_tokens": max_new_tokens, "decoding": "greedy", "dtype": args.dtype or "as saved",
-      "num_unfinished": sum(not r["finished"] for r in rows), "load_seconds": round(load_s, 2),
-      "generation_seconds": round(generate_s, 2), "samples_per_second": round(len(rows) / max(generate_s, 1e-9), 3),
-  })
+  summary.update(
+    {
+      "checkpoint": os.fspath(args.checkpoint),
+      "data_file": os.fspath(args.data),
+      "predictions_file": os.fspath(predictions_file),
+      "limit": args.limit,
+      "batch_size": args.batch_size,
+      "max_new_tokens": max_new_tokens,
+      "decoding": "greedy",
+      "dtype": args.dtype or "as saved",
+      "num_unfinished": sum(not r["finished"] for r in rows),
+      "load_seconds": round(load_s, 2),
+      "generation_seconds": round(generate_s, 2),
+      "samples_per_second": round(len(rows) / max(generate_s, 1e-9), 3),
+    }
+  )
   _write_json(out / "summary.json", summary)
   return summary
 

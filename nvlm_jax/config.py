@@ -157,12 +157,83 @@ NVLM_VARIANTS = ("d", "x", "h")
 
 
 @dataclasses.dataclass(frozen=True)
+class CrossAttentionConfig:
+  """The gated cross-attention blocks of NVLM-X / NVLM-H (docs/fusion.md explains every choice).
+
+  Block g (g = 0 .. num_layers/every - 1) runs just before LLM self-attention layer `g * every + offset`
+  (offset = every: after the group's last layer). The paper fixes only `every` (8 for the 80-layer
+  72B, 6 for the 60-layer 34B: 10 blocks each); offset defaults to every - 1, the placement of
+  OpenFlamingo and Llama 3.2 Vision (each block is followed by one self-attention layer of its group).
+
+  Heads / widths left None take the LLM's (GQA like the LLM). `max_tag_tokens` bounds the tile-tag
+  tokens put in front of each tile's image tokens in the key/value stream (static shapes).
+  `skip_tokens_without_image`: a token that sees no image gets neither the attention nor the
+  feed-forward update (the block is exactly the identity for it, as in Llama 3.2 Vision), so text-only
+  inputs compute exactly the LLM whatever the gates are.
+  Unused by variant 'd'.
+  """
+
+  every: int = 0  # LLM layers per block; 0 = not configured (an error for variants x/h)
+  offset: int | None = None  # None: every - 1
+  num_heads: int | None = None
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  intermediate_size: int | None = None
+  qk_norm: bool = True  # RMSNorm over head_dim on queries and keys
+  memory_norm: bool = True  # RMSNorm on the key/value stream (tag embeddings + image features) per block
+  skip_tokens_without_image: bool = True
+  max_tag_tokens: int = 8
+  init_std: float = 0.02  # normal init of the new projections (Qwen2's initializer_range)
+  gate_init: float = 0.0  # tanh(0) = 0: an untrained X/H model computes exactly its LLM
+
+  @property
+  def resolved_offset(self) -> int:
+    return self.every - 1 if self.offset is None else self.offset
+
+  def num_blocks(self, num_layers: int) -> int:
+    return num_layers // self.every if self.every else 0
+
+  def positions(self, num_layers: int) -> tuple[int, ...]:
+    """LLM layer indices before which the blocks run (num_layers = after the last layer)."""
+    return tuple(g * self.every + self.resolved_offset for g in range(self.num_blocks(num_layers)))
+
+  def heads(self, llm: "DecoderConfig") -> tuple[int, int, int]:
+    """(num_heads, num_kv_heads, head_dim), defaulting to the LLM's."""
+    return (self.num_heads or llm.num_heads, self.num_kv_heads or llm.num_kv_heads,
+            self.head_dim or llm.kv_head_dim)
+
+  def ffn_size(self, llm: "DecoderConfig") -> int:
+    return self.intermediate_size or llm.intermediate_size
+
+  def replace(self, **changes) -> "CrossAttentionConfig":
+    return dataclasses.replace(self, **changes)
+
+  def validate(self, llm: "DecoderConfig", where: str = "cross_attention") -> None:
+    if self.every <= 0:
+      raise ValueError(f"{where}.every={self.every}: set how many LLM layers each gated cross-attention block "
+                       "spans (paper: 8 for the 80-layer 72B, 6 for the 60-layer 34B)")
+    if llm.num_layers % self.every:
+      raise ValueError(f"{where}.every={self.every} does not divide llm.num_layers={llm.num_layers}")
+    if not 0 <= self.resolved_offset <= self.every:
+      raise ValueError(f"{where}.offset={self.offset} must lie in 0..every={self.every}")
+    heads, kv_heads, _ = self.heads(llm)
+    if heads % kv_heads:
+      raise ValueError(f"{where}: num_heads={heads} is not a multiple of num_kv_heads={kv_heads} (GQA)")
+    if self.max_tag_tokens < 0:
+      raise ValueError(f"{where}.max_tag_tokens={self.max_tag_tokens} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class NVLMConfig:
   """A whole NVLM model: shared vision pathway (ViT -> pixel shuffle -> projector) + decoder.
 
   variant 'd': image tokens replace placeholder ids in the decoder stream (NVLM-D).
-  variant 'x' / 'h': gated cross-attention (+ thumbnail tokens for 'h'); their settings are added
-  below this block by the NVLM-X/H work.
+  variant 'x': tile tags stay in the decoder as text, each followed by ONE placeholder (the tile's
+    anchor); the tiles (tag embeddings + image tokens) are read by gated cross-attention blocks.
+  variant 'h': like 'x' for the regular tiles, like 'd' for the global view (the thumbnail's
+    `tokens_per_tile` placeholders receive its image tokens).
+  See docs/fusion.md. `image_start_token_ids` are the ids of `<Image>` tokenized on its own (what the
+  X/H processor writes); X/H use them to find where the first tile tag of an image begins.
   """
 
   variant: str
@@ -176,6 +247,8 @@ class NVLMConfig:
   use_thumbnail: bool = True  # + a global thumbnail when an image has more than one tile
   freeze_vision: bool = True  # stop_gradient on the ViT output (frozen in every NVLM stage)
   debug_checks: bool = False  # also check placeholder counts under jit (host callback; off by default)
+  cross_attention: CrossAttentionConfig = dataclasses.field(default_factory=CrossAttentionConfig)  # x / h only
+  image_start_token_ids: tuple[int, ...] = ()  # x / h only: `<Image>` as the processor tokenizes it
 
   @property
   def tokens_per_tile(self) -> int:
@@ -208,3 +281,8 @@ class NVLMConfig:
     if self.projector.out_features != self.llm.hidden_size:
       raise ValueError(f"projector.out_features={self.projector.out_features} != llm.hidden_size="
                        f"{self.llm.hidden_size}")
+    if self.variant in ("x", "h"):
+      self.cross_attention.validate(self.llm)
+      if self.variant == "h" and self.tokens_per_tile < 2:
+        raise ValueError(f"NVLM-H needs tokens_per_tile >= 2 (got {self.tokens_per_tile}): a run of one "
+                         "placeholder marks a cross-attention tile, a run of tokens_per_tile the thumbnail")

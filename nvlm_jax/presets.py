@@ -14,13 +14,18 @@ Values the sources leave open, and what we chose:
   MultimodalTokenizer appends its `<image>` token; NVLMD never looks placeholder ids up in the table.
 - The ViT is stored with its 25 real heads (the checkpoint's 7 zero dummy heads are sliced off at
   import, spec a.2).
+- NVLM-X / NVLM-H (no released weights; docs/fusion.md): 10 gated cross-attention blocks, one per `every`
+  LLM layers (8 at 72B, 6 at 34B), each just before the last LLM layer of its group (offset every - 1);
+  heads and FFN width of the LLM; projector one layer for X (12800 -> 8192 / 7168), `mlp1` for H.
+  Placeholder ids as NVLM-D's; `image_start_token_ids` (the ids of `<Image>`) depend on the tokenizer and
+  are left empty here: `nvlm_jax.fusion.build` fills them from the tokenizer files.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
 
-from nvlm_jax.config import DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
 
 
 def internvit_6b_448px_v1_5() -> VisionConfig:
@@ -67,6 +72,45 @@ def nvlm_d_34b() -> NVLMConfig:
   return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=64000)
 
 
+def _one_layer_projector(vision: VisionConfig, llm: DecoderConfig, ratio: float = 0.5) -> ProjectorConfig:
+  """NVLM-X's "one-layer MLP" (paper 4.5): LayerNorm -> Linear(4*Dv, llm hidden), no bias."""
+  return dataclasses.replace(_mlp1(vision, llm, ratio), num_layers=1, hidden_size=llm.hidden_size)
+
+
+def _cross_attention(every: int) -> CrossAttentionConfig:
+  return CrossAttentionConfig(every=every, offset=every - 1, max_tag_tokens=8)
+
+
+def nvlm_x_72b() -> NVLMConfig:
+  """NVLM-X-72B: InternViT-6B + one-layer projector 12800 -> 8192 + Qwen2-72B-Instruct + 10 gated
+  cross-attention blocks (one per 8 layers)."""
+  vision, llm = internvit_6b_448px_v1_5(), qwen2_72b_instruct()
+  return NVLMConfig(variant="x", vision=vision, projector=_one_layer_projector(vision, llm), llm=llm,
+                    image_token_id=151654, cross_attention=_cross_attention(8))
+
+
+def nvlm_h_72b() -> NVLMConfig:
+  """NVLM-H-72B: InternViT-6B + mlp1 12800 -> 29568 -> 8192 + Qwen2-72B-Instruct + 10 gated blocks."""
+  vision, llm = internvit_6b_448px_v1_5(), qwen2_72b_instruct()
+  return NVLMConfig(variant="h", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=151654,
+                    cross_attention=_cross_attention(8))
+
+
+def nvlm_x_34b() -> NVLMConfig:
+  """NVLM-X-34B: InternViT-6B + one-layer projector 12800 -> 7168 + Nous-Hermes-2-Yi-34B + 10 gated
+  cross-attention blocks (one per 6 layers)."""
+  vision, llm = internvit_6b_448px_v1_5(), nous_hermes_2_yi_34b()
+  return NVLMConfig(variant="x", vision=vision, projector=_one_layer_projector(vision, llm), llm=llm,
+                    image_token_id=64000, cross_attention=_cross_attention(6))
+
+
+def nvlm_h_34b() -> NVLMConfig:
+  """NVLM-H-34B: InternViT-6B + mlp1 12800 -> 20480 -> 7168 + Nous-Hermes-2-Yi-34B + 10 gated blocks."""
+  vision, llm = internvit_6b_448px_v1_5(), nous_hermes_2_yi_34b()
+  return NVLMConfig(variant="h", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=64000,
+                    cross_attention=_cross_attention(6))
+
+
 def tiny_vit() -> VisionConfig:
   """56px tiles, 7px patches: 8x8 grid -> 4x4 = 16 tokens per tile after pixel shuffle."""
   return VisionConfig(image_size=56, patch_size=7, hidden_size=32, num_layers=2, num_heads=4,
@@ -87,6 +131,21 @@ def tiny_nvlm_d() -> NVLMConfig:
   return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=255)
 
 
+def tiny_nvlm_x() -> NVLMConfig:
+  """tiny_vit + one-layer projector (128 -> 64) + a 4-layer tiny_llm with 2 gated cross-attention blocks
+  (before layers 1 and 3: every=2, offset=1); placeholder id 255, 16 tokens per tile."""
+  vision, llm = tiny_vit(), tiny_llm().replace(num_layers=4)
+  return NVLMConfig(variant="x", vision=vision, projector=_one_layer_projector(vision, llm), llm=llm,
+                    image_token_id=255, cross_attention=_cross_attention(2))
+
+
+def tiny_nvlm_h() -> NVLMConfig:
+  """tiny_nvlm_x's shapes with the 2-layer projector (128 -> 96 -> 64) and variant 'h'."""
+  vision, llm = tiny_vit(), tiny_llm().replace(num_layers=4)
+  return NVLMConfig(variant="h", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=255,
+                    cross_attention=_cross_attention(2))
+
+
 PRESETS: dict[str, Callable[[], Any]] = {
     "internvit_6b_448px_v1_5": internvit_6b_448px_v1_5,
     "qwen2_72b_instruct": qwen2_72b_instruct,
@@ -96,6 +155,12 @@ PRESETS: dict[str, Callable[[], Any]] = {
     "tiny_vit": tiny_vit,
     "tiny_llm": tiny_llm,
     "tiny_nvlm_d": tiny_nvlm_d,
+    "nvlm_x_72b": nvlm_x_72b,
+    "nvlm_h_72b": nvlm_h_72b,
+    "nvlm_x_34b": nvlm_x_34b,
+    "nvlm_h_34b": nvlm_h_34b,
+    "tiny_nvlm_x": tiny_nvlm_x,
+    "tiny_nvlm_h": tiny_nvlm_h,
 }
 
 

@@ -30,6 +30,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_vision_heads", None),  # see "vision_heads"
     # parameters
     ("layers", None),
+    ("layer_groups", None),  # NVLM-X/H: groups of decoder layers + one cross-attention block
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),

@@ -5,6 +5,7 @@ images); the chat command must print exactly the text of `generate`'s greedy tok
 piece without breaking multi-byte characters. The checkpoint is a tiny random transformers Qwen2 saved
 with our tiny tokenizer, so the command runs from a real directory as a user would run it.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,17 @@ MULTIBYTE_TEXT = "naïve café — 東京 🙂 done"
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-  cfg = DecoderConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                      intermediate_size=64, rope_theta=10_000.0, eos_token_id=2, pad_token_id=0)
+  cfg = DecoderConfig(
+    vocab_size=96,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    rope_theta=10_000.0,
+    eos_token_id=2,
+    pad_token_id=0,
+  )
   model = CausalLM(cfg)
   return model, random_params(model, jnp.zeros((1, 4), jnp.int32), std=0.3)
 
@@ -41,8 +51,9 @@ def checkpoint(tmp_path_factory):
   """A HF Qwen2 checkpoint dir with the tiny tokenizer beside it (what `--checkpoint` points at)."""
   directory = tmp_path_factory.mktemp("qwen2_chat")
   tokenizer = build_tiny_tokenizer(vocab_size=384, out_dir=directory)
-  config = rm.tiny_qwen2_config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
-                                pad_token_id=tokenizer.pad_id, num_hidden_layers=2)
+  config = rm.tiny_qwen2_config(
+    vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, num_hidden_layers=2
+  )
   model = rm.build_causal_lm(config, seed=3)
   with torch.no_grad():  # logit 0 for EOS never beats the best of 380 random logits: replies run long
     model.lm_head.weight[tokenizer.eos_id] = 0.0
@@ -59,9 +70,9 @@ def _check_stream_equals_generate(model, params, ids, max_new_tokens, **kwargs) 
   expected = np.asarray(generate(model, params, ids, max_new_tokens=max_new_tokens, **kwargs))
   streamed = _stream(model, params, ids, max_new_tokens=max_new_tokens, **kwargs)
   assert streamed.shape[1] <= max_new_tokens
-  np.testing.assert_array_equal(streamed, expected[:, :streamed.shape[1]])
+  np.testing.assert_array_equal(streamed, expected[:, : streamed.shape[1]])
   pad = kwargs.get("pad_token_id", 0)
-  assert (expected[:, streamed.shape[1]:] == pad).all(), "generate went on after every row had stopped"
+  assert (expected[:, streamed.shape[1] :] == pad).all(), "generate went on after every row had stopped"
   return streamed
 
 
@@ -84,13 +95,23 @@ def test_stream_stops_when_every_row_has_emitted_eos(tiny_lm):
   out = _check_stream_equals_generate(model, params, IDS, 10, attention_mask=MASK, eos_token_id=eos)
   first_eos = [next(k for k, t in enumerate(row) if t in eos) for row in out]
   assert out.shape[1] == max(first_eos) + 1 <= 5
-  assert (out[0, first_eos[0] + 1:] == 0).all()
+  assert (out[0, first_eos[0] + 1 :] == 0).all()
 
 
 def test_stream_equals_generate_when_sampling_with_the_same_key(tiny_lm):
   model, params = tiny_lm
-  out = _check_stream_equals_generate(model, params, IDS, 10, attention_mask=MASK, rng=jax.random.key(7),
-                                      eos_token_id=(), temperature=0.8, top_k=20, top_p=0.9)
+  out = _check_stream_equals_generate(
+    model,
+    params,
+    IDS,
+    10,
+    attention_mask=MASK,
+    rng=jax.random.key(7),
+    eos_token_id=(),
+    temperature=0.8,
+    top_k=20,
+    top_p=0.9,
+  )
   greedy = np.asarray(generate(model, params, IDS, attention_mask=MASK, max_new_tokens=10, eos_token_id=()))
   assert (out != greedy).any()  # it did sample
 
@@ -103,8 +124,9 @@ def test_stream_equals_generate_with_images():
   pixels = np.random.default_rng(0).normal(size=(1, 2, size, size, 3)).astype(np.float32)
   tile_mask = np.array([[True, False]])
   params = random_params(model, jnp.asarray(ids), seed=1)
-  _check_stream_equals_generate(model, params, ids, 6, pixel_values=pixels, tile_mask=tile_mask, eos_token_id=(),
-                                pad_token_id=0)
+  _check_stream_equals_generate(
+    model, params, ids, 6, pixel_values=pixels, tile_mask=tile_mask, eos_token_id=(), pad_token_id=0
+  )
 
 
 def test_incremental_decoder_never_splits_a_character():
@@ -144,16 +166,39 @@ def loaded(checkpoint):
 def test_one_shot_chat_prints_the_greedy_tokens_of_generate(checkpoint, loaded):
   out = io.StringIO()
   prompt = "What is 7 + 35? " + MULTIBYTE_TEXT
-  assert chat.main(["--checkpoint", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "24",
-                    "--system", "Answer the questions."], out=out) == 0
+  assert (
+    chat.main(
+      [
+        "--checkpoint",
+        str(checkpoint),
+        "--prompt",
+        prompt,
+        "--max-new-tokens",
+        "24",
+        "--system",
+        "Answer the questions.",
+      ],
+      out=out,
+    )
+    == 0
+  )
 
   model, params, processor = loaded
-  batch = processor([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                    system_prompt="Answer the questions.")
-  tokens = np.asarray(generate(model, params, batch["input_ids"], attention_mask=batch["attention_mask"],
-                               max_new_tokens=24, eos_token_id=processor.tokenizer.eos_id))[0].tolist()
+  batch = processor(
+    [{"role": "user", "content": prompt}], add_generation_prompt=True, system_prompt="Answer the questions."
+  )
+  tokens = np.asarray(
+    generate(
+      model,
+      params,
+      batch["input_ids"],
+      attention_mask=batch["attention_mask"],
+      max_new_tokens=24,
+      eos_token_id=processor.tokenizer.eos_id,
+    )
+  )[0].tolist()
   if processor.tokenizer.eos_id in tokens:
-    tokens = tokens[:tokens.index(processor.tokenizer.eos_id)]
+    tokens = tokens[: tokens.index(processor.tokenizer.eos_id)]
   expected = processor.tokenizer.decode(tokens, skip_special_tokens=True)
   assert len(tokens) > 3 and expected
   assert out.getvalue() == expected + "\n"
@@ -182,5 +227,6 @@ def test_interactive_chat_keeps_the_history_and_resets(loaded, monkeypatch):
 
 def test_chat_refuses_images_for_a_text_only_model(checkpoint, tmp_path):
   with pytest.raises(ValueError, match="text-only"):
-    chat.main(["--checkpoint", str(checkpoint), "--image", str(tmp_path / "x.png"), "--prompt", "hi"],
-              out=io.StringIO())
+    chat.main(
+      ["--checkpoint", str(checkpoint), "--image", str(tmp_path / "x.png"), "--prompt", "hi"], out=io.StringIO()
+    )

@@ -364,8 +364,6 @@ def test_yi_format_and_fusion_variants(tok):
     assert "<Image><tile_global>" in proc.decode(out["input_ids"][0])
     with pytest.raises(ValueError, match="needs a bos_token"):
         make_processor(tok, chat_format="nvlm-yi-34b")
-    with pytest.raises(ValueError, match="add Processor._expand_image_x"):
-        make_processor(tok, fusion="x")
     with pytest.raises(ValueError, match="unknown fusion"):
         make_processor(tok, fusion="q")
     with pytest.raises(ValueError, match="must be an added special token"):

@@ -8,14 +8,24 @@ See docs/evaluation.md.
 """
 
 from nvlm_jax.evaluation.benchmarks import BENCHMARKS, Benchmark, get_benchmark, images_for_prompt
-from nvlm_jax.evaluation.predictions import (PredictionsError, merge_predictions, read_predictions,
-                                             write_predictions)
+from nvlm_jax.evaluation.predictions import PredictionsError, merge_predictions, read_predictions, write_predictions
 from nvlm_jax.evaluation.runner import score_file
 from nvlm_jax.evaluation.schema import SchemaError, load_samples, validate_sample, write_samples
 from nvlm_jax.evaluation.scoring import score_predictions
 
 __all__ = [
-    "BENCHMARKS", "Benchmark", "PredictionsError", "SchemaError", "get_benchmark", "images_for_prompt",
-    "load_samples", "merge_predictions", "read_predictions", "score_file", "score_predictions",
-    "validate_sample", "write_predictions", "write_samples",
+  "BENCHMARKS",
+  "Benchmark",
+  "PredictionsError",
+  "SchemaError",
+  "get_benchmark",
+  "images_for_prompt",
+  "load_samples",
+  "merge_predictions",
+  "read_predictions",
+  "score_file",
+  "score_predictions",
+  "validate_sample",
+  "write_predictions",
+  "write_samples",
 ]

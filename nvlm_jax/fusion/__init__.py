@@ -1,0 +1,23 @@
+"""Fusion of the vision pathway with the LLM: NVLM-D (decoder-only), NVLM-X (gated cross-attention) and
+NVLM-H (hybrid). See docs/fusion.md. Classes are imported lazily (the modules pull in the model code)."""
+from __future__ import annotations
+
+_LAZY = {
+    "NVLMD": "nvlm_jax.fusion.nvlm_d",
+    "NVLMX": "nvlm_jax.fusion.nvlm_x",
+    "NVLMH": "nvlm_jax.fusion.nvlm_h",
+    "model_for_config": "nvlm_jax.fusion.build",
+    "build_from_released_parts": "nvlm_jax.fusion.build",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'nvlm_jax.fusion' has no attribute {name!r}")

@@ -111,10 +111,14 @@ class CausalLM(nn.Module):
     cfg = self.config
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, **kw)
-    self.decoder = DecoderStack(cfg)
+    self.decoder = self._make_decoder()
     self.final_norm = RMSNorm(cfg.rms_norm_eps, **kw)
     if not cfg.tie_word_embeddings:
       self.lm_head = Dense(cfg.vocab_size, ("embed", "vocab"), **kw)
+
+  def _make_decoder(self) -> nn.Module:
+    """The layer stack (param name `decoder`); NVLM-X/H override it to interleave cross-attention."""
+    return DecoderStack(self.config)
 
   def embed(self, input_ids: jnp.ndarray) -> jnp.ndarray:
     return self.embed_tokens(input_ids)
@@ -134,6 +138,16 @@ class CausalLM(nn.Module):
   def hidden_states(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
                     cache: Cache | None = None):
     """The decoder body without the head: (hidden [B, L, D] before the final norm, cache)."""
+    x, positions, segment_ids = self._decoder_inputs(input_ids, inputs_embeds, positions, segment_ids, cache)
+    if cache is None:
+      x, _ = self.decoder(x, positions, causal_segment_mask(segment_ids))
+      return x, None
+    mask, valid = self._cached_mask(cache, segment_ids)
+    x, layer_cache = self.decoder(x, positions, mask, cache["layers"], cache["index"])
+    return x, self._advance_cache(cache, layer_cache, valid, x.shape[1])
+
+  def _decoder_inputs(self, input_ids, inputs_embeds, positions, segment_ids, cache):
+    """(embeddings [B, L, D], positions, segment_ids) with the defaults filled in."""
     if (input_ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of input_ids or inputs_embeds")
     x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
@@ -144,13 +158,19 @@ class CausalLM(nn.Module):
       positions = default_positions(segment_ids)
       if cache is not None:  # decoding continues after the real tokens already in the cache
         positions = positions + jnp.sum(cache["valid"], axis=1, keepdims=True).astype(jnp.int32)
-    if cache is None:
-      x, _ = self.decoder(x, positions, causal_segment_mask(segment_ids))
-      return x, None
+    return x, positions, segment_ids
+
+  @staticmethod
+  def _cached_mask(cache: Cache, segment_ids):
+    """(attention mask of the new tokens over every cache slot, the updated `valid` slots)."""
     index = cache["index"]
     valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], segment_ids != 0, index, axis=1)
-    x, layer_cache = self.decoder(x, positions, cached_mask(valid, index, length), cache["layers"], index)
-    return x, {"layers": layer_cache, "index": index + length, "valid": valid}
+    return cached_mask(valid, index, segment_ids.shape[1]), valid
+
+  @staticmethod
+  def _advance_cache(cache: Cache, layer_cache, valid, length: int) -> Cache:
+    """The cache after writing `length` tokens; entries other than layers/index/valid pass through."""
+    return {**cache, "layers": layer_cache, "index": cache["index"] + length, "valid": valid}
 
   def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Cache:
     """An empty KV cache for `max_length` tokens (prompt + generated)."""

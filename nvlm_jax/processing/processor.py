@@ -16,8 +16,21 @@ the t-th group of ``tokens_per_tile`` image-context tokens of the row (with tile
 separate run of placeholders; with ``tile_tag_format="none"`` the groups are contiguous).
 
 Fusion variants: the text form of an image is the only thing that differs between NVLM-D/X/H on this side,
-and it lives in one method per variant, ``_expand_image_<fusion>(grid, tags)``. Only ``"d"`` exists; adding
-``"x"`` (tags only, no placeholders) or ``"h"`` (thumbnail placeholders only) means adding that method.
+and it lives in one method per variant, ``_expand_image_<fusion>(grid, tags)``. Every tile is written as its
+tag followed by a group of image-context placeholders; only the group sizes differ:
+
+* ``"d"``: ``tokens_per_tile`` per tile (the decoder receives every tile's image tokens);
+* ``"x"``: ONE per tile (the tile's anchor; the tile itself is read through cross-attention);
+* ``"h"``: ``tokens_per_tile`` for the global view (the thumbnail, or the single tile of a 1x1 grid), one for
+  every regular tile. H needs non-empty tile tags, which keep the groups apart.
+
+The inputs are the same arrays for all three (``input_ids``, ``attention_mask``, ``labels``, ``pixel_values``,
+``tile_mask``): X and H read where the tiles and tags are from the ids (nvlm_jax/fusion/cross_attention_inputs.py),
+which is what lets them use the training batch and ``nvlm_jax.generate`` unchanged. For X and H the image text is
+tokenized piece by piece (``<Image>``, each tag, the placeholders, ``</Image>``, as Megatron inserts tag token ids),
+so ``<Image>`` always has the ids of :attr:`Processor.image_start_token_ids`, which the model config must carry
+(``NVLMConfig.image_start_token_ids``; :meth:`Processor.model_token_ids`). NVLM-D tokenizes the whole string at
+once, as the HF model's ``chat()`` does.
 """
 from __future__ import annotations
 
@@ -172,6 +185,14 @@ class Processor:
                 f"{[f for f in FUSIONS if hasattr(self, f'_expand_image_{f}')]}"
             )
         self.fusion = fusion
+        if fusion == "h":
+            if self.tile_tag_format == "none":
+                raise ValueError(
+                    "fusion 'h' needs tile tags (tile_tag_format != 'none'): they separate the one-placeholder "
+                    "groups of the regular tiles from the thumbnail's group"
+                )
+            if self.tokens_per_tile < 2:
+                raise ValueError(f"fusion 'h' needs tokens_per_tile >= 2, got {self.tokens_per_tile}")
         self.max_image_pixels = max_image_pixels
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self._check_tokenizer()
@@ -224,6 +245,74 @@ class Processor:
         return expand_image_text(tags, context_token=self.image_context_token,
                                  tokens_per_tile=self.tokens_per_tile,
                                  image_start=self.image_start, image_end=self.image_end)
+
+    def _expand_image_x(self, grid: TileGrid, tags: list[str]) -> str:
+        """NVLM-X: every tile's tag followed by ONE placeholder (its anchor); the tiles go to cross-attention."""
+        return "".join(self._image_pieces(grid, tags))
+
+    def _expand_image_h(self, grid: TileGrid, tags: list[str]) -> str:
+        """NVLM-H: regular tiles as in X (tag + one placeholder); the global view as in D (tag + its tokens)."""
+        return "".join(self._image_pieces(grid, tags))
+
+    def tile_placeholder_counts(self, grid: TileGrid) -> list[int]:
+        """Image-context placeholders after each tile's tag, for this processor's fusion variant."""
+        n, full = grid.num_tiles, self.tokens_per_tile
+        if self.fusion == "d":
+            return [full] * n
+        if self.fusion == "x":
+            return [1] * n
+        has_global_view = grid.has_thumbnail or grid.num_regular_tiles == 1
+        return [full if (k == n - 1 and has_global_view) else 1 for k in range(n)]
+
+    def _image_pieces(self, grid: TileGrid, tags: list[str] | None = None) -> list[str]:
+        """The image text as the pieces X/H tokenize one by one: ``<Image>``, tag, placeholders, ..., ``</Image>``."""
+        if tags is None:
+            tags = tile_tags(grid, self.tile_tag_format, global_tag=self.global_tile_tag)
+        pieces = [self.image_start]
+        for tag, count in zip(tags, self.tile_placeholder_counts(grid)):
+            if tag:
+                pieces.append(tag)
+            pieces.append(self.image_context_token * count)
+        pieces.append(self.image_end)
+        return pieces
+
+    @property
+    def image_start_token_ids(self) -> tuple[int, ...]:
+        """``<Image>`` tokenized on its own: how NVLM-X/H find where an image's first tile tag begins."""
+        return tuple(self.tokenizer.encode(self.image_start))
+
+    def model_token_ids(self) -> dict[str, Any]:
+        """The NVLMConfig fields that must agree with this processor's tokenizer."""
+        ids = {"image_token_id": self.image_context_id}
+        if self.fusion in ("x", "h"):
+            ids["image_start_token_ids"] = self.image_start_token_ids
+        return ids
+
+    def _encode_pieces(self, text: str, images: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize ``text`` with each image's pieces encoded on their own (X/H); the text between images is
+        encoded as usual. Returns ``(ids, offsets)`` like :meth:`NvlmTokenizer.encode_with_offsets`."""
+        ids, offsets = [], []
+
+        def add(start: int, end: int) -> None:
+            if end > start:
+                piece_ids, piece_offsets = self.tokenizer.encode_with_offsets(text[start:end])
+                ids.append(piece_ids)
+                offsets.append(piece_offsets + start)
+
+        cursor = 0
+        for k, pieces in enumerate(images):
+            at = text.find("".join(pieces), cursor)
+            if at < 0:  # cannot happen: the expansion was put in the text by encode_sample
+                raise AssertionError(f"image {k}: its text was not found in the rendered prompt")
+            add(cursor, at)
+            for piece in pieces:
+                add(at, at + len(piece))
+                at += len(piece)
+            cursor = at
+        add(cursor, len(text))
+        if not ids:
+            return np.zeros((0,), np.int32), np.zeros((0, 2), np.int64)
+        return np.concatenate(ids).astype(np.int32), np.concatenate(offsets).astype(np.int64)
 
     def image_placeholder_count(self, grid: TileGrid) -> int:
         """Image-context tokens that one image puts in the text (what the model scatters into)."""
@@ -326,7 +415,10 @@ class Processor:
                                   add_generation_prompt=add_generation_prompt, bos_token=self.tokenizer.bos_token,
                                   target_turn_newline=self.target_turn_newline)
         text = ct.render_text(segments)
-        input_ids, offsets = self.tokenizer.encode_with_offsets(text)
+        if self.fusion == "d":
+            input_ids, offsets = self.tokenizer.encode_with_offsets(text)
+        else:
+            input_ids, offsets = self._encode_pieces(text, [self._image_pieces(g) for g in grids])
         is_target = np.zeros(input_ids.shape, dtype=bool)
         for start, end in ct.target_char_spans(segments):
             is_target |= (offsets[:, 0] >= start) & (offsets[:, 0] < end)

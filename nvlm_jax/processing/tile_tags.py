@@ -24,6 +24,7 @@ global view) also gets the global tag, as in the 1-D format.
 ``global_tag`` is ``<tile_global_thumbnail>`` for the Qwen2-72B model; the Yi-34B ablations used
 ``<tile_global>`` (:data:`YI_GLOBAL_TILE_TAG`).
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -38,53 +39,53 @@ IMAGE_END = "</Image>"
 
 
 def check_tile_tag_format(tile_tag_format: str) -> str:
-    if tile_tag_format not in TILE_TAG_FORMATS:
-        raise ValueError(f"unknown tile_tag_format {tile_tag_format!r}; expected one of {TILE_TAG_FORMATS}")
-    return tile_tag_format
+  if tile_tag_format not in TILE_TAG_FORMATS:
+    raise ValueError(f"unknown tile_tag_format {tile_tag_format!r}; expected one of {TILE_TAG_FORMATS}")
+  return tile_tag_format
 
 
 def tile_tags(
-    grid: TileGrid,
-    tile_tag_format: str = "1d",
-    *,
-    global_tag: str = DEFAULT_GLOBAL_TILE_TAG,
+  grid: TileGrid,
+  tile_tag_format: str = "1d",
+  *,
+  global_tag: str = DEFAULT_GLOBAL_TILE_TAG,
 ) -> list[str]:
-    """One tag string per tile of ``grid`` (regular tiles row-major, thumbnail last); ``""`` for "none"."""
-    check_tile_tag_format(tile_tag_format)
-    n = grid.num_tiles
-    if tile_tag_format == "none":
-        return [""] * n
-    if tile_tag_format == "1d":
-        return [f"<tile_{k}>" for k in range(1, n)] + [global_tag]
-    if grid.num_regular_tiles == 1:
-        # 1x1 grid: the only tile is the whole image (thumbnails are never added to 1x1 grids).
-        return [global_tag] * n
-    tags = []
-    for k in range(grid.num_regular_tiles):
-        if tile_tag_format == "2d_grid":
-            col, row = grid.tile_position(k)
-            tags.append(f"<tile_x{col + 1}_y{row + 1}>")
-        else:
-            x0, y0, x1, y1 = grid.tile_box(k)
-            tags.append(f"<box> ({x0}, {y0}), ({x1}, {y1}) </box>")
-    if grid.has_thumbnail:
-        tags.append(global_tag)
-    return tags
+  """One tag string per tile of ``grid`` (regular tiles row-major, thumbnail last); ``""`` for "none"."""
+  check_tile_tag_format(tile_tag_format)
+  n = grid.num_tiles
+  if tile_tag_format == "none":
+    return [""] * n
+  if tile_tag_format == "1d":
+    return [f"<tile_{k}>" for k in range(1, n)] + [global_tag]
+  if grid.num_regular_tiles == 1:
+    # 1x1 grid: the only tile is the whole image (thumbnails are never added to 1x1 grids).
+    return [global_tag] * n
+  tags = []
+  for k in range(grid.num_regular_tiles):
+    if tile_tag_format == "2d_grid":
+      col, row = grid.tile_position(k)
+      tags.append(f"<tile_x{col + 1}_y{row + 1}>")
+    else:
+      x0, y0, x1, y1 = grid.tile_box(k)
+      tags.append(f"<box> ({x0}, {y0}), ({x1}, {y1}) </box>")
+  if grid.has_thumbnail:
+    tags.append(global_tag)
+  return tags
 
 
 def expand_image_text(
-    tags: Sequence[str],
-    *,
-    context_token: str,
-    tokens_per_tile: int,
-    image_start: str = IMAGE_START,
-    image_end: str = IMAGE_END,
+  tags: Sequence[str],
+  *,
+  context_token: str,
+  tokens_per_tile: int,
+  image_start: str = IMAGE_START,
+  image_end: str = IMAGE_END,
 ) -> str:
-    """NVLM-D text for one image: ``image_start + "".join(tag + context_token*tokens_per_tile) + image_end``.
+  """NVLM-D text for one image: ``image_start + "".join(tag + context_token*tokens_per_tile) + image_end``.
 
-    ``tokens_per_tile=0`` gives the tags-only text (what NVLM-X places in the decoder stream).
-    """
-    if tokens_per_tile < 0:
-        raise ValueError(f"tokens_per_tile must be >= 0, got {tokens_per_tile}")
-    body = "".join(tag + context_token * tokens_per_tile for tag in tags)
-    return f"{image_start}{body}{image_end}"
+  ``tokens_per_tile=0`` gives the tags-only text (what NVLM-X places in the decoder stream).
+  """
+  if tokens_per_tile < 0:
+    raise ValueError(f"tokens_per_tile must be >= 0, got {tokens_per_tile}")
+  body = "".join(tag + context_token * tokens_per_tile for tag in tags)
+  return f"{image_start}{body}{image_end}"

@@ -31,54 +31,57 @@ _FENCED_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)
 
 
 def extract_code(completion: str) -> str:
-    """The first fenced code block of a completion, or the completion itself."""
-    match = _FENCED_BLOCK.search(completion)
-    return match.group(1) if match else completion
+  """The first fenced code block of a completion, or the completion itself."""
+  match = _FENCED_BLOCK.search(completion)
+  return match.group(1) if match else completion
 
 
-def build_program(prompt: str, completion: str, test: str, entry_point: str,
-                  success_marker: str = "") -> str:
-    code = extract_code(completion)
-    if re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
-        body = prompt + "\n" + code  # the prompt's docstring-only function is a valid body
-    else:
-        body = prompt + code
-    program = f"{body}\n\n{test}\n\ncheck({entry_point})\n"
-    if success_marker:
-        program += f"print({success_marker!r})\n"
-    return program
+def build_program(prompt: str, completion: str, test: str, entry_point: str, success_marker: str = "") -> str:
+  code = extract_code(completion)
+  if re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+    body = prompt + "\n" + code  # the prompt's docstring-only function is a valid body
+  else:
+    body = prompt + code
+  program = f"{body}\n\n{test}\n\ncheck({entry_point})\n"
+  if success_marker:
+    program += f"print({success_marker!r})\n"
+  return program
 
 
 def estimate_pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
-    if not 0 <= num_correct <= num_samples:
-        raise ValueError(f"num_correct={num_correct} outside [0, num_samples={num_samples}]")
-    if k > num_samples:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, found {num_samples}")
-    if num_samples - num_correct < k:
-        return 1.0
-    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+  if not 0 <= num_correct <= num_samples:
+    raise ValueError(f"num_correct={num_correct} outside [0, num_samples={num_samples}]")
+  if k > num_samples:
+    raise ValueError(f"pass@{k} needs at least {k} samples per problem, found {num_samples}")
+  if num_samples - num_correct < k:
+    return 1.0
+  return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
 
 
-def check_completions(problems: Sequence[dict], completions: Sequence[Sequence[str]],
-                      limits: ExecutionLimits = ExecutionLimits(),
-                      max_parallel: int | None = None) -> list[list[ExecutionResult]]:
-    """Execute every completion of every problem (each in its own process); results per problem.
+def check_completions(
+  problems: Sequence[dict],
+  completions: Sequence[Sequence[str]],
+  limits: ExecutionLimits = ExecutionLimits(),
+  max_parallel: int | None = None,
+) -> list[list[ExecutionResult]]:
+  """Execute every completion of every problem (each in its own process); results per problem.
 
-    A problem needs "question" (the HumanEval prompt), "test" and "entry_point".
-    """
-    if len(problems) != len(completions):
-        raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
-    marker = f"humaneval-check-passed-{secrets.token_hex(8)}"
-    programs, owners = [], []
-    for index, (problem, samples) in enumerate(zip(problems, completions)):
-        for completion in samples:
-            programs.append(build_program(problem["question"], completion, problem["test"],
-                                          problem["entry_point"], success_marker=marker))
-            owners.append(index)
-    results = run_python_programs(programs, limits, max_parallel)
-    grouped: list[list[ExecutionResult]] = [[] for _ in problems]
-    for owner, result in zip(owners, results):
-        if result.passed and not result.stdout_tail.rstrip().endswith(marker):
-            result = dataclasses.replace(result, status=FAILED)  # exited 0 before the checks ran
-        grouped[owner].append(result)
-    return grouped
+  A problem needs "question" (the HumanEval prompt), "test" and "entry_point".
+  """
+  if len(problems) != len(completions):
+    raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
+  marker = f"humaneval-check-passed-{secrets.token_hex(8)}"
+  programs, owners = [], []
+  for index, (problem, samples) in enumerate(zip(problems, completions)):
+    for completion in samples:
+      programs.append(
+        build_program(problem["question"], completion, problem["test"], problem["entry_point"], success_marker=marker)
+      )
+      owners.append(index)
+  results = run_python_programs(programs, limits, max_parallel)
+  grouped: list[list[ExecutionResult]] = [[] for _ in problems]
+  for owner, result in zip(owners, results):
+    if result.passed and not result.stdout_tail.rstrip().endswith(marker):
+      result = dataclasses.replace(result, status=FAILED)  # exited 0 before the checks ran
+    grouped[owner].append(result)
+  return grouped

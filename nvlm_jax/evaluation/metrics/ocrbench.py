@@ -19,38 +19,46 @@ HME_SOURCE = "HME100k"
 
 # The five reported components and the ten question types ("type" field) they sum, with totals.
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "Text Recognition": (
-        "Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
-        "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition"),
-    "Scene Text-centric VQA": ("Scene Text-centric VQA",),
-    "Doc-oriented VQA": ("Doc-oriented VQA",),
-    "Key Information Extraction": ("Key Information Extraction",),
-    "Handwritten Mathematical Expression Recognition": (
-        "Handwritten Mathematical Expression Recognition",),
+  "Text Recognition": (
+    "Regular Text Recognition",
+    "Irregular Text Recognition",
+    "Artistic Text Recognition",
+    "Handwriting Recognition",
+    "Digit String Recognition",
+    "Non-Semantic Text Recognition",
+  ),
+  "Scene Text-centric VQA": ("Scene Text-centric VQA",),
+  "Doc-oriented VQA": ("Doc-oriented VQA",),
+  "Key Information Extraction": ("Key Information Extraction",),
+  "Handwritten Mathematical Expression Recognition": ("Handwritten Mathematical Expression Recognition",),
 }
-COMPONENT_TOTALS = {"Text Recognition": 300, "Scene Text-centric VQA": 200, "Doc-oriented VQA": 200,
-                    "Key Information Extraction": 200,
-                    "Handwritten Mathematical Expression Recognition": 100}
+COMPONENT_TOTALS = {
+  "Text Recognition": 300,
+  "Scene Text-centric VQA": 200,
+  "Doc-oriented VQA": 200,
+  "Key Information Extraction": 200,
+  "Handwritten Mathematical Expression Recognition": 100,
+}
 QUESTION_TYPES = tuple(t for types in COMPONENTS.values() for t in types)
 
 
 def _normalize(text: str, source: str) -> str:
-    if source == HME_SOURCE:
-        return text.strip().replace("\n", " ").replace(" ", "")
-    return text.lower().strip().replace("\n", " ")
+  if source == HME_SOURCE:
+    return text.strip().replace("\n", " ").replace(" ", "")
+  return text.lower().strip().replace("\n", " ")
 
 
 def ocrbench_hit(prediction: str, answers: Sequence[str], source: str) -> int:
-    """1 if any ground truth is contained in the prediction under the source's normalization."""
-    if not answers:
-        raise ValueError("ocrbench_hit needs at least one ground-truth answer")
-    pred = _normalize(prediction, source)
-    return int(any(_normalize(answer, source) in pred for answer in answers))
+  """1 if any ground truth is contained in the prediction under the source's normalization."""
+  if not answers:
+    raise ValueError("ocrbench_hit needs at least one ground-truth answer")
+  pred = _normalize(prediction, source)
+  return int(any(_normalize(answer, source) in pred for answer in answers))
 
 
 def component_scores(points_per_type: Mapping[str, float]) -> dict[str, float]:
-    """Sum per-type points into the five components the paper reports (out of 300/200/200/200/100)."""
-    unknown = sorted(set(points_per_type) - set(QUESTION_TYPES))
-    if unknown:
-        raise ValueError(f"unknown OCRBench question type(s) {unknown}; expected one of {list(QUESTION_TYPES)}")
-    return {name: sum(points_per_type.get(t, 0) for t in types) for name, types in COMPONENTS.items()}
+  """Sum per-type points into the five components the paper reports (out of 300/200/200/200/100)."""
+  unknown = sorted(set(points_per_type) - set(QUESTION_TYPES))
+  if unknown:
+    raise ValueError(f"unknown OCRBench question type(s) {unknown}; expected one of {list(QUESTION_TYPES)}")
+  return {name: sum(points_per_type.get(t, 0) for t in types) for name, types in COMPONENTS.items()}

@@ -21,20 +21,55 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
-                "@", "`", ",", "?", "!")
+_PUNCTUATION = (
+  ";",
+  "/",
+  "[",
+  "]",
+  '"',
+  "{",
+  "}",
+  "(",
+  ")",
+  "=",
+  "+",
+  "\\",
+  "_",
+  "-",
+  ">",
+  "<",
+  "@",
+  "`",
+  ",",
+  "?",
+  "!",
+)
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _MAX_PERIOD_REMOVALS = 32  # re.UNICODE == 32, passed as `count` by the official tool.
 
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-                 "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBER_WORDS = {
+  "none": "0",
+  "zero": "0",
+  "one": "1",
+  "two": "2",
+  "three": "3",
+  "four": "4",
+  "five": "5",
+  "six": "6",
+  "seven": "7",
+  "eight": "8",
+  "nine": "9",
+  "ten": "10",
+}
 _ARTICLES = frozenset({"a", "an", "the"})
 
 # The official contractions table as `written:restored` pairs. Its four capitalised keys
 # ("Id've", "I'dve", "Im", "Ive") can never match lower-cased words, so they are left out; the
 # odd entries ("somebody'd" -> "somebodyd", identities such as "let's") are kept as published.
-_CONTRACTIONS = dict(pair.split(":", 1) for pair in """
+_CONTRACTIONS = dict(
+  pair.split(":", 1)
+  for pair in """
 aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've
 couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've
 hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's
@@ -57,65 +92,66 @@ whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't wouldnt've:
 wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've
 y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've
 youll:you'll youre:you're youve:you've
-""".split())
+""".split()
+)
 
 
 def process_punctuation(text: str) -> str:
-    """Official `processPunctuation`: delete or space out punctuation, then strip periods."""
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
-    out = text
-    for mark in _PUNCTUATION:
-        # The official tool tests the *input* text, not the partially cleaned one.
-        if delete_all or (mark + " " in text) or (" " + mark in text):
-            out = out.replace(mark, "")
-        else:
-            out = out.replace(mark, " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_MAX_PERIOD_REMOVALS)
+  """Official `processPunctuation`: delete or space out punctuation, then strip periods."""
+  delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+  out = text
+  for mark in _PUNCTUATION:
+    # The official tool tests the *input* text, not the partially cleaned one.
+    if delete_all or (mark + " " in text) or (" " + mark in text):
+      out = out.replace(mark, "")
+    else:
+      out = out.replace(mark, " ")
+  return _PERIOD_NOT_BEFORE_DIGIT.sub("", out, count=_MAX_PERIOD_REMOVALS)
 
 
 def process_digit_article(text: str) -> str:
-    """Official `processDigitArticle`: lower-case, number words -> digits, drop articles, fix contractions."""
-    words = []
-    for word in text.lower().split():
-        word = _NUMBER_WORDS.get(word, word)
-        if word not in _ARTICLES:
-            words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
+  """Official `processDigitArticle`: lower-case, number words -> digits, drop articles, fix contractions."""
+  words = []
+  for word in text.lower().split():
+    word = _NUMBER_WORDS.get(word, word)
+    if word not in _ARTICLES:
+      words.append(_CONTRACTIONS.get(word, word))
+  return " ".join(words)
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """Punctuation then digit/article processing, the order every official caller uses."""
-    return process_digit_article(process_punctuation(text))
+  """Punctuation then digit/article processing, the order every official caller uses."""
+  return process_digit_article(process_punctuation(text))
 
 
 def _clean_whitespace(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
+  return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], mode: str = "megatron") -> float:
-    """VQA accuracy of one prediction against the (usually 10) human answers.
+  """VQA accuracy of one prediction against the (usually 10) human answers.
 
-    mode="megatron" (default; spec (i), NVLM's `evaluate_vqav2.py`): normalize prediction and every
-      answer, score ``min(1, #matching answers / 3)``.
-    mode="official" (VQAv2/TextVQA evaluation server): whitespace-clean everything, normalize only if
-      the human answers disagree (the official tool skips normalization when all answers are equal),
-      then average ``min(1, #matches among the other n-1 answers / 3)`` over the n leave-one-out subsets.
-    """
-    if not answers:
-        raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-    if mode == "megatron":
-        pred = normalize_vqa_answer(prediction)
-        matches = sum(pred == normalize_vqa_answer(a) for a in answers)
-        return min(1.0, matches / 3.0)
-    if mode == "official":
-        pred = _clean_whitespace(prediction)
-        gts = [_clean_whitespace(a) for a in answers]
-        if len(set(gts)) > 1:
-            pred = normalize_vqa_answer(pred)
-            gts = [normalize_vqa_answer(a) for a in gts]
-        per_subset = []
-        for left_out in range(len(gts)):
-            matches = sum(gt == pred for i, gt in enumerate(gts) if i != left_out)
-            per_subset.append(min(1.0, matches / 3.0))
-        return sum(per_subset) / len(per_subset)
-    raise ValueError(f"unknown VQA accuracy mode {mode!r}; expected 'megatron' or 'official'")
+  mode="megatron" (default; spec (i), NVLM's `evaluate_vqav2.py`): normalize prediction and every
+    answer, score ``min(1, #matching answers / 3)``.
+  mode="official" (VQAv2/TextVQA evaluation server): whitespace-clean everything, normalize only if
+    the human answers disagree (the official tool skips normalization when all answers are equal),
+    then average ``min(1, #matches among the other n-1 answers / 3)`` over the n leave-one-out subsets.
+  """
+  if not answers:
+    raise ValueError("vqa_accuracy needs at least one ground-truth answer")
+  if mode == "megatron":
+    pred = normalize_vqa_answer(prediction)
+    matches = sum(pred == normalize_vqa_answer(a) for a in answers)
+    return min(1.0, matches / 3.0)
+  if mode == "official":
+    pred = _clean_whitespace(prediction)
+    gts = [_clean_whitespace(a) for a in answers]
+    if len(set(gts)) > 1:
+      pred = normalize_vqa_answer(pred)
+      gts = [normalize_vqa_answer(a) for a in gts]
+    per_subset = []
+    for left_out in range(len(gts)):
+      matches = sum(gt == pred for i, gt in enumerate(gts) if i != left_out)
+      per_subset.append(min(1.0, matches / 3.0))
+    return sum(per_subset) / len(per_subset)
+  raise ValueError(f"unknown VQA accuracy mode {mode!r}; expected 'megatron' or 'official'")
