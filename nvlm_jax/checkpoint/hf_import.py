@@ -152,7 +152,11 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, sc
                     mesh: jax.sharding.Mesh | None = None, rules: RuleTable | Callable[[Any], RuleTable] | None = None,
                     layout: str | None = None, axis_rules=LOGICAL_AXIS_RULES,
                     config_overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
-  """Loads a Hugging Face safetensors checkpoint directory.
+  """Loads a Hugging Face safetensors checkpoint directory, or one of our own orbax checkpoints.
+
+  Our checkpoints (a trainer workdir, its `checkpoints/` dir, one `checkpoints/<step>` dir, or the output
+  of `python -m nvlm_jax.convert import|stitch`) are restored with their saved model description;
+  dtype / param_dtype / mesh apply to them too, the HF-only arguments do not.
 
   dtype: compute dtype; param_dtype: storage dtype of the params (default: dtype). Each tensor is
   converted from its file dtype (e.g. bf16) as it is read. scan_layers: stack layer params for nn.scan.
@@ -164,6 +168,11 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, sc
   Returns (model, params): run it with `model.apply({"params": params}, input_ids)`.
   """
   path = Path(path)
+  from nvlm_jax.training import checkpointing  # lazy: pulls in orbax
+
+  if checkpointing.is_training_checkpoint(path):
+    return checkpointing.load_checkpoint(path, mesh=mesh, dtype=jnp.dtype(dtype).name,
+                                         param_dtype=jnp.dtype(param_dtype or dtype).name, rules=axis_rules)
   cfg_json, cfg_file = read_config(path)
   ckpt = SafetensorsCheckpoint(path)
   if layout is None:
