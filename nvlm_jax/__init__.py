@@ -6,6 +6,11 @@ from __future__ import annotations
 
 _LAZY = {
     "load_pretrained": "nvlm_jax.checkpoint.hf_import",
+    "generate": "nvlm_jax.generation",
+    "stream_generate": "nvlm_jax.generation",
+    "Processor": "nvlm_jax.processing.processor",
+    "load_processor": "nvlm_jax.training.processor_setup",
+    "get_preset": "nvlm_jax.presets",
 }
 
 __all__ = sorted(_LAZY)
