@@ -15,48 +15,15 @@ The authors trained with TP 8 x PP 4; we shard with fsdp x tensor (no pipeline s
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
 Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
 (blend weights are the user's choice; see docs/data.md).
+
+The values are those of configs/nvlm_d_72b_sft.py (the paper's tables give one column per variant);
+this file moves them to the 34B backbone.
 """
-from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
+from nvlm_jax.training.config_base import on_yi_34b, runlocal, sibling_config
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.workdir = "/tmp/nvlm_d_34b_sft"
-  c.total_steps = 40_000
-  c.trainable = ("projector", "language_model")  # MLP projector + LLM
-
-  c.model.preset = "nvlm_d_34b"
-  c.model.dtype = "bfloat16"  # compute
-  c.model.param_dtype = "float32"  # fp32 master weights for what trains
-  # Frozen towers: bf16, no fp32 master copy.
-  c.model.overrides = {"vision": {"param_dtype": "bfloat16"}}
-  c.model.remat = {"vision": "", "llm": "full"}  # the ViT runs forward only
-
-  # AdamW, linear warmup then cosine to min_lr (Table 11).
-  c.optimizer.lr = 2e-6
-  c.optimizer.min_lr = 2.5e-7
-  c.optimizer.warmup_steps = 1000
-  c.optimizer.b1, c.optimizer.b2 = 0.9, 0.98
-  c.optimizer.weight_decay = 0.1
-  c.optimizer.grad_clip = 10.0
-
-  c.data.kind = "nvlm_pipeline"
-  c.data.tokenizer = ""  # "": the tokenizer of checkpoint.init_from
-  c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_sft", "split": "train", "weight": 1.0}]
-  c.data.global_batch_size = 128
-  c.data.seq_len = 3200
-  c.data.max_tiles = 7  # 6 tiles + thumbnail, 1-D tile tags
-  c.data.processor = {"use_tiling": True, "max_tiles_per_image": 6, "use_thumbnail": True, "tile_tag_format": "1d"}
-  c.data.num_microbatches = 2  # 128 rows / 64 batch shards = 2 per device -> 1 per microbatch
-  c.data.worker_count = 8
-
-  c.mesh.update(data=1, fsdp=-1, tensor=8)
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.init_from = "/ckpt/nvlm_d_34b_pretrain"
-  c.log.every_steps = 10
-  c.log.peak_tflops_per_device = PEAK_TFLOPS["h100"]
-
+  c = on_yi_34b(sibling_config(__file__, "nvlm_d_72b_sft"))
   if arg == "runlocal":
     c = runlocal(c, "tiny_nvlm_d")
   return c

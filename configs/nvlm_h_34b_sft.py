@@ -13,48 +13,15 @@ Decoder length 1,280 = 1,024 text + 256 thumbnail tokens (Table 3).
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
 Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
 (blend weights are the user's choice; see docs/data.md).
+
+The values are those of configs/nvlm_h_72b_sft.py (the paper's tables give one column per variant);
+this file moves them to the 34B backbone.
 """
-from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
+from nvlm_jax.training.config_base import on_yi_34b, runlocal, sibling_config
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.workdir = "/tmp/nvlm_h_34b_sft"
-  c.total_steps = 40_000
-  c.trainable = ("projector", "*cross_attn*", "language_model")  # X-attn + MLP + LLM
-
-  c.model.preset = "nvlm_h_34b"
-  c.model.dtype = "bfloat16"  # compute
-  c.model.param_dtype = "float32"  # fp32 master weights for what trains
-  # Frozen towers: bf16, no fp32 master copy.
-  c.model.overrides = {"vision": {"param_dtype": "bfloat16"}}
-  c.model.remat = {"vision": "", "llm": "full"}  # the ViT runs forward only
-
-  # AdamW, linear warmup then cosine to min_lr (Table 11).
-  c.optimizer.lr = 1e-5
-  c.optimizer.min_lr = 1e-7
-  c.optimizer.warmup_steps = 1000
-  c.optimizer.b1, c.optimizer.b2 = 0.9, 0.98
-  c.optimizer.weight_decay = 0.05
-  c.optimizer.grad_clip = 1.0
-
-  c.data.kind = "nvlm_pipeline"
-  c.data.tokenizer = ""  # "": the tokenizer of checkpoint.init_from
-  c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_sft", "split": "train", "weight": 1.0}]
-  c.data.global_batch_size = 256
-  c.data.seq_len = 1280
-  c.data.max_tiles = 7  # 6 tiles + thumbnail, 1-D tile tags
-  c.data.processor = {"use_tiling": True, "max_tiles_per_image": 6, "use_thumbnail": True, "tile_tag_format": "1d"}
-  c.data.num_microbatches = 2  # 256 rows / 64 batch shards = 4 per device -> 2 per microbatch
-  c.data.worker_count = 8
-
-  c.mesh.update(data=1, fsdp=-1, tensor=8)
-  c.checkpoint.every_steps = 1000
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.init_from = "/ckpt/nvlm_h_34b_pretrain"
-  c.log.every_steps = 10
-  c.log.peak_tflops_per_device = PEAK_TFLOPS["h100"]
-
+  c = on_yi_34b(sibling_config(__file__, "nvlm_h_72b_sft"))
   if arg == "runlocal":
     c = runlocal(c, "tiny_nvlm_h")
   return c

@@ -27,6 +27,9 @@ Keys (all overridable on the command line, e.g. `--config.optimizer.lr=1e-5`):
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
 # Dense bf16 peak of common accelerators, TFLOP/s per device (for `log.peak_tflops_per_device`).
@@ -107,4 +110,25 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   c.log.every_steps = 5
   c.log.peak_tflops_per_device = 0.0
   c.workdir = f"/tmp/nvlm_runlocal_{tiny_preset}"
+  return c
+
+
+def sibling_config(this_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of configs/<name>.py beside `this_file`: a recipe that is another one with a few
+  changes says so by starting from it, instead of repeating it."""
+  path = Path(this_file).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"nvlm_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def on_yi_34b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A 72B recipe moved to the 34B backbone (Nous-Hermes-2-Yi-34B): the paper's Tables 10/11 give one
+  column per variant, so only the model and the paths change (plus any cell the tables split by size)."""
+  c.model.preset = c.model.preset.replace("72b", "34b")
+  c.workdir = c.workdir.replace("72b", "34b")
+  c.checkpoint.init_from = c.checkpoint.init_from.replace("72b", "34b")
+  if c.data.get("tokenizer", "") == "/ckpt/Qwen2-72B-Instruct":
+    c.data.tokenizer = "/ckpt/Nous-Hermes-2-Yi-34B"
   return c
