@@ -4,6 +4,8 @@ Top-level names are imported lazily so `import nvlm_jax` stays cheap.
 """
 from __future__ import annotations
 
+from nvlm_jax.lazy_exports import lazy_exports
+
 _LAZY = {
     "load_pretrained": "nvlm_jax.checkpoint.hf_import",
     "generate": "nvlm_jax.generation",
@@ -13,18 +15,4 @@ _LAZY = {
     "get_preset": "nvlm_jax.presets",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'nvlm_jax' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -2,6 +2,8 @@
 NVLM-H (hybrid). See docs/fusion.md. Classes are imported lazily (the modules pull in the model code)."""
 from __future__ import annotations
 
+from nvlm_jax.lazy_exports import lazy_exports
+
 _LAZY = {
     "NVLMD": "nvlm_jax.fusion.nvlm_d",
     "NVLMX": "nvlm_jax.fusion.nvlm_x",
@@ -10,14 +12,4 @@ _LAZY = {
     "build_from_released_parts": "nvlm_jax.fusion.build",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'nvlm_jax.fusion' has no attribute {name!r}")
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -8,6 +8,8 @@ Names are imported lazily: `import nvlm_jax.training` does not pull in orbax or 
 """
 from __future__ import annotations
 
+from nvlm_jax.lazy_exports import lazy_exports
+
 _LAZY = {
     "train": "nvlm_jax.training.trainer",
     "Trainer": "nvlm_jax.training.trainer",
@@ -19,18 +21,4 @@ _LAZY = {
     "base_config": "nvlm_jax.training.config_base",
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str):
-  if name in _LAZY:
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-  raise AttributeError(f"module 'nvlm_jax.training' has no attribute {name!r}")
-
-
-def __dir__():
-  return sorted(set(globals()) | set(__all__))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
