@@ -97,36 +97,51 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int,
   return ids, segments
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_generate(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                       pad_id: int, image_keys: tuple[str, ...]):
+def _decode_halves(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int,
+                   image_keys: tuple[str, ...]):
+  """(prefill, step), pure functions: the prompt (images included) into a fresh cache and the first token;
+  then one token per call. `generate` runs both in one program, `stream_generate` calls them one by one."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-  def run(params, ids, segments, images, rng):
+  def prefill(params, ids, segments, images, rng):
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     logits, cache = model.apply({"params": params}, ids, segment_ids=segments, cache=cache,
                                 **dict(zip(image_keys, images)))
     rng, step_rng = jax.random.split(rng)
     token = sample_token(logits[:, -1], step_rng, sampling)
-    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-    done = jnp.isin(token, eos)
+    return token, cache, jnp.isin(token, eos), rng
+
+  def step(params, token, cache, done, rng):
+    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    token = sample_token(logits[:, -1], step_rng, sampling)
+    token = jnp.where(done, pad_id, token)
+    return token, cache, done | jnp.isin(token, eos), rng
+
+  return prefill, step
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_generate(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
+                       pad_id: int, image_keys: tuple[str, ...]):
+  prefill, step = _decode_halves(model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
+
+  def run(params, ids, segments, images, rng):
+    token, cache, done, rng = prefill(params, ids, segments, images, rng)
+    out = jnp.full((ids.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
 
     def cond(state):
-      step, _, _, done, _, _ = state
-      return (step < max_new_tokens) & ~jnp.all(done)
+      produced, _, _, done, _, _ = state
+      return (produced < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-      step, token, cache, done, out, rng = state
-      logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-      rng, step_rng = jax.random.split(rng)
-      token = sample_token(logits[:, -1], step_rng, sampling)
-      token = jnp.where(done, pad_id, token)
-      out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
-      return step + 1, token, cache, done | jnp.isin(token, eos), out, rng
+      produced, token, cache, done, out, rng = state
+      token, cache, done, rng = step(params, token, cache, done, rng)
+      out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], produced, axis=1)
+      return produced + 1, token, cache, done, out, rng
 
-    state = (jnp.int32(1), token, cache, done, out, rng)
-    return jax.lax.while_loop(cond, body, state)[4]
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, done, out, rng))[4]
 
   return jax.jit(run)
 
@@ -193,25 +208,8 @@ def _prepare(model, input_ids, *, max_new_tokens, attention_mask, pixel_values, 
 @functools.lru_cache(maxsize=32)
 def _compiled_stream(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
                      pad_id: int, image_keys: tuple[str, ...]):
-  """(prefill, step): the two halves of `_compiled_generate`'s program, with the same PRNG splits."""
-  eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
-
-  def prefill(params, ids, segments, images, rng):
-    batch, prompt_len = ids.shape
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, ids, segment_ids=segments, cache=cache,
-                                **dict(zip(image_keys, images)))
-    rng, step_rng = jax.random.split(rng)
-    token = sample_token(logits[:, -1], step_rng, sampling)
-    return token, cache, jnp.isin(token, eos), rng
-
-  def step(params, token, cache, done, rng):
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
-    rng, step_rng = jax.random.split(rng)
-    token = sample_token(logits[:, -1], step_rng, sampling)
-    token = jnp.where(done, pad_id, token)
-    return token, cache, done | jnp.isin(token, eos), rng
-
+  """(prefill, step) of `_compiled_generate`'s program, compiled separately (same PRNG splits)."""
+  prefill, step = _decode_halves(model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
   return jax.jit(prefill), jax.jit(step, donate_argnums=(2,))
 
 
