@@ -39,6 +39,9 @@ class DecoderConfig:
   # Implementation switches (not architecture).
   scan_layers: bool = True
   remat_policy: str = "none"  # see nvlm_jax.layers.remat.POLICIES
+  # Causal self-attention without a cache runs in query blocks of this many rows and skips the masked
+  # upper triangle (exact; see layers.attention.dot_product_attention). 0 computes the full L x L.
+  causal_block_size: int = 128
   dtype: str = "float32"  # activation / compute dtype
   param_dtype: str = "float32"
 

@@ -106,7 +106,8 @@ def _decode_halves(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids
   def prefill(params, ids, segments, images, rng):
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model.apply({"params": params}, ids, segment_ids=segments, cache=cache,
+    # Prompts are left-aligned, so the last column is every row's last real token: only it needs logits.
+    logits, cache = model.apply({"params": params}, ids, segment_ids=segments, cache=cache, logits_to_keep=1,
                                 **dict(zip(image_keys, images)))
     rng, step_rng = jax.random.split(rng)
     token = sample_token(logits[:, -1], step_rng, sampling)

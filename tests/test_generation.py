@@ -37,6 +37,16 @@ def test_greedy_tokens_equal_transformers_generate(pair):
   np.testing.assert_array_equal(np.asarray(ours[0]), reference_greedy(reference, prompt))
 
 
+def test_logits_to_keep_returns_the_last_positions(pair):
+  """What generate's prefill relies on: logits_to_keep=n gives exactly the last n columns of the full logits."""
+  _, model, params = pair
+  ids = rm.random_tokens(rm.TINY_TEXT["vocab_size"], (2, 40), seed=6)
+  full = np.asarray(model.apply({"params": params}, ids))
+  last = np.asarray(model.apply({"params": params}, ids, logits_to_keep=3))
+  assert last.shape == (2, 3, full.shape[-1])
+  np.testing.assert_allclose(last, full[:, -3:], rtol=1e-6, atol=1e-6)
+
+
 def test_padded_batch_equals_each_prompt_alone(pair):
   _, model, params = pair
   vocab = rm.TINY_TEXT["vocab_size"]

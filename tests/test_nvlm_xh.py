@@ -238,6 +238,8 @@ def test_kv_cache_matches_full_recompute(tiny):
                                                      cache=model.init_cache(2, L)), compiler_options=O0)
   decode = jax.jit(lambda p, x, cache: model.apply({"params": p}, x, cache=cache), compiler_options=O0)
   logits, cache = prefill(params, ids[:, :prompt], pixels, mask)
+  last = model.apply({"params": params}, ids[:, :prompt], pixel_values=pixels, tile_mask=mask, logits_to_keep=1)
+  np.testing.assert_allclose(np.asarray(last), np.asarray(logits)[:, -1:], atol=1e-5, rtol=0)  # generate's prefill
   assert cache["cross"]["k"].shape == (2, 2, T * (8 + N), 2, 16)  # [blocks, B, keys, kv_heads, head_dim]
   got = [np.asarray(logits)]
   for i in range(prompt, L):

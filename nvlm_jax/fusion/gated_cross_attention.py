@@ -41,6 +41,7 @@ from nvlm_jax.language.decoder import (
     Cache,
     CausalLM,
     DecoderLayer,
+    keep_last,
     maybe_remat,
     scan_layers,
 )
@@ -216,10 +217,10 @@ class CrossAttentionLM(CausalLM):
     return CrossAttentionDecoderStack(self.config, self.xattn)
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
-               cache: Cache | None = None, cross: CrossInputs | None = None):
+               cache: Cache | None = None, cross: CrossInputs | None = None, logits_to_keep: int = 0):
     hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
                                        segment_ids=segment_ids, cache=cache, cross=cross)
-    logits = self.logits(hidden)
+    logits = self.logits(keep_last(hidden, logits_to_keep))
     return logits if cache is None else (logits, cache)
 
   def hidden_states(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,

@@ -158,15 +158,16 @@ class NVLMD(nn.Module):
   def __call__(self, input_ids: jnp.ndarray, *, pixel_values: jnp.ndarray | None = None,
                tile_mask: jnp.ndarray | None = None, image_features: jnp.ndarray | None = None,
                positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None,
-               cache: Cache | None = None, tile_budget: int | None = None) -> Any:
-    """logits [B, L, vocab]; with a cache, (logits, updated cache), exactly like CausalLM.
+               cache: Cache | None = None, tile_budget: int | None = None, logits_to_keep: int = 0) -> Any:
+    """logits [B, L, vocab]; with a cache, (logits, updated cache), exactly like CausalLM (logits_to_keep too).
 
     Prefill with images: pass pixel_values and a fresh cache (`init_cache`); then decode text-only
     steps with input_ids [B, 1] and the returned cache.
     """
     embeds = self.embed_multimodal(input_ids, pixel_values, tile_mask, image_features=image_features,
                                    tile_budget=tile_budget)
-    return self.language_model(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache)
+    return self.language_model(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
+                               logits_to_keep=logits_to_keep)
 
   def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Cache:
     """An empty decoder KV cache (works on bound and unbound modules)."""

@@ -129,7 +129,7 @@ class CrossAttentionNVLM(nn.Module):
   def __call__(self, input_ids: jnp.ndarray, *, pixel_values: jnp.ndarray | None = None,
                tile_mask: jnp.ndarray | None = None, image_features: jnp.ndarray | None = None,
                positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None,
-               cache: Cache | None = None, tile_budget: int | None = None) -> Any:
+               cache: Cache | None = None, tile_budget: int | None = None, logits_to_keep: int = 0) -> Any:
     """logits [B, L, vocab]; with a cache, (logits, updated cache), exactly like CausalLM / NVLMD.
 
     Prefill with images: pass pixel_values and a fresh cache (`init_cache`); decode steps pass input_ids
@@ -138,7 +138,7 @@ class CrossAttentionNVLM(nn.Module):
     embeds, cross = self.prepare_inputs(input_ids, pixel_values, tile_mask, image_features=image_features,
                                         segment_ids=segment_ids, tile_budget=tile_budget)
     return self.language_model(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
-                               cross=cross)
+                               cross=cross, logits_to_keep=logits_to_keep)
 
   def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None, num_tiles: int = 0) -> Cache:
     """An empty KV cache (works on bound and unbound modules). num_tiles: preallocate the image K/V for that

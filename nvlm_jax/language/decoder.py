@@ -39,7 +39,7 @@ class DecoderLayer(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
     h, cache = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.kv_head_dim, cfg.rope_theta, cfg.qkv_bias,
-                             name="self_attn", **kw)(h, positions, mask, cache, cache_index)
+                             cfg.causal_block_size, name="self_attn", **kw)(h, positions, mask, cache, cache_index)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, name="mlp", **kw)(h)
@@ -91,6 +91,11 @@ class DecoderStack(nn.Module):
     return x, cache
 
 
+def keep_last(hidden: jnp.ndarray, count: int) -> jnp.ndarray:
+  """hidden [B, L, D] -> its last `count` positions (all of them for count 0)."""
+  return hidden[:, -count:] if count else hidden
+
+
 def default_positions(segment_ids: jnp.ndarray) -> jnp.ndarray:
   """Positions counting real tokens only, so left padding does not shift RoPE."""
   return jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0).astype(jnp.int32)
@@ -100,7 +105,8 @@ class CausalLM(nn.Module):
   """Embedding -> DecoderStack -> final RMSNorm -> LM head.
 
   __call__(input_ids [B, L] or inputs_embeds [B, L, D], positions=None, segment_ids=None, cache=None)
-  returns logits [B, L, vocab]; with a cache it returns (logits, updated cache).
+  returns logits [B, L, vocab]; with a cache it returns (logits, updated cache). logits_to_keep=n > 0 projects
+  only the last n positions ([B, n, vocab]): a prefill needs one row, not L x vocab.
   segment_ids: 0 marks padding; distinct ids separate packed samples. positions default to counting
   real tokens. Positions and segment ids are per token, so left- or right-padded batches both work.
   """
@@ -129,10 +135,10 @@ class CausalLM(nn.Module):
     return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
 
   def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
-               cache: Cache | None = None):
+               cache: Cache | None = None, logits_to_keep: int = 0):
     hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
                                        segment_ids=segment_ids, cache=cache)
-    logits = self.logits(hidden)
+    logits = self.logits(keep_last(hidden, logits_to_keep))
     return logits if cache is None else (logits, cache)
 
   def hidden_states(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,

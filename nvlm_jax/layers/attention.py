@@ -20,22 +20,51 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 KVCache = dict[str, jnp.ndarray]  # {"k": [B, S, kv_heads, head_dim], "v": same}
 
 
-def dot_product_attention(q, k, v, mask, *, scale: float | None = None):
+def dot_product_attention(q, k, v, mask, *, scale: float | None = None, causal_block_size: int = 0):
   """softmax(q k^T * scale + mask) v with GQA: q [B,Lq,H,D], k/v [B,Lk,KV,D], H % KV == 0.
 
   Scores and softmax in fp32 (Megatron's --attention-softmax-in-fp32); returns q.dtype [B,Lq,H,D].
+
+  Heads go first ([B, KV, G*Lq, D] x [B, KV, S, D]) so both batched matmuls read and write contiguous
+  tiles and the big score tensor is never transposed, forward or backward.
+
+  causal_block_size > 0 promises that `mask` is causal over aligned positions (query i never sees key
+  j > i, Lq == Lk, as in training and the no-cache forward). Queries then go in blocks of that many
+  rows, each against only the keys up to its last row: the masked upper triangle is never computed
+  (about half the attention FLOPs and memory at long lengths), and every block's softmax still sees
+  all of its visible keys, so the result is exact.
   """
   batch, q_len, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
+  k_len, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
   scale = head_dim ** -0.5 if scale is None else scale
-  q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+  q = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B, KV, G, Lq, D]
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+  if causal_block_size <= 0 or causal_block_size >= q_len:
+    out = _attend_heads_first(q, k, v, mask, scale)
+  else:
+    if q_len != k_len:
+      raise ValueError(f"causal_block_size needs aligned queries and keys; got {q_len} queries, {k_len} keys")
+    blocks = []
+    for start in range(0, q_len, causal_block_size):
+      end = min(start + causal_block_size, q_len)
+      block_mask = None if mask is None else mask[:, :, start:end, :end]
+      blocks.append(_attend_heads_first(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], block_mask, scale))
+    out = jnp.concatenate(blocks, axis=3)
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def _attend_heads_first(q, k, v, mask, scale: float):
+  """q [B, KV, G, Lq, D], k/v [B, KV, S, D], mask [B, 1, Lq, S] or None -> [B, KV, G, Lq, D]."""
+  batch, kv_heads, groups, q_len, head_dim = q.shape
+  rows = q.reshape(batch, kv_heads, groups * q_len, head_dim)
+  scores = jnp.einsum("bkqd,bksd->bkqs", rows, k, preferred_element_type=jnp.float32) * scale
+  scores = scores.reshape(batch, kv_heads, groups, q_len, k.shape[2])
   if mask is not None:
-    scores = jnp.where(mask[:, :, None, :, :], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
-  return out.reshape(batch, q_len, heads, head_dim)
+    scores = jnp.where(mask[:, :, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, groups * q_len, k.shape[2])
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+  return out.reshape(batch, kv_heads, groups, q_len, head_dim)
 
 
 def causal_segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
@@ -72,6 +101,7 @@ class SelfAttention(nn.Module):
   head_dim: int
   rope_theta: float
   qkv_bias: bool = False
+  causal_block_size: int = 0  # see dot_product_attention; used only without a cache (mask is then causal)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -87,10 +117,12 @@ class SelfAttention(nn.Module):
     q = apply_rope(q, positions, self.rope_theta)
     k = apply_rope(k, positions, self.rope_theta)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+    block = self.causal_block_size
     if cache is not None:
       cache = update_cache(cache, k, v, cache_index)
       k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-    out = dot_product_attention(q, k, v, mask)
+      block = 0  # queries sit at a traced offset in the cache: no static triangle to skip
+    out = dot_product_attention(q, k, v, mask, causal_block_size=block)
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
     out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), contract_dims=2, name="o_proj", **kw)(out)
     return out, cache
