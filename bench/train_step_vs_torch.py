@@ -12,8 +12,8 @@ clip 1.0); ViT frozen (requires_grad False / stop_gradient), projector + LLM tra
 entropy over the text positions. Ours is `nvlm_jax.training.train_step.make_train_step` jitted with the
 state donated; the reference is eager PyTorch (default SDPA attention) with `torch.optim.AdamW`.
 Also timed: our train step with unrolled layers (`load_pretrained(scan_layers=False)`), which XLA's CPU
-backend runs faster than the scanned default. Forward: loss only (no grad). Sanity: step-0 loss and gradient norm, and the loss after 3 updates,
-must agree between the two (fp32).
+backend runs faster than the scanned default. Forward: loss only (no grad). Sanity: step-0 loss and
+gradient norm, and the loss after 3 updates, must agree between the two (fp32).
 
 Prints JSON: samples/s of both, speedup = reference time / our time (median of the per-repeat paired
 ratios and ratio of medians), the sanity numbers and the machine.

@@ -1,8 +1,8 @@
 """Dense projections written as explicit kernels (MaxText style), each applied as one 2-D matmul.
 
 Multi-dimensional features (e.g. [heads, head_dim]) keep their own kernel axes, so each one gets its own
-logical axis name and can be sharded independently; only the matmul itself sees them merged. Parameters are stored in `param_dtype` and cast
-to the compute `dtype` at use.
+logical axis name and can be sharded independently; only the matmul itself sees them merged. Parameters
+are stored in `param_dtype` and cast to the compute `dtype` at use.
 """
 from __future__ import annotations
 
