@@ -106,41 +106,53 @@ def _first_answer(row: Row) -> str:
   return row["answers"][0]
 
 
-def _vqa(prediction: str, row: Row, *, vqa_mode: str = "megatron") -> float:
-  return vqa.vqa_accuracy(prediction, row["answers"], mode=vqa_mode)
+def _vqa(prediction: str, row: Row, *, scorer: str = vqa.OFFICIAL) -> float:
+  return vqa.vqa_accuracy(prediction, row["answers"], scorer=scorer)
 
 
-def _anls(prediction: str, row: Row, *, threshold: float = 0.5, vqa_normalize: bool = False) -> float:
-  return anls.anls(prediction, row["answers"], threshold=threshold, vqa_normalize=vqa_normalize)
+def _anls(prediction: str, row: Row, *, scorer: str = vqa.OFFICIAL, threshold: float = 0.5) -> float:
+  return anls.anls(prediction, row["answers"], threshold=threshold, scorer=scorer)
 
 
-def _chartqa(prediction: str, row: Row, *, tolerance: float = 0.05) -> float:
-  return chartqa.relaxed_accuracy(prediction, row["answers"], tolerance=tolerance)
+def _chartqa(prediction: str, row: Row, *, scorer: str = vqa.OFFICIAL, tolerance: float = 0.05) -> float:
+  return chartqa.relaxed_accuracy(prediction, row["answers"], tolerance=tolerance, scorer=scorer)
 
 
-def _option(prediction: str, row: Row) -> float:
-  if row.get("options"):
+def _option(prediction: str, row: Row, *, scorer: str = "letter") -> float:
+  """Default "letter": our option-letter reader; "megatron": Megatron's exact match after VQA normalization."""
+  if scorer == vqa.MEGATRON or (scorer == "letter" and not row.get("options")):
+    # Megatron scores every question so; open questions (RealWorldQA has a few) always are.
+    return float(vqa.normalize_vqa_answer(prediction) == vqa.normalize_vqa_answer(_first_answer(row)))
+  if scorer == "letter":
     return multiple_choice.option_accuracy(prediction, _first_answer(row), row["options"])
-  # An open question (RealWorldQA has a few): Megatron's normalized exact match.
-  return float(vqa.normalize_vqa_answer(prediction) == vqa.normalize_vqa_answer(_first_answer(row)))
+  raise ValueError(f"unknown scorer {scorer!r}; expected 'letter' or 'megatron'")
 
 
-def _ocrbench(prediction: str, row: Row) -> float:
-  return ocrbench.ocrbench_hit(prediction, row["answers"], row.get("dataset_name", ""))
+def _ocrbench(prediction: str, row: Row, *, scorer: str = vqa.OFFICIAL) -> float:
+  return ocrbench.ocrbench_hit(prediction, row["answers"], row.get("dataset_name", ""), scorer=scorer)
 
 
-def _mmmu(prediction: str, row: Row) -> float:
+def _mmmu(prediction: str, row: Row, *, scorer: str = vqa.OFFICIAL) -> float:
   return float(
-    mmmu.mmmu_correct(prediction, row["answers"], row["question_type"], row.get("options", ()), seed=row["id"])
-  )
-
-
-def _mathvista(prediction: str, row: Row) -> float:
-  return float(
-    mathvista.mathvista_correct(
-      prediction, _first_answer(row), row["question_type"], row.get("options", ()), seed=row["id"]
+    mmmu.mmmu_correct(
+      prediction, row["answers"], row["question_type"], row.get("options", ()), seed=row["id"], scorer=scorer
     )
   )
+
+
+def _mathvista(rows: Sequence[Row], *, scorer: str = vqa.OFFICIAL) -> tuple[list[float], dict[str, Any]]:
+  """Per-sample correctness plus how many answers needed the rule-based stand-in for the LLM extractor."""
+  scores, fallbacks = [], 0
+  for row in rows:
+    if not isinstance(row["prediction"], str):
+      raise ValueError(f"mathvista: sample {row['id']!r} must have exactly one string prediction")
+    try:
+      judgement = mathvista.mathvista_judgement(row["prediction"], row, scorer=scorer)
+    except (ValueError, KeyError, IndexError) as e:
+      raise ValueError(f"mathvista: cannot score sample {row['id']!r}: {e!r}") from e
+    scores.append(float(judgement.correct))
+    fallbacks += judgement.used_fallback
+  return scores, {"scorer": scorer, "num_rule_based_extractions": fallbacks}
 
 
 def _mmlu(prediction: str, row: Row) -> float:
@@ -204,10 +216,13 @@ def _mmmu_category(row: Row) -> str:
 
 # ----------------------------------------------------------------------------- registry
 
-_ANLS_SOURCE = "{} RRC ANLS as NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_vqav2.py::anls_score"
-_VQA_SOURCE = (
-  "NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_vqav2.py (normalization: "
-  "GT-Vision-Lab/VQA vqaEval.py via open_flamingo/eval/vqa_metric.py)"
+_MEGATRON_OPTION = "; scorer=megatron: NVIDIA/Megatron-LM examples/multimodal/evaluation/{}"
+_ANLS_SOURCE = (
+  "{} RRC server ANLS (copy: OpenGVLab/InternVL eval/vqa/infographicsvqa_eval.py)"
+  + _MEGATRON_OPTION.format("evaluate_vqav2.py::anls_score")
+)
+_VQA_SOURCE = "GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py" + _MEGATRON_OPTION.format(
+  "evaluate_vqav2.py"
 )
 
 
@@ -217,7 +232,7 @@ def _registry() -> dict[str, Benchmark]:
   benchmarks = [
     Benchmark(
       "vqav2",
-      "VQA accuracy min(1, #matches/3)",
+      "VQA accuracy (mean over 10 leave-one-out subsets of min(1, #matches/3))",
       _VQA_SOURCE,
       FOLLOW_INSTRUCTIONS,
       short,
@@ -228,7 +243,7 @@ def _registry() -> dict[str, Benchmark]:
     ),
     Benchmark(
       "textvqa",
-      "VQA accuracy min(1, #matches/3)",
+      "VQA accuracy (mean over 10 leave-one-out subsets of min(1, #matches/3))",
       _VQA_SOURCE,
       FOLLOW_INSTRUCTIONS,
       short_or_number,
@@ -262,7 +277,8 @@ def _registry() -> dict[str, Benchmark]:
     Benchmark(
       "chartqa",
       "relaxed accuracy (5%)",
-      "NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_vqav2.py (task ChartQA)",
+      "google-research/pix2struct pix2struct/metrics.py::relaxed_correctness"
+      + _MEGATRON_OPTION.format("evaluate_vqav2.py (task ChartQA)"),
       FOLLOW_INSTRUCTIONS,
       short,
       32,
@@ -273,8 +289,8 @@ def _registry() -> dict[str, Benchmark]:
     Benchmark(
       "ai2d",
       "option accuracy",
-      "NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_ai2d.py (exact match), "
-      "letter reading as VLMEvalKit vlmeval/utils/matching_util.py::can_infer",
+      "option-letter reading in the spirit of VLMEvalKit vlmeval/utils/matching_util.py::can_infer"
+      + _MEGATRON_OPTION.format("evaluate_vqav2.py (task AI2D, exact match)"),
       FOLLOW_INSTRUCTIONS,
       letter,
       32,
@@ -285,8 +301,8 @@ def _registry() -> dict[str, Benchmark]:
     Benchmark(
       "realworldqa",
       "option accuracy",
-      "NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_realworldqa.py (exact match), "
-      "letter reading as VLMEvalKit vlmeval/utils/matching_util.py::can_infer",
+      "option-letter reading in the spirit of VLMEvalKit vlmeval/utils/matching_util.py::can_infer"
+      + _MEGATRON_OPTION.format("evaluate_realworldqa.py (exact match)"),
       FOLLOW_INSTRUCTIONS,
       letter,
       32,
@@ -297,7 +313,7 @@ def _registry() -> dict[str, Benchmark]:
     Benchmark(
       "ocrbench",
       "OCRBench points (substring match), out of 1000",
-      "Yuliang-Liu/MultimodalOCR OCRBench/example.py",
+      "Yuliang-Liu/MultimodalOCR OCRBench/example.py" + _MEGATRON_OPTION.format("evaluate_ocrbench.py"),
       FOLLOW_INSTRUCTIONS,
       "",
       128,
@@ -310,8 +326,8 @@ def _registry() -> dict[str, Benchmark]:
     Benchmark(
       "mmmu",
       "MMMU accuracy",
-      "MMMU-Benchmark/MMMU eval/eval_utils.py + eval/main_eval_only.py, driven as "
-      "NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_mmmu.py",
+      "MMMU-Benchmark/MMMU mmmu/utils/eval_utils.py + mmmu/main_eval_only.py"
+      + _MEGATRON_OPTION.format("evaluate_mmmu.py"),
       ANSWER_QUESTIONS,
       letter,
       512,
@@ -324,12 +340,13 @@ def _registry() -> dict[str, Benchmark]:
     Benchmark(
       "mathvista",
       "MathVista accuracy",
-      "NVIDIA/Megatron-LM examples/multimodal/evaluation/evaluate_mathvista.py",
+      "lupantech/MathVista evaluation/extract_answer.py + calculate_score.py (rule-based stand-in for the "
+      "LLM extractor)" + _MEGATRON_OPTION.format("evaluate_mathvista.py"),
       MATH_EXPERT,
       letter,
       512,
       prompts.mathvista_question,
-      score_sample=_mathvista,
+      score_rows=_mathvista,
       required_fields=("answers", "question_type"),
     ),
     Benchmark(

@@ -1,17 +1,23 @@
 """ANLS (Average Normalized Levenshtein Similarity) for DocVQA and InfographicVQA.
 
-Follows the metric of the DocVQA/InfoVQA challenges (RRC, Biten et al. 2019) as NVLM's Megatron
-scripts compute it (`examples/multimodal/evaluation/evaluate_vqav2.py::anls_score`, itself after the
-`anls` package by shunk031): per ground truth, ``1 - NL`` if the normalized Levenshtein distance NL
-is below the threshold (0.5) else 0; the sample scores the best ground truth. Strings are compared
-lower-cased with surrounding whitespace stripped and inner whitespace collapsed to single spaces.
+Two scorers (Biten et al. 2019 define the metric; the details below decide borderline answers):
+
+* "official" (default): the RRC DocVQA/InfographicVQA server script (a copy ships with OpenGVLab/InternVL
+  as `eval/vqa/infographicsvqa_eval.py`). Per ground truth the edit distance is taken between the cleaned
+  strings (stripped, lower-cased, whitespace runs -> one space) but divided by the longer length of the
+  *raw* strings after `str.upper()`, so padding whitespace lowers NL and "İ" (one character, two after
+  `lower()`) can push it above 1. The sample scores ``1 - min NL`` and counts 0 only when that is
+  *below* the threshold: NL exactly 0.5 scores 0.5.
+* "megatron": NVLM's `examples/multimodal/evaluation/evaluate_vqav2.py::anls_score` (after the `anls`
+  package by shunk031): prediction and answers are VQA-normalized first, NL is divided by the longer
+  cleaned length, and a ground truth counts only when NL is *strictly* below the threshold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nvlm_jax.evaluation.metrics.vqa import normalize_vqa_answer
+from nvlm_jax.evaluation.metrics.vqa import MEGATRON, OFFICIAL, normalize_vqa_answer
 
 
 def levenshtein_distance(a: str, b: str) -> int:
@@ -28,31 +34,30 @@ def levenshtein_distance(a: str, b: str) -> int:
   return previous[-1]
 
 
-def normalized_levenshtein_distance(a: str, b: str) -> float:
-  # The reference divides by the longer *upper-cased* length (differs only for e.g. "ß" -> "SS").
-  length = max(len(a.upper()), len(b.upper()))
-  return 0.0 if length == 0 else levenshtein_distance(a, b) / length
-
-
 def _anls_clean(text: str) -> str:
   return " ".join(text.strip().lower().split())
 
 
-def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5, vqa_normalize: bool = False) -> float:
-  """Best ``1 - NL`` over ground truths, 0 where NL >= threshold.
+def _nl(cleaned_a: str, cleaned_b: str, raw_a: str, raw_b: str) -> float:
+  # Both scripts divide by the longer *upper-cased* length; they differ in which strings they measure.
+  length = max(len(raw_a.upper()), len(raw_b.upper()))
+  return 0.0 if length == 0 else levenshtein_distance(cleaned_a, cleaned_b) / length
 
-  vqa_normalize=True first applies the VQA punctuation/digit/article normalization to prediction
-  and answers, as Megatron's local scorer does (it routes DocVQA/InfoVQA through the VQA
-  pipeline); the challenge servers, which produced NVLM's test-set numbers, do not.
-  """
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5, scorer: str = OFFICIAL) -> float:
+  """ANLS of one prediction against its ground truths (see the module docstring for the two scorers)."""
   if not answers:
     raise ValueError("anls needs at least one ground-truth answer")
-  if vqa_normalize:
-    prediction = normalize_vqa_answer(prediction)
-    answers = [normalize_vqa_answer(a) for a in answers]
-  pred = _anls_clean(prediction)
-  best = 0.0
-  for answer in answers:
-    distance = normalized_levenshtein_distance(pred, _anls_clean(answer))
-    best = max(best, 1.0 - distance if distance < threshold else 0.0)
-  return best
+  if scorer == OFFICIAL:
+    pred = _anls_clean(prediction)
+    best = 1.0 - min(_nl(_anls_clean(a), pred, a, prediction) for a in answers)
+    return 0.0 if best < threshold else best
+  if scorer == MEGATRON:
+    pred = _anls_clean(normalize_vqa_answer(prediction))
+    scores = []
+    for answer in answers:
+      gold = _anls_clean(normalize_vqa_answer(answer))
+      distance = _nl(pred, gold, pred, gold)
+      scores.append(1.0 - distance if distance < threshold else 0.0)
+    return max(scores)
+  raise ValueError(f"unknown ANLS scorer {scorer!r}; expected {OFFICIAL!r} or {MEGATRON!r}")

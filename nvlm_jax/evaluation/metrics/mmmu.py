@@ -1,11 +1,11 @@
 """MMMU scoring: multiple-choice letter parsing and open-answer matching, per subject and domain.
 
-Follows the official MMMU evaluation (MMMU-Benchmark/MMMU `eval/eval_utils.py`, `eval/main_eval_only.py`)
-as NVLM's Megatron scripts drive it (`examples/multimodal/evaluation/evaluate_mmmu.py`): a
-multiple-choice response first has its ``\\answer{..}``/``\\boxed{..}`` content extracted, then goes
-through `parse_multi_choice_response`; an open response goes through `parse_open_response` and is
-correct when one of its candidate strings contains a normalized ground truth, or one of its candidate
-numbers equals a ground-truth number (both rounded to 2 decimals).
+Follows the official MMMU evaluation (MMMU-Benchmark/MMMU `mmmu/utils/eval_utils.py`,
+`main_eval_only.py`): a multiple-choice response goes through `parse_multi_choice_response`; an open
+response goes through `parse_open_response` and is correct when one of its candidate strings contains a
+normalized ground truth, or one of its candidate numbers equals a ground-truth number (both rounded to
+2 decimals). Scorer "megatron" is NVLM's driver (`examples/multimodal/evaluation/evaluate_mmmu.py`): it
+first replaces a multiple-choice response by the content of its first ``\\answer{..}``/``\\boxed{..}``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 
 from nvlm_jax.evaluation.metrics.multiple_choice import option_letters, parse_multi_choice_response
+from nvlm_jax.evaluation.metrics.vqa import MEGATRON, OFFICIAL
 
 DOMAIN_SUBJECTS: dict[str, tuple[str, ...]] = {
   "Art and Design": ("Art", "Art_Theory", "Design", "Music"),
@@ -143,13 +144,19 @@ def eval_open(answers: Sequence[str], candidates: Sequence[str | float]) -> bool
 
 
 def mmmu_correct(
-  prediction: str, answers: Sequence[str], question_type: str, options: Sequence[str] = (), seed: str | None = None
+  prediction: str,
+  answers: Sequence[str],
+  question_type: str,
+  options: Sequence[str] = (),
+  seed: str | None = None,
+  scorer: str = OFFICIAL,
 ) -> bool:
-  """Official MMMU judgement of one response; `seed` (the sample id) fixes the random fallback."""
+  """MMMU judgement of one response; `seed` (the sample id) fixes the random fallback."""
+  if scorer not in (OFFICIAL, MEGATRON):
+    raise ValueError(f"unknown MMMU scorer {scorer!r}; expected {OFFICIAL!r} or {MEGATRON!r}")
   if question_type == MULTIPLE_CHOICE:
     letters = option_letters(len(options))
-    letter = parse_multi_choice_response(
-      extract_answer_command(prediction), letters, dict(zip(letters, options)), seed=seed
-    )
+    response = extract_answer_command(prediction) if scorer == MEGATRON else prediction
+    letter = parse_multi_choice_response(response, letters, dict(zip(letters, options)), seed=seed)
     return letter in answers
   return eval_open(answers, parse_open_response(prediction))

@@ -7,13 +7,16 @@ Megatron scorer reproduces (`examples/multimodal/evaluation/evaluate_ocrbench.py
   substring of the prediction;
 * HME100k (handwritten math): strip, newlines -> spaces, then all spaces removed, case-sensitive.
 
-A question scores at most one point (as in the authors' script; Megatron's copy can add one point per
-matching ground truth, which only matters for questions with several matching answers).
+A question scores at most one point, as in the authors' script (scorer "official", the default).
+Megatron's copy adds one point per matching ground truth (scorer "megatron"); that only matters for
+questions with several matching answers, and can push a total above 1000.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
+from nvlm_jax.evaluation.metrics.vqa import MEGATRON, OFFICIAL
 
 HME_SOURCE = "HME100k"
 
@@ -48,12 +51,18 @@ def _normalize(text: str, source: str) -> str:
   return text.lower().strip().replace("\n", " ")
 
 
-def ocrbench_hit(prediction: str, answers: Sequence[str], source: str) -> int:
-  """1 if any ground truth is contained in the prediction under the source's normalization."""
+def ocrbench_hit(prediction: str, answers: Sequence[str], source: str, scorer: str = OFFICIAL) -> int:
+  """Points for one question: 1 if any ground truth is contained in the prediction under the source's
+  normalization ("official"), or the number of contained ground truths ("megatron")."""
   if not answers:
     raise ValueError("ocrbench_hit needs at least one ground-truth answer")
   pred = _normalize(prediction, source)
-  return int(any(_normalize(answer, source) in pred for answer in answers))
+  hits = sum(_normalize(answer, source) in pred for answer in answers)
+  if scorer == OFFICIAL:
+    return int(hits > 0)
+  if scorer == MEGATRON:
+    return hits
+  raise ValueError(f"unknown OCRBench scorer {scorer!r}; expected {OFFICIAL!r} or {MEGATRON!r}")
 
 
 def component_scores(points_per_type: Mapping[str, float]) -> dict[str, float]:

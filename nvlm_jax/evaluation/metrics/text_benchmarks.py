@@ -3,12 +3,14 @@
 * MMLU (hendrycks/test): accuracy of the option letter; the letter is read with `parse_option_letter`.
 * GSM8K (openai/grade-school-math `grade_school_math/dataset.py`): the official answer follows "#### "
   with thousands commas removed. Chat models rarely write "####", so the prediction's final answer is,
-  in order: the number after the last "####", inside the last \\boxed{}, after the last "answer is",
-  else the last number in the text; "$", commas and a trailing period are dropped and the two
-  numbers are compared by value (the official script compares the strings, so "18.00" != "18" there).
-* MATH (hendrycks/math `modeling/math_equivalence.py`, `modeling/dataset/util.py`): the content of
-  the last \\boxed{}/\\fbox{} of the response, compared to that of the reference solution after
-  Hendrycks' `_strip_string` normalization (`is_equiv`).
+  in order: the number after the last "####", after the last "answer is", inside the last \\boxed{},
+  else the last number in the text; a Unicode minus (U+2212) counts as "-"; "$", commas and a trailing
+  period are dropped and the two numbers are compared by value (the official script compares the
+  strings, so "18.00" != "18" there).
+* MATH (hendrycks/math `modeling/math_equivalence.py`, `modeling/dataset/util.py`,
+  `modeling/eval_math_gpt.py::remove_boxed`): the last \\boxed/\\fbox of the response with balanced braces,
+  whose content counts only in the form "\\boxed{...}"; compared to the reference solution's boxed content
+  after Hendrycks' `_strip_string` normalization (`is_equiv`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def gsm8k_reference_answer(solution: str) -> str:
 
 def extract_gsm8k_answer(text: str) -> str | None:
   """The final number of a GSM8K response (see module docstring for the order), or None."""
+  text = text.replace("\u2212", "-")
   for pattern in (_FINAL_MARK, _ANSWER_IS):
     found = pattern.findall(text)
     if found:
@@ -95,21 +98,24 @@ def last_boxed_only_string(text: str) -> str | None:
   return None
 
 
-def remove_boxed(boxed: str | None) -> str | None:
-  """ "\\boxed{x}" -> "x". Also "\\fbox{x}" and the brace-less "\\boxed x" form (as lm-eval-harness);
-  Hendrycks' original accepts only "\\boxed{x}"."""
+def remove_boxed(boxed: str | None, extended: bool = False) -> str | None:
+  """Hendrycks' `remove_boxed`: "\\boxed{x}" -> "x"; any other form (including "\\fbox{x}" and the
+  brace-less "\\boxed 5") gives None. extended=True also reads "\\fbox{x}" and "\\boxed x" (as
+  lm-evaluation-harness does)."""
   if boxed is None:
     return None
-  for prefix in ("\\boxed{", "\\fbox{"):
-    if boxed.startswith(prefix) and boxed.endswith("}"):
-      return boxed[len(prefix) : -1]
-  if boxed.startswith("\\boxed "):
-    return boxed[len("\\boxed ") :]
+  if boxed.startswith("\\boxed{") and boxed.endswith("}"):
+    return boxed[len("\\boxed{") : -1]
+  if extended:
+    if boxed.startswith("\\fbox{") and boxed.endswith("}"):
+      return boxed[len("\\fbox{") : -1]
+    if boxed.startswith("\\boxed "):
+      return boxed[len("\\boxed ") :]
   return None
 
 
-def last_boxed_content(text: str) -> str | None:
-  return remove_boxed(last_boxed_only_string(text))
+def last_boxed_content(text: str, extended: bool = False) -> str | None:
+  return remove_boxed(last_boxed_only_string(text), extended)
 
 
 def _fix_fracs(text: str) -> str:
@@ -172,16 +178,16 @@ _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 
 
 def strip_math_answer(text: str, extended: bool = False) -> str:
-  """Hendrycks `_strip_string`. With extended=True, afterwards also unwrap \\text{..}/\\mbox{..},
-  drop thousands commas in plain numbers ("1,000" -> "1000") and trailing decimal zeros
-  ("2.50" -> "2.5", "3.0" -> "3") — normalizations later harnesses add; off by default."""
+  """Hendrycks `_strip_string` (it removes "\\%" but keeps a bare "%"). With extended=True, afterwards also
+  unwrap \\text{..}/\\mbox{..}, drop a bare "%", thousands commas in plain numbers ("1,000" -> "1000")
+  and trailing decimal zeros ("2.50" -> "2.5", "3.0" -> "3") — normalizations later harnesses add."""
   text = text.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
   text = text.replace("tfrac", "frac").replace("dfrac", "frac")
   text = text.replace("\\left", "").replace("\\right", "")
   text = text.replace("^{\\circ}", "").replace("^\\circ", "")
   text = text.replace("\\$", "")
   text = _remove_right_units(text)
-  text = text.replace("\\%", "").replace("%", "")
+  text = text.replace("\\%", "")
   text = text.replace(" .", " 0.").replace("{.", "{0.")
   if not text:
     return text
@@ -197,7 +203,7 @@ def strip_math_answer(text: str, extended: bool = False) -> str:
     text = "\\frac{1}{2}"
   text = _fix_a_slash_b(text)
   if extended:
-    text = _TEXT_WRAPPER.sub(r"\1", text)
+    text = _TEXT_WRAPPER.sub(r"\1", text).replace("%", "")
     if _THOUSANDS.match(text):
       text = text.replace(",", "")
     match = _TRAILING_ZEROS.match(text)
@@ -220,4 +226,4 @@ def is_equiv(a: str | None, b: str | None, extended: bool = False) -> bool:
 
 def math_correct(prediction: str, answer: str, extended: bool = False) -> bool:
   """`answer` is the reference's boxed content (converters store it that way)."""
-  return is_equiv(last_boxed_content(prediction), answer, extended)
+  return is_equiv(last_boxed_content(prediction, extended), answer, extended)

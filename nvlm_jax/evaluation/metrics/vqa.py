@@ -128,24 +128,28 @@ def _clean_whitespace(text: str) -> str:
   return text.replace("\n", " ").replace("\t", " ").strip()
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], mode: str = "megatron") -> float:
+OFFICIAL, MEGATRON = "official", "megatron"
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], scorer: str = OFFICIAL) -> float:
   """VQA accuracy of one prediction against the (usually 10) human answers.
 
-  mode="megatron" (default; spec (i), NVLM's `evaluate_vqav2.py`): normalize prediction and every
-    answer, score ``min(1, #matching answers / 3)``.
-  mode="official" (VQAv2/TextVQA evaluation server): whitespace-clean everything, normalize only if
-    the human answers disagree (the official tool skips normalization when all answers are equal),
-    then average ``min(1, #matches among the other n-1 answers / 3)`` over the n leave-one-out subsets.
+  scorer="official" (default; the VQAv2/TextVQA evaluation servers, `vqaEval.py`): newlines/tabs of the
+    prediction become spaces and it is stripped; the human answers are used as given. Only when they
+    disagree are prediction and answers normalized (the official tool skips normalization when all
+    answers are equal). The score averages ``min(1, #matches among the other n-1 answers / 3)`` over the
+    n leave-one-out subsets.
+  scorer="megatron" (NVLM's `evaluate_vqav2.py`): normalize prediction and every answer, score
+    ``min(1, #matching answers / 3)``.
   """
   if not answers:
     raise ValueError("vqa_accuracy needs at least one ground-truth answer")
-  if mode == "megatron":
+  if scorer == MEGATRON:
     pred = normalize_vqa_answer(prediction)
     matches = sum(pred == normalize_vqa_answer(a) for a in answers)
     return min(1.0, matches / 3.0)
-  if mode == "official":
-    pred = _clean_whitespace(prediction)
-    gts = [_clean_whitespace(a) for a in answers]
+  if scorer == OFFICIAL:
+    pred, gts = _clean_whitespace(prediction), list(answers)
     if len(set(gts)) > 1:
       pred = normalize_vqa_answer(pred)
       gts = [normalize_vqa_answer(a) for a in gts]
@@ -154,4 +158,4 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], mode: str = "megatron"
       matches = sum(gt == pred for i, gt in enumerate(gts) if i != left_out)
       per_subset.append(min(1.0, matches / 3.0))
     return sum(per_subset) / len(per_subset)
-  raise ValueError(f"unknown VQA accuracy mode {mode!r}; expected 'megatron' or 'official'")
+  raise ValueError(f"unknown VQA scorer {scorer!r}; expected {OFFICIAL!r} or {MEGATRON!r}")
