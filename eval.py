@@ -51,11 +51,15 @@ def _parse_mesh(text: str) -> dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  from nvlm_jax.evaluation import benchmark_help
+
+  parser = argparse.ArgumentParser(
+    description=__doc__, epilog=benchmark_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint", help="HF checkpoint dir, or a training workdir / checkpoints/<step> dir")
   source.add_argument("--predictions", help="score this predictions JSONL instead of generating")
-  parser.add_argument("--benchmark", required=True, help="a name in nvlm_jax.evaluation.BENCHMARKS, e.g. vqav2")
+  parser.add_argument("--benchmark", required=True, help="benchmark name (listed below), e.g. vqav2")
   parser.add_argument("--data", help="samples JSONL (required with --checkpoint)")
   parser.add_argument("--out", help="output directory (default: eval_results/<benchmark>; scoring only: none)")
   parser.add_argument("--limit", type=int, help="evaluate only the first N samples of --data")
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     action="append",
     default=[],
     type=_parse_option,
-    help="metric option KEY=VALUE, e.g. vqa_mode=official (repeatable)",
+    help="metric option KEY=VALUE (listed below), e.g. scorer=megatron (repeatable)",
   )
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   return parser

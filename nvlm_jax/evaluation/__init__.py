@@ -7,7 +7,7 @@
 See docs/evaluation.md.
 """
 
-from nvlm_jax.evaluation.benchmarks import BENCHMARKS, Benchmark, get_benchmark, images_for_prompt
+from nvlm_jax.evaluation.benchmarks import BENCHMARKS, Benchmark, benchmark_help, get_benchmark, images_for_prompt
 from nvlm_jax.evaluation.predictions import PredictionsError, merge_predictions, read_predictions, write_predictions
 from nvlm_jax.evaluation.runner import score_file
 from nvlm_jax.evaluation.schema import SchemaError, load_samples, validate_sample, write_samples
@@ -18,6 +18,7 @@ __all__ = [
   "Benchmark",
   "PredictionsError",
   "SchemaError",
+  "benchmark_help",
   "get_benchmark",
   "images_for_prompt",
   "load_samples",

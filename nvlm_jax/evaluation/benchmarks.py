@@ -400,6 +400,16 @@ def _registry() -> dict[str, Benchmark]:
 BENCHMARKS: dict[str, Benchmark] = _registry()
 
 
+def benchmark_help() -> str:
+  """The benchmark names and their metric options, for command-line --help."""
+  lines = ["benchmarks (--benchmark NAME) and their metric options (--option KEY=VALUE):"]
+  for benchmark in BENCHMARKS.values():
+    options = ", ".join(benchmark.option_names()) or "-"
+    lines.append(f"  {benchmark.name:<12} {benchmark.metric}; options: {options}")
+  lines.append("scorer=megatron selects NVLM's own Megatron-LM rules where a benchmark has them (docs/evaluation.md).")
+  return "\n".join(lines)
+
+
 def get_benchmark(name: str | Benchmark) -> Benchmark:
   """Look a benchmark up by name (case and "-"/"_" insensitive)."""
   if isinstance(name, Benchmark):

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from nvlm_jax.evaluation.benchmarks import benchmark_help
 from nvlm_jax.evaluation.predictions import merge_predictions, read_predictions
 from nvlm_jax.evaluation.schema import load_samples
 from nvlm_jax.evaluation.scoring import score_predictions
@@ -55,8 +56,10 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--benchmark", required=True)
+  parser = argparse.ArgumentParser(
+    description=__doc__, epilog=benchmark_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--benchmark", required=True, help="benchmark name (listed below)")
   parser.add_argument("--predictions", required=True, help="predictions JSONL ({'id', 'prediction'} per line)")
   parser.add_argument("--data", help="samples JSONL; needed unless predictions carry the sample fields")
   parser.add_argument("--allow-missing", action="store_true", help="score only the predicted samples")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     action="append",
     default=[],
     type=_parse_option,
-    help="metric option KEY=VALUE (JSON value), e.g. vqa_mode=official",
+    help="metric option KEY=VALUE (JSON value, listed below), e.g. scorer=megatron",
   )
   parser.add_argument("--output", help="also write the summary JSON here")
   args = parser.parse_args(argv)

@@ -1,31 +1,34 @@
 """Run untrusted Python programs (model-written code) in separate, resource-limited processes.
 
-Nothing generated is ever executed in the evaluating process. Each program runs as
-``python -I -B prog.py`` (isolated mode: no user site, no PYTHON* variables, no cwd on sys.path)
-in its own temporary working directory, in a new session so that the whole process group can be
-killed, with a minimal environment, stdin closed and, set by `preexec_fn` before exec:
+Nothing generated is ever executed in the evaluating process. Each program gets a fresh temporary
+directory and a supervisor process (`sandbox_worker.py`, started as ``python -I -B`` in a new session
+with a minimal environment). The supervisor forks the process that runs the program and decides the
+result; see its docstring for the protocol. In short:
 
-* RLIMIT_CPU   - CPU seconds (the kernel sends SIGXCPU, then SIGKILL);
-* RLIMIT_AS    - address space, so a huge allocation fails with MemoryError instead of swapping;
-* RLIMIT_CORE  - 0: no core files;
-* RLIMIT_FSIZE - largest file the program may write;
-* RLIMIT_NOFILE - open file descriptors;
-* RLIMIT_NPROC - optional (off by default: it counts every process of the user, not only ours).
+* a program passes only when executing it returned normally: the success signal is a random token the
+  supervisor hands over a pipe the program's source never names, written back by the harness after the
+  program's last statement; printing anything, exiting early with status 0 (`sys.exit(0)`,
+  `os._exit(0)`) never passes;
+* the time limit counts the program, not interpreter start-up: the clock starts when the supervisor
+  forks the ready harness (start-up has its own, generous `startup_s` budget, which only guards
+  against a supervisor that never starts);
+* every process the program starts, including ones that call `setsid`, is killed when it ends (the
+  supervisor is a child subreaper and kills all its descendants);
+* in the program, Python audit hooks refuse process creation (`os.system`, `subprocess`,
+  `os.posix_spawn*`, `os.exec*`, `os.fork`), signals, frame/gc/ctypes introspection and writes outside
+  its temporary directory; RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE=0
+  are set as well.
 
-A wall-clock deadline backs up the CPU limit (sleeping or blocked programs use no CPU). Programs run
-concurrently, all launched from the calling thread (no worker threads, so `preexec_fn` is safe), with
-stdout/stderr going to files, not pipes, so a chatty program cannot block on a full pipe.
-
-Like OpenAI's human-eval harness (`human_eval/execution.py::reliability_guard`), a short prelude
-disables the most destructive os/shutil/subprocess functions inside the child. This is a guard
-against accidents, not a security boundary: run evaluations of untrusted models in a container.
+This protects against accidents and naive cheating, not against a determined attacker: it is not a
+security boundary. Run untrusted models' code in a container. Linux only (PR_SET_CHILD_SUBREAPER, /proc).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -34,72 +37,32 @@ import time
 from collections.abc import Sequence
 
 PASSED, FAILED, TIMEOUT = "passed", "failed", "timeout"
-
-_GUARD_PRELUDE = """\
-import builtins as _b, os as _os, shutil as _sh, subprocess as _sp
-for _name in ("kill", "killpg", "system", "fork", "forkpty", "putenv", "unsetenv", "remove", "unlink",
-              "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
-              "fchmod", "fchown", "lchown", "setuid", "setgid", "chroot", "execv", "execve", "spawnv"):
-    if hasattr(_os, _name):
-        setattr(_os, _name, None)
-for _name in ("rmtree", "move", "chown"):
-    setattr(_sh, _name, None)
-_sp.Popen = None
-del _b, _os, _sh, _sp, _name
-"""
+_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_worker.py")
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionLimits:
-  timeout_s: float = 3.0  # wall clock
-  cpu_s: int | None = None  # default: int(timeout_s) + 2
+  timeout_s: float = 3.0  # wall clock of the program itself (human-eval's default)
+  cpu_s: int | None = None  # default: ceil(timeout_s) + 1
   memory_bytes: int = 1 << 30
   file_size_bytes: int = 16 << 20
   open_files: int = 256
-  processes: int | None = None
-  guard: bool = True  # prepend the reliability prelude
+  startup_s: float = 60.0  # interpreter start-up of the supervisor, counted separately
+  guard: bool = True  # install the audit hooks (off only to test the process clean-up itself)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionResult:
-  status: str  # PASSED (exit code 0), FAILED (non-zero exit or killed by a signal), TIMEOUT
+  status: str  # PASSED (ran to its end), FAILED (raised, exited early, killed), TIMEOUT
   returncode: int | None
   stdout_tail: str
   stderr_tail: str
-  duration_s: float
+  duration_s: float  # from the fork of the program's process, start-up excluded
+  processes_killed: int = 0  # processes still alive when the program ended (itself included)
 
   @property
   def passed(self) -> bool:
     return self.status == PASSED
-
-
-def _limit_setter(limits: ExecutionLimits):
-  cpu = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s) + 2
-
-  def set_limits() -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
-    if limits.processes is not None:
-      resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-
-  return set_limits
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-  try:
-    os.killpg(process.pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
-    pass
-
-
-def _tail(path: str, max_chars: int = 2000) -> str:
-  with open(path, "rb") as f:
-    f.seek(0, os.SEEK_END)
-    f.seek(max(0, f.tell() - max_chars))
-    return f.read().decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass
@@ -107,37 +70,81 @@ class _Running:
   index: int
   process: subprocess.Popen
   workdir: tempfile.TemporaryDirectory
-  started: float
+  backstop: float
 
 
 def _launch(index: int, program: str, limits: ExecutionLimits) -> _Running:
   workdir = tempfile.TemporaryDirectory(prefix="nvlm_eval_exec_")
-  path = os.path.join(workdir.name, "program.py")
-  with open(path, "w", encoding="utf-8") as f:
-    f.write((_GUARD_PRELUDE if limits.guard else "") + program)
-  env = {"PATH": "/usr/bin:/bin", "HOME": workdir.name, "TMPDIR": workdir.name, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-  with (
-    open(os.path.join(workdir.name, "stdout.txt"), "wb") as out,
-    open(os.path.join(workdir.name, "stderr.txt"), "wb") as err,
-  ):
+  sandbox_dir = os.path.join(workdir.name, "sandbox")
+  os.mkdir(sandbox_dir)
+  program_path = os.path.join(workdir.name, "program.py")
+  with open(program_path, "w", encoding="utf-8") as f:
+    f.write(program)
+  cpu = limits.cpu_s if limits.cpu_s is not None else math.ceil(limits.timeout_s) + 1
+  config = {
+    "work_dir": workdir.name,
+    "sandbox_dir": sandbox_dir,
+    "program_path": program_path,
+    "guard": limits.guard,
+    "limits": {
+      "timeout_s": limits.timeout_s,
+      "cpu_s": cpu,
+      "memory_bytes": limits.memory_bytes,
+      "file_size_bytes": limits.file_size_bytes,
+      "open_files": limits.open_files,
+    },
+  }
+  config_path = os.path.join(workdir.name, "config.json")
+  with open(config_path, "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  env = {"PATH": "/usr/bin:/bin", "HOME": sandbox_dir, "TMPDIR": sandbox_dir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+  with open(os.path.join(workdir.name, "supervisor_stderr.txt"), "wb") as err:
     process = subprocess.Popen(
-      [sys.executable, "-I", "-B", path],
-      cwd=workdir.name,
+      _supervisor_command(config_path),
+      cwd=sandbox_dir,
       env=env,
       stdin=subprocess.DEVNULL,
-      stdout=out,
+      stdout=subprocess.PIPE,
       stderr=err,
-      preexec_fn=_limit_setter(limits),
       start_new_session=True,
       close_fds=True,
     )
-  return _Running(index, process, workdir, time.monotonic())
+  backstop = time.monotonic() + limits.startup_s + limits.timeout_s + 15.0
+  return _Running(index, process, workdir, backstop)
+
+
+def _supervisor_command(config_path: str) -> list[str]:
+  return [sys.executable, "-I", "-B", _WORKER, config_path]
+
+
+def _finish(job: _Running, timed_out: bool) -> ExecutionResult:
+  if timed_out:  # the supervisor itself hung: kill its group (normally it cleans up after the program)
+    try:
+      os.killpg(job.process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+      pass
+  stdout, _ = job.process.communicate()
+  try:
+    report = json.loads(stdout.decode("utf-8").strip().splitlines()[-1])
+  except (IndexError, ValueError, UnicodeDecodeError):
+    with open(os.path.join(job.workdir.name, "supervisor_stderr.txt"), "rb") as f:
+      why = f.read()[-2000:].decode("utf-8", errors="replace")
+    reason = "did not start in time" if timed_out else f"failed (exit {job.process.returncode})"
+    return ExecutionResult(TIMEOUT if timed_out else FAILED, None, "", f"sandbox supervisor {reason}: {why}", 0.0)
+  return ExecutionResult(
+    report["status"],
+    report["returncode"],
+    report["stdout_tail"],
+    report["stderr_tail"],
+    report["duration_s"],
+    report["processes_killed"],
+  )
 
 
 def run_python_programs(
   programs: Sequence[str], limits: ExecutionLimits = ExecutionLimits(), max_parallel: int | None = None
 ) -> list[ExecutionResult]:
-  """Run every program in its own sandboxed process, up to `max_parallel` at a time (default: CPUs)."""
+  """Run every program in its own sandbox, up to `max_parallel` at a time (default: CPUs)."""
   max_parallel = max(1, max_parallel or os.cpu_count() or 1)
   results: list[ExecutionResult | None] = [None] * len(programs)
   pending = list(range(len(programs)))[::-1]
@@ -149,33 +156,21 @@ def run_python_programs(
         running.append(_launch(index, programs[index], limits))
       still_running = []
       for job in running:
-        elapsed = time.monotonic() - job.started
-        returncode = job.process.poll()
-        if returncode is None and elapsed <= limits.timeout_s:
+        exited = job.process.poll() is not None
+        if not exited and time.monotonic() <= job.backstop:
           still_running.append(job)
           continue
-        _kill_group(job.process)  # also reaps anything the program left behind
-        if returncode is None:
-          job.process.wait()
-          status = TIMEOUT
-        elif returncode == -signal.SIGXCPU:
-          status = TIMEOUT  # CPU-seconds limit
-        else:
-          status = PASSED if returncode == 0 else FAILED
-        results[job.index] = ExecutionResult(
-          status,
-          returncode,
-          _tail(os.path.join(job.workdir.name, "stdout.txt")),
-          _tail(os.path.join(job.workdir.name, "stderr.txt")),
-          elapsed,
-        )
+        results[job.index] = _finish(job, timed_out=not exited)
         job.workdir.cleanup()
       running = still_running
       if running:
         time.sleep(0.01)
   finally:
     for job in running:  # only on an exception (e.g. KeyboardInterrupt)
-      _kill_group(job.process)
+      try:
+        os.killpg(job.process.pid, signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
+        pass
       job.process.wait()
       job.workdir.cleanup()
   return results  # type: ignore[return-value]

@@ -8,8 +8,9 @@ normally within the time limit (3 s in the reference). pass@k is the unbiased es
 pass@1 is the fraction of problems solved.
 
 The reference runs the program with `exec` and counts any exception, SystemExit included, as a
-failure. Here the program runs in its own process, so it ends by printing a random per-run marker
-after `check(...)`: a completion that exits early (``sys.exit(0)``, ``os._exit(0)``) does not pass.
+failure. Here each program runs in its own sandboxed process (`evaluation/sandbox.py`), which passes it
+only when that `exec` returned normally, signalled out of band: printed text, ``sys.exit(0)`` or
+``os._exit(0)`` never pass.
 
 Chat models usually answer with a fenced code block holding the whole function rather than a
 continuation of the prompt. `build_program` therefore takes the first fenced block if there is one,
@@ -19,13 +20,11 @@ wins; the prompt still provides the imports) instead of splicing it into the pro
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-import secrets
 from collections.abc import Sequence
 
-from nvlm_jax.evaluation.sandbox import FAILED, ExecutionLimits, ExecutionResult, run_python_programs
+from nvlm_jax.evaluation.sandbox import ExecutionLimits, ExecutionResult, run_python_programs
 
 _FENCED_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
@@ -36,16 +35,13 @@ def extract_code(completion: str) -> str:
   return match.group(1) if match else completion
 
 
-def build_program(prompt: str, completion: str, test: str, entry_point: str, success_marker: str = "") -> str:
+def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
   code = extract_code(completion)
   if re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
     body = prompt + "\n" + code  # the prompt's docstring-only function is a valid body
   else:
     body = prompt + code
-  program = f"{body}\n\n{test}\n\ncheck({entry_point})\n"
-  if success_marker:
-    program += f"print({success_marker!r})\n"
-  return program
+  return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
 
 
 def estimate_pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -61,7 +57,7 @@ def estimate_pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 def check_completions(
   problems: Sequence[dict],
   completions: Sequence[Sequence[str]],
-  limits: ExecutionLimits = ExecutionLimits(),
+  limits: ExecutionLimits | None = None,
   max_parallel: int | None = None,
 ) -> list[list[ExecutionResult]]:
   """Execute every completion of every problem (each in its own process); results per problem.
@@ -70,18 +66,13 @@ def check_completions(
   """
   if len(problems) != len(completions):
     raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
-  marker = f"humaneval-check-passed-{secrets.token_hex(8)}"
   programs, owners = [], []
   for index, (problem, samples) in enumerate(zip(problems, completions)):
     for completion in samples:
-      programs.append(
-        build_program(problem["question"], completion, problem["test"], problem["entry_point"], success_marker=marker)
-      )
+      programs.append(build_program(problem["question"], completion, problem["test"], problem["entry_point"]))
       owners.append(index)
-  results = run_python_programs(programs, limits, max_parallel)
+  results = run_python_programs(programs, limits or ExecutionLimits(), max_parallel)
   grouped: list[list[ExecutionResult]] = [[] for _ in problems]
   for owner, result in zip(owners, results):
-    if result.passed and not result.stdout_tail.rstrip().endswith(marker):
-      result = dataclasses.replace(result, status=FAILED)  # exited 0 before the checks ran
     grouped[owner].append(result)
   return grouped
