@@ -64,11 +64,27 @@ def test_scoring_only_mode_scores_a_predictions_file(vqa_files, tmp_path, capsys
     == 0
   )
   summary = json.loads((out / "summary.json").read_text())
-  # "red" matches 10/3 -> 1; "two" -> "2" matches all 10 -> 1; "yes" matches 2 -> 2/3.
-  assert summary["score"] == pytest.approx(100 * (1 + 1 + 2 / 3) / 3)
-  assert summary["per_category"] == pytest.approx({"color": 100.0, "number": 100.0, "yes/no": 200 / 3})
-  assert summary["num_samples"] == 3 and summary["num_missing"] == 0
+  # Official VQA accuracy: unanimous "red" answers are not normalized, so "Red." scores 0; "two" -> "2"
+  # matches 9 of every 9 others -> 1; "yes": 2 subsets with 1 match (1/3), 8 with 2 (2/3) -> 0.6.
+  assert summary["score"] == pytest.approx(100 * (0 + 1 + 0.6) / 3)
+  assert summary["per_category"] == pytest.approx({"color": 0.0, "number": 100.0, "yes/no": 60.0})
   assert json.loads(capsys.readouterr().out) == summary
+  args = ["--predictions", str(predictions), "--benchmark", "vqav2", "--data", str(data), "--out", str(tmp_path / "m")]
+  assert eval_cli.main([*args, "--option", "scorer=megatron"]) == 0
+  # Megatron: "red" matches 10/3 -> 1; "two" -> "2" matches all 10 -> 1; "yes" matches 2 -> 2/3.
+  megatron = json.loads((tmp_path / "m" / "summary.json").read_text())
+  assert megatron["score"] == pytest.approx(100 * (1 + 1 + 2 / 3) / 3)
+  assert summary["num_samples"] == 3 and summary["num_missing"] == 0
+
+
+def test_help_lists_every_benchmark_and_its_options(capsys):
+  with pytest.raises(SystemExit):
+    eval_cli.main(["--help"])
+  text = capsys.readouterr().out
+  for name, benchmark in BENCHMARKS.items():
+    line = next(line for line in text.splitlines() if line.strip().startswith(name + " "))
+    assert all(option in line for option in benchmark.option_names()), line
+  assert "scorer=megatron" in text
 
 
 def test_scoring_only_mode_runs_without_jax(vqa_files):
@@ -97,7 +113,7 @@ def test_scoring_only_mode_runs_without_jax(vqa_files):
     timeout=120,
   )
   assert result.returncode == 0, result.stderr
-  assert json.loads(result.stdout)["score"] == pytest.approx(100 * (2 + 2 / 3) / 3)
+  assert json.loads(result.stdout)["score"] == pytest.approx(100 * (0 + 1 + 0.6) / 3)
 
 
 def test_scoring_only_mode_names_the_missing_sample(vqa_files, tmp_path):

@@ -155,7 +155,8 @@ def test_score_file_and_cli(tmp_path, capsys):
     preds, [{"id": "0", "prediction": "two"}, {"id": "1", "prediction": "2."}, {"id": "2", "prediction": "three"}]
   )
   summary = score_file("vqav2", preds, data, allow_missing=True)
-  assert summary["score"] == pytest.approx(100 * (1 + 1 + 1 / 3) / 3)
+  # Official leave-one-out: "three" matches one other answer in 9 of the 10 subsets -> 0.3.
+  assert summary["score"] == pytest.approx(100 * (1 + 1 + 0.3) / 3)
   assert summary["num_samples"] == 3 and summary["num_missing"] == 1
   with pytest.raises(PredictionsError, match="1 sample"):
     score_file("vqav2", preds, data)
@@ -171,15 +172,15 @@ def test_score_file_and_cli(tmp_path, capsys):
         str(data),
         "--allow-missing",
         "--option",
-        "vqa_mode=\"official\"",
+        "scorer=megatron",
         "--output",
         str(out),
       ]
     )
     == 0
   )
-  # Official leave-one-out: "three" matches one other answer in 9 of the 10 subsets -> 0.3.
-  assert json.loads(out.read_text())["score"] == pytest.approx(100 * (1 + 1 + 0.3) / 3)
+  # Megatron: "three" matches 1 of the 10 answers -> 1/3.
+  assert json.loads(out.read_text())["score"] == pytest.approx(100 * (1 + 1 + 1 / 3) / 3)
   assert '"benchmark": "vqav2"' in capsys.readouterr().out
 
 

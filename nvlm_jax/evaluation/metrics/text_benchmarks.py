@@ -100,21 +100,21 @@ def last_boxed_only_string(text: str) -> str | None:
 
 def remove_boxed(boxed: str | None, extended: bool = False) -> str | None:
   """Hendrycks' `remove_boxed`: "\\boxed{x}" -> "x"; any other form (including "\\fbox{x}" and the
-  brace-less "\\boxed 5") gives None. extended=True also reads "\\fbox{x}" and "\\boxed x" (as
-  lm-evaluation-harness does)."""
+  brace-less "\\boxed 5") gives None. extended=True also reads "\\fbox{x}" (as lm-evaluation-harness)."""
   if boxed is None:
     return None
   if boxed.startswith("\\boxed{") and boxed.endswith("}"):
     return boxed[len("\\boxed{") : -1]
-  if extended:
-    if boxed.startswith("\\fbox{") and boxed.endswith("}"):
-      return boxed[len("\\fbox{") : -1]
-    if boxed.startswith("\\boxed "):
-      return boxed[len("\\boxed ") :]
+  if extended and boxed.startswith("\\fbox{") and boxed.endswith("}"):
+    return boxed[len("\\fbox{") : -1]
   return None
 
 
 def last_boxed_content(text: str, extended: bool = False) -> str | None:
+  """Content of the last box. extended=True reads a brace-less last "\\boxed x" up to the next "$"."""
+  start = text.rfind("\\boxed")
+  if extended and text.startswith("\\boxed ", start):
+    return text[start + len("\\boxed ") :].split("$")[0]
   return remove_boxed(last_boxed_only_string(text), extended)
 
 
