@@ -145,7 +145,7 @@ def _mathvista(rows: Sequence[Row], *, scorer: str = vqa.OFFICIAL) -> tuple[list
   scores, fallbacks = [], 0
   for row in rows:
     if not isinstance(row["prediction"], str):
-      raise ValueError(f"mathvista: sample {row['id']!r} must have exactly one string prediction")
+      raise ValueError(f"mathvista: sample {row['id']!r} must have exactly one string prediction")  # noqa: TRY004
     try:
       judgement = mathvista.mathvista_judgement(row["prediction"], row, scorer=scorer)
     except (ValueError, KeyError, IndexError) as e:
