@@ -50,8 +50,9 @@ def score_predictions(
   Returns {"benchmark", "metric", "score", "num_samples", "per_category", ...}: "score" is 100 x the
   mean per-sample score (OCRBench: the point total); "per_category" the same per category (a sample
   with a list of categories counts in each). Benchmark-specific extras: MMMU "per_domain", OCRBench
-  "components", HumanEval "pass_at_k". per_sample=True adds {"id": score} as "per_sample".
-  `metric_options` go to the benchmark's metric (e.g. vqa_mode="official", vqa_normalize=True).
+  "components", MathVista "num_rule_based_extractions", HumanEval "pass_at_k". per_sample=True adds
+  {"id": score} as "per_sample". `metric_options` go to the benchmark's metric (e.g. scorer="megatron",
+  threshold=0.5; `benchmark_help()` lists them).
   """
   benchmark = get_benchmark(benchmark)
   rows = _checked_rows(benchmark, predictions)
