@@ -12,7 +12,7 @@ q/k-norm weights that are not zero, bf16, several shards.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from nvlm_jax.checkpoint.safetensors_io import CheckpointError
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf
 from nvlm_jax.config import RopeScaling
 from nvlm_jax.fusion.nvlm_d import NVLMD
+from nvlm_jax.presets import get_preset
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import VISION_PAD, build_tiny_tokenizer
 
@@ -288,3 +289,22 @@ def test_fields_that_contradict_the_weights_name_the_field_and_the_tensor(releas
     r"a Llama decoder .* hold 'language_model\.model\.layers\.0\.self_attn\.q_proj\.bias'",
   ):
     load_pretrained(tmp_path)
+
+
+def test_nvlm_d_72b_preset_is_the_released_config():
+  """The full-size preset and the released config.json describe the same model (architecture fields)."""
+  parsed = vision_layouts.nvlm_config_from_nvlm_d(released_config(), source=str(RELEASED))
+  preset = get_preset("nvlm_d_72b")
+  implementation = {"dtype", "param_dtype", "scan_layers", "remat_policy", "causal_block_size", "pad_token_id"}
+  for sub in ("llm", "vision", "projector"):
+    a, b = dataclasses.asdict(getattr(parsed, sub)), dataclasses.asdict(getattr(preset, sub))
+    assert {k: v for k, v in a.items() if k not in implementation} == {
+      k: v for k, v in b.items() if k not in implementation
+    }, sub
+  assert preset.llm.rope_scaling == RopeScaling("dynamic", factor=3.0)
+  assert (parsed.max_tiles, parsed.use_thumbnail, parsed.ps_version, parsed.downsample_ratio) == (
+    preset.max_tiles,
+    preset.use_thumbnail,
+    preset.ps_version,
+    preset.downsample_ratio,
+  )
