@@ -451,7 +451,8 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
   vision = vision_config_from_intern_vit(_field(cfg, "vision_config", source), source=f"{source}: vision_config",
                                          select_layer=int(cfg.get("select_layer", -1)), image_size=image_size,
                                          **{**impl, **sub["vision"]})
-  # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says (spec a.3).
+  # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says, and the model class
+  # comes from llm_config's `architectures` (decoder_config_from_hf's rule); without one, Qwen2.
   llm_json = {**_field(cfg, "llm_config", source), "model_type": "qwen2"}
   directory = _checkpoint_dir(source)
   if llm_json.get("vocab_size") is None:
