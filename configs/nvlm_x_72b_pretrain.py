@@ -24,9 +24,8 @@ def get_config(arg=None):
   c = base_config()
   c.workdir = "/tmp/nvlm_x_72b_pretrain"
   c.total_steps = 20_000
-  # The 10 gated X-attention layers (Table 10) and the one-layer projector, which the paper trains with them
-  # (arXiv 2409.11402 section 4.5: the X-attention layers and the MLP are the modality-alignment modules;
-  # a projector left at its random init would stay a fixed random map).
+  # The 10 gated X-attention layers (Table 10) and the one-layer projector feeding them: it is new, starts
+  # from random init, and frozen it would stay a fixed random map (docs/fusion.md, departures).
   c.trainable = ("projector", "*cross_attn*")
 
   c.model.preset = "nvlm_x_72b"
