@@ -13,8 +13,8 @@ Megatron's released 72B SFT script deviates from Table 11: global batch 256 and 
 The authors trained with TP 8 x PP 4; we shard with fsdp x tensor (no pipeline stages).
 
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
-Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
-(blend weights are the user's choice; see docs/data.md).
+Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
+source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 
 The values are those of configs/nvlm_d_72b_sft.py (the paper's tables give one column per variant);
 this file moves them to the 34B backbone.

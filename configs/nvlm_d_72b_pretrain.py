@@ -47,7 +47,10 @@ def get_config(arg=None):
   c.data.global_batch_size = 2048
   c.data.seq_len = 512
   c.data.max_tiles = 1  # one 448 px tile, no DHR
-  c.data.processor = {"use_tiling": False, "max_tiles_per_image": 6, "use_thumbnail": False, "tile_tag_format": "1d"}
+  # One tile per image and no tile tag, as the authors' pretraining (Megatron's pretraining script has no
+  # --use-tile-tags; tags name DHR tiles, and there are none here).
+  c.data.processor = {"use_tiling": False, "max_tiles_per_image": 6, "use_thumbnail": False,
+                      "tile_tag_format": "none"}
   c.data.num_microbatches = 8  # 2048 rows / 64 batch shards = 32 per device -> 4 per microbatch
   c.data.worker_count = 8
 

@@ -13,10 +13,10 @@ Megatron's released 72B SFT script deviates from Table 11: global batch 256 and 
 The authors trained with TP 8 x PP 4; we shard with fsdp x tensor (no pipeline stages).
 
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
-Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
-(blend weights are the user's choice; see docs/data.md).
+Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
+source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 """
-from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
+from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal, sibling_config
 
 
 def get_config(arg=None):
@@ -42,7 +42,7 @@ def get_config(arg=None):
 
   c.data.kind = "nvlm_pipeline"
   c.data.tokenizer = ""  # "": the tokenizer of checkpoint.init_from
-  c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_sft", "split": "train", "weight": 1.0}]
+  c.data.sources = sibling_config(__file__, "sft_blend").sources  # Table 6 + text-only SFT: fill in the paths
   c.data.global_batch_size = 128
   c.data.seq_len = 3200
   c.data.max_tiles = 7  # 6 tiles + thumbnail, 1-D tile tags

@@ -11,8 +11,8 @@ Table 11 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor
 Decoder length 1,280 = 1,024 text + 256 thumbnail tokens (Table 3).
 
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
-Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
-(blend weights are the user's choice; see docs/data.md).
+Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
+source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 
 The values are those of configs/nvlm_h_72b_sft.py (the paper's tables give one column per variant);
 this file moves them to the 34B backbone.

@@ -11,10 +11,10 @@ Table 11 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor
 Decoder length 1,280 = 1,024 text + 256 thumbnail tokens (Table 3).
 
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
-Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
-(blend weights are the user's choice; see docs/data.md).
+Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
+source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 """
-from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
+from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal, sibling_config
 
 
 def get_config(arg=None):
@@ -40,7 +40,7 @@ def get_config(arg=None):
 
   c.data.kind = "nvlm_pipeline"
   c.data.tokenizer = ""  # "": the tokenizer of checkpoint.init_from
-  c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_sft", "split": "train", "weight": 1.0}]
+  c.data.sources = sibling_config(__file__, "sft_blend").sources  # Table 6 + text-only SFT: fill in the paths
   c.data.global_batch_size = 256
   c.data.seq_len = 1280
   c.data.max_tiles = 7  # 6 tiles + thumbnail, 1-D tile tags

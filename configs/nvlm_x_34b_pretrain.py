@@ -8,9 +8,8 @@
 Backbones: InternViT-6B-448px-V1-5 (frozen in every stage) + Nous-Hermes-2-Yi-34B. Values from the paper's
 Table 10 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
 
-Table 10 lists only the X-attention layers as trainable. If the NVLM-X model's one-layer
-projector (12800 -> LLM width) starts from random init, add "projector" to `trainable`,
-or it stays a fixed random map.
+Trainable: the X-attention layers (Table 10) and the one-layer projector (12800 -> LLM width) that feeds
+them, which starts from random init and is the other half of NVLM-X's modality-alignment module.
 
 init_from: InternViT-6B + Nous-Hermes-2-Yi-34B stitched by nvlm_jax.fusion.build
 (build_from_released_parts + save_checkpoint; new X-attention layers at init)

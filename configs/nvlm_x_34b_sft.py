@@ -12,8 +12,8 @@ Table 11: global batch 512 (34B) / 256 (72B), min LR 1e-6 (34B) / 1e-7 (72B); th
 Text-only SFT data is blended in (paper 4.3).
 
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
-Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
-(blend weights are the user's choice; see docs/data.md).
+Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
+source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 
 The values are those of configs/nvlm_x_72b_sft.py (the paper's tables give one column per variant);
 this file moves them to the 34B backbone and sets the cells Table 11 gives per size.

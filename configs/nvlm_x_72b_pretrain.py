@@ -8,9 +8,9 @@
 Backbones: InternViT-6B-448px-V1-5 (frozen in every stage) + Qwen2-72B-Instruct. Values from the paper's
 Table 10 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
 
-Table 10 lists only the X-attention layers as trainable. If the NVLM-X model's one-layer
-projector (12800 -> LLM width) starts from random init, add "projector" to `trainable`,
-or it stays a fixed random map.
+Trainable: the X-attention layers (Table 10) and the one-layer projector (12800 -> LLM width) that feeds
+them, which starts from random init and is the other half of NVLM-X's modality-alignment module.
+No tile tags: one 448 px tile per image, as the authors' pretraining.
 
 init_from: InternViT-6B + Qwen2-72B-Instruct stitched by nvlm_jax.fusion.build
 (build_from_released_parts + save_checkpoint; new X-attention layers at init)
@@ -24,7 +24,9 @@ def get_config(arg=None):
   c = base_config()
   c.workdir = "/tmp/nvlm_x_72b_pretrain"
   c.total_steps = 20_000
-  c.trainable = ("*cross_attn*",)  # the 10 gated X-attention layers (Table 10)
+  # The 10 gated X-attention layers (Table 10) and the one-layer projector feeding them: it is new, starts
+  # from random init, and frozen it would stay a fixed random map (docs/fusion.md, departures).
+  c.trainable = ("projector", "*cross_attn*")
 
   c.model.preset = "nvlm_x_72b"
   c.model.dtype = "bfloat16"  # compute
@@ -47,7 +49,10 @@ def get_config(arg=None):
   c.data.global_batch_size = 2048
   c.data.seq_len = 512
   c.data.max_tiles = 1  # one 448 px tile, no DHR
-  c.data.processor = {"use_tiling": False, "max_tiles_per_image": 6, "use_thumbnail": False, "tile_tag_format": "1d"}
+  # One tile per image and no tile tag, as the authors' pretraining (Megatron's pretraining script has no
+  # --use-tile-tags; tags name DHR tiles, and there are none here).
+  c.data.processor = {"use_tiling": False, "max_tiles_per_image": 6, "use_thumbnail": False,
+                      "tile_tag_format": "none"}
   c.data.num_microbatches = 8  # 2048 rows / 64 batch shards = 32 per device -> 4 per microbatch
   c.data.worker_count = 8
 

@@ -12,17 +12,17 @@ Table 11: global batch 512 (34B) / 256 (72B), min LR 1e-6 (34B) / 1e-7 (72B); th
 Text-only SFT data is blended in (paper 4.3).
 
 init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
-Data: fill `data.sources` with the SFT blend of Table 6 plus the text-only SFT sets
-(blend weights are the user's choice; see docs/data.md).
+Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
+source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 """
-from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
+from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal, sibling_config
 
 
 def get_config(arg=None):
   c = base_config()
   c.workdir = "/tmp/nvlm_x_72b_sft"
   c.total_steps = 20_000
-  c.trainable = ("*cross_attn*", "language_model")  # X-attn layers + LLM (unfrozen: Table 9)
+  c.trainable = ("projector", "*cross_attn*", "language_model")  # projector + X-attn layers + LLM (Table 9)
 
   c.model.preset = "nvlm_x_72b"
   c.model.dtype = "bfloat16"  # compute
@@ -41,7 +41,7 @@ def get_config(arg=None):
 
   c.data.kind = "nvlm_pipeline"
   c.data.tokenizer = ""  # "": the tokenizer of checkpoint.init_from
-  c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_sft", "split": "train", "weight": 1.0}]
+  c.data.sources = sibling_config(__file__, "sft_blend").sources  # Table 6 + text-only SFT: fill in the paths
   c.data.global_batch_size = 256
   c.data.seq_len = 1024
   c.data.max_tiles = 7  # 6 tiles + thumbnail, 1-D tile tags

@@ -17,6 +17,48 @@ def as_dtype(name: str | Any) -> jnp.dtype:
   return jnp.dtype(name)
 
 
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling as Hugging Face configs name it (`rope_scaling` / `rope_parameters`);
+  nvlm_jax.layers.rope implements each type as transformers does. Fields a type does not use stay at
+  their defaults (the HF parser leaves them so, and the exporter writes only the used ones).
+
+  default: plain RoPE. linear: factor. dynamic: factor (NTK base growth past max_position_embeddings;
+  NVLM-D-72B's Qwen2 uses factor 3). llama3: factor, low_freq_factor, high_freq_factor,
+  original_max_position_embeddings. yarn: factor, original_max_position_embeddings, beta_fast, beta_slow,
+  attention_factor, mscale, mscale_all_dim, truncate.
+  """
+
+  rope_type: str = "default"
+  factor: float | None = None
+  original_max_position_embeddings: int | None = None  # None: the decoder's max_position_embeddings
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  beta_fast: float | None = None  # None: 32 (transformers' default)
+  beta_slow: float | None = None  # None: 1
+  attention_factor: float | None = None  # None: derived from factor (and mscale / mscale_all_dim)
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  truncate: bool = True
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r}; implemented: {ROPE_TYPES}")
+    needs = {"linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(self.rope_type, ())
+    missing = [name for name in needs if getattr(self, name) is None]
+    if missing:
+      raise ValueError(f"RoPE scaling {self.rope_type!r} needs {missing}")
+    if self.rope_type == "llama3" and self.low_freq_factor >= self.high_freq_factor:
+      raise ValueError(f"llama3 RoPE needs low_freq_factor < high_freq_factor, got {self.low_freq_factor} and "
+                       f"{self.high_freq_factor}")
+    if self.rope_type != "default" and self.factor is not None and self.factor <= 0:
+      raise ValueError(f"RoPE scaling factor must be positive, got {self.factor}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """A Qwen2- or Llama-family decoder (GQA, RoPE, RMSNorm, SwiGLU)."""
@@ -36,6 +78,8 @@ class DecoderConfig:
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
   pad_token_id: int | None = None
+  # RoPE scaling (architecture; see RopeScaling). Plain RoPE unless a checkpoint's config asks otherwise.
+  rope_scaling: RopeScaling = dataclasses.field(default_factory=RopeScaling)
   # Implementation switches (not architecture).
   scan_layers: bool = True
   remat_policy: str = "none"  # see nvlm_jax.layers.remat.POLICIES

@@ -25,7 +25,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.config import (CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, RopeScaling,
+                             VisionConfig)
 
 
 def internvit_6b_448px_v1_5() -> VisionConfig:
@@ -61,8 +62,10 @@ def _mlp1(vision: VisionConfig, llm: DecoderConfig, ratio: float = 0.5) -> Proje
 
 
 def nvlm_d_72b() -> NVLMConfig:
-  """NVLM-D-72B: InternViT-6B + mlp1 12800 -> 29568 -> 8192 + Qwen2-72B-Instruct."""
-  vision, llm = internvit_6b_448px_v1_5(), qwen2_72b_instruct()
+  """NVLM-D-72B: InternViT-6B + mlp1 12800 -> 29568 -> 8192 + Qwen2-72B-Instruct, with the dynamic NTK RoPE
+  scaling (factor 3) of the released `llm_config` (identical to plain RoPE up to 32,768 tokens)."""
+  vision = internvit_6b_448px_v1_5()
+  llm = qwen2_72b_instruct().replace(rope_scaling=RopeScaling("dynamic", factor=3.0))
   return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=151654)
 
 

@@ -290,9 +290,9 @@ def _edit_config(path: Path, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
-     r"config\.json: field 'rope_parameters' asks for RoPE scaling type 'yarn'"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"config\.json: field 'rope_scaling' asks for .*'linear'"),
+    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6, "short_factor": [1.0] * 8}),
+     r"config\.json: field 'rope_parameters' asks for RoPE scaling type 'longrope'"),
+    (dict(rope_scaling={"type": "su", "factor": 2.0}), r"config\.json: field 'rope_scaling' asks for .*'su'"),
     (dict(hidden_size=None), r"config\.json: required field 'hidden_size' is missing"),
     (dict(use_sliding_window=True), r"config\.json: field 'use_sliding_window' is true"),
     (dict(architectures=["MambaForCausalLM"]), r"config\.json: field 'architectures' is \['MambaForCausalLM'\].*Known layouts"),

@@ -27,7 +27,7 @@ TABLES = {
 }
 TRAINABLE = {
     ("d", "pretrain"): {"projector"}, ("d", "sft"): {"projector", "language_model"},
-    ("x", "pretrain"): {"*cross_attn*"}, ("x", "sft"): {"*cross_attn*", "language_model"},
+    ("x", "pretrain"): {"projector", "*cross_attn*"}, ("x", "sft"): {"projector", "*cross_attn*", "language_model"},
     ("h", "pretrain"): {"projector", "*cross_attn*"},
     ("h", "sft"): {"projector", "*cross_attn*", "language_model"},
 }

@@ -10,11 +10,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from nvlm_jax.checkpoint.text_layouts import ROPE_TYPE_FIELDS
 from nvlm_jax.config import DecoderConfig, NVLMConfig, VisionConfig
 
 
 def _dtype_fields(dtype: str) -> dict:
   return {"dtype": dtype, "torch_dtype": dtype}
+
+
+def rope_config_json(cfg: DecoderConfig) -> dict[str, Any]:
+  """`rope_theta`, `rope_parameters` (transformers 5) and, for scaled RoPE, `rope_scaling` (older readers and
+  vLLM), each holding the type's fields (the inverse of text_layouts.rope_from_hf)."""
+  scaling = cfg.rope_scaling
+  fields = {name: getattr(scaling, name) for name in ROPE_TYPE_FIELDS[scaling.rope_type]
+            if getattr(scaling, name) is not None}
+  out: dict[str, Any] = {"rope_theta": cfg.rope_theta,
+                         "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": scaling.rope_type, **fields}}
+  if scaling.rope_type != "default":
+    out["rope_scaling"] = {"rope_type": scaling.rope_type, "type": scaling.rope_type, **fields}
+  return out
 
 
 def decoder_config_json(cfg: DecoderConfig, model_type: str, dtype: str) -> dict[str, Any]:
@@ -32,8 +46,7 @@ def decoder_config_json(cfg: DecoderConfig, model_type: str, dtype: str) -> dict
       "hidden_act": "silu",
       "max_position_embeddings": cfg.max_position_embeddings,
       "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+      **rope_config_json(cfg),
       "tie_word_embeddings": cfg.tie_word_embeddings,
       "bos_token_id": cfg.bos_token_id,
       "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,

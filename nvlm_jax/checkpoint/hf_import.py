@@ -43,7 +43,9 @@ import jax.numpy as jnp
 
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf, llama_rules, qwen2_rules
+from nvlm_jax.checkpoint.text_layouts import (ConfigError, check_attention_biases, decoder_config_from_hf, llama_rules,
+                                              qwen2_rules)
+from nvlm_jax.config import DecoderConfig
 from nvlm_jax.sharding import LOGICAL_AXIS_RULES, logical_to_sharding
 
 CONFIG_FILE = "config.json"
@@ -185,6 +187,9 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, sc
   model_cfg = chosen.build_config(cfg_json, source=str(cfg_file), dtype=jnp.dtype(dtype).name,
                                   param_dtype=jnp.dtype(param_dtype).name, scan_layers=scan_layers,
                                   **dict(config_overrides or {}))
+  decoder_cfg = getattr(model_cfg, "llm", model_cfg)
+  if isinstance(decoder_cfg, DecoderConfig):
+    check_attention_biases(decoder_cfg, ckpt.keys(), str(cfg_file))
   model = chosen.build_model(model_cfg)
   table = rules(model_cfg) if callable(rules) else rules
   table = chosen.build_rules(model_cfg) if table is None else table

@@ -9,15 +9,27 @@ param_prefix="language_model")`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Mapping
 
 from nvlm_jax.checkpoint.mapping import RuleTable, bias, linear, per_layer, rename
-from nvlm_jax.config import DecoderConfig
+from nvlm_jax.config import DecoderConfig, RopeScaling
 
-# RoPE variants we implement. transformers calls plain RoPE "default" (older files: absent or null).
-SUPPORTED_ROPE_TYPES = ("default",)
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
+# The decoder family each architecture name builds (transformers builds the class `architectures[0]` names
+# whatever `model_type` says; NVLM-D-72B's llm_config says model_type 'llama' for a Qwen2ForCausalLM).
+ARCHITECTURE_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
+                         "LlamaForCausalLM": "llama", "LlamaModel": "llama"}
+# The RopeScaling fields each rope_type reads from a config (rope_type / rope_theta are read separately).
+ROPE_TYPE_FIELDS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"),
+}
 
 
 class ConfigError(ValueError):
@@ -29,46 +41,68 @@ class ConfigError(ValueError):
 
 
 def _model_type(cfg: Mapping[str, Any], source: str) -> str:
+  """The decoder family: from `architectures` when it names one we know, else from `model_type`."""
+  archs = cfg.get("architectures") or []
+  for arch in archs:
+    if arch in ARCHITECTURE_FAMILIES:
+      return ARCHITECTURE_FAMILIES[arch]
   model_type = cfg.get("model_type")
-  if model_type is None:  # infer from the architecture name when a hand-written config omits it
-    archs = " ".join(cfg.get("architectures") or [])
-    model_type = "qwen2" if "Qwen2" in archs else "llama" if "Llama" in archs else None
+  if model_type is None:  # infer from an architecture name we do not list when a hand-written config omits it
+    names = " ".join(archs)
+    model_type = "qwen2" if "Qwen2" in names else "llama" if "Llama" in names else None
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ConfigError(f"{source}: field 'model_type' is {cfg.get('model_type')!r} "
                       f"(architectures {cfg.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}")
   return model_type
 
 
-def rope_theta_from_hf(cfg: Mapping[str, Any], source: str = "config.json", default: float = 10_000.0) -> float:
-  """RoPE base frequency from any transformers config.json vintage; refuses RoPE scaling we lack.
-
-  transformers 5 writes `"rope_parameters": {"rope_theta": ..., "rope_type": "default"}` (possibly one
-  dict per layer type); older files write top-level `rope_theta` and `rope_scaling` (null or
-  {"type"/"rope_type": ..., "factor": ...}). As in transformers, `rope_scaling` wins over
-  `rope_parameters`, a theta inside the dict wins over the top-level one, and 10000 is the default.
-  """
+def _rope_dict(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, Any]]:
+  """(field name, the one RoPE dict): `rope_scaling` wins over `rope_parameters`, as in transformers;
+  a dict per layer type must hold the same RoPE for every type."""
   field = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
   params = cfg.get(field) or {}
   if not isinstance(params, Mapping):
     raise ConfigError(f"{source}: field {field!r} must be an object, found {params!r}")
   layer_types = set(cfg.get("layer_types") or ())
   if params and layer_types and set(params) <= layer_types:  # one dict per layer type
-    distinct = {tuple(sorted((p or {}).items())) for p in params.values()}
+    distinct = {json.dumps(p or {}, sort_keys=True) for p in params.values()}
     if len(distinct) != 1:
       raise ConfigError(f"{source}: field {field!r} gives different RoPE per layer type ({dict(params)}); "
                         "only one RoPE for all layers is supported")
     params = next(iter(params.values())) or {}
-  rope_type = params.get("rope_type", params.get("type", "default"))
-  if rope_type not in SUPPORTED_ROPE_TYPES:
-    raise ConfigError(f"{source}: field {field!r} asks for RoPE scaling type {rope_type!r} "
-                      f"({dict(params)}); only {SUPPORTED_ROPE_TYPES} (unscaled RoPE) is implemented")
+  return field, params
+
+
+def rope_from_hf(cfg: Mapping[str, Any], source: str = "config.json",
+                 default_theta: float = 10_000.0) -> tuple[float, RopeScaling]:
+  """(RoPE base, RopeScaling) from any transformers config.json vintage.
+
+  transformers 5 writes `"rope_parameters": {"rope_theta": ..., "rope_type": ..., ...}` (possibly one dict
+  per layer type); older files write top-level `rope_theta` and `rope_scaling` (null or {"type" or
+  "rope_type": ..., "factor": ...}). As in transformers, `rope_scaling` wins over `rope_parameters`, a
+  theta inside the dict wins over the top-level one, and 10000 is the default. Scaling types other than
+  default / linear / dynamic / llama3 / yarn are refused, naming the field.
+  """
+  field, params = _rope_dict(cfg, source)
+  rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+  if rope_type not in ROPE_TYPE_FIELDS:
+    raise ConfigError(f"{source}: field {field!r} asks for RoPE scaling type {rope_type!r} ({dict(params)}); "
+                      f"implemented: {tuple(ROPE_TYPE_FIELDS)}")
   partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1.0, 1):
     raise ConfigError(f"{source}: field 'partial_rotary_factor' is {partial}; only full rotary (1.0) is implemented")
-  theta = params.get("rope_theta", cfg.get("rope_theta", default))
+  theta = params.get("rope_theta", cfg.get("rope_theta", default_theta))
   if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
     raise ConfigError(f"{source}: field 'rope_theta' must be a positive number, found {theta!r}")
-  return float(theta)
+  values = {name: params[name] for name in ROPE_TYPE_FIELDS[rope_type] if params.get(name) is not None}
+  if rope_type in ("llama3", "yarn") and cfg.get("original_max_position_embeddings") is not None:
+    # Phi-3-style configs keep it at the top level; transformers then prefers it to the dict's
+    values["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+  try:
+    scaling = RopeScaling(rope_type=rope_type, **values)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{source}: field {field!r} ({dict(params)}): {e}") from None
+  return float(theta), scaling
 
 
 def _require(cfg: Mapping[str, Any], field: str, source: str, kind=int):
@@ -97,7 +131,9 @@ def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "con
   """A Qwen2Config / LlamaConfig dict (config.json, or an InternVL `text_config` / NVLM `llm_config`)
   -> DecoderConfig. `overrides` set DecoderConfig fields (scan_layers, dtype, remat_policy, ...).
 
-  Refuses what DecoderConfig cannot represent (RoPE scaling, sliding windows, o_proj / MLP biases,
+  The family (q/k/v biases or none) comes from `architectures` when it names Qwen2 or Llama, else from
+  `model_type`. Refuses what DecoderConfig cannot represent (RoPE scaling types other than those of
+  RopeScaling, sliding windows, o_proj / MLP biases,
   activations other than SiLU) instead of loading a model that computes something else.
   """
   cfg = config_json
@@ -106,7 +142,7 @@ def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "con
   if act not in ("silu", "swish"):
     raise ConfigError(f"{source}: field 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is implemented")
   if model_type == "qwen2":
-    qkv_bias = True  # Qwen2 always has q/k/v biases (and never an o_proj bias)
+    qkv_bias = True  # Qwen2 always has q/k/v biases and never an o_proj bias (its `attention_bias` means q/k/v)
     if cfg.get("use_sliding_window"):
       raise ConfigError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not implemented")
   else:
@@ -117,6 +153,7 @@ def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "con
     if cfg.get("mlp_bias"):
       raise ConfigError(f"{source}: field 'mlp_bias' is true; MLP biases are not implemented")
   heads = _require(cfg, "num_attention_heads", source)
+  theta, scaling = rope_from_hf(cfg, source)
   fields = dict(
       vocab_size=_require(cfg, "vocab_size", source),
       hidden_size=_require(cfg, "hidden_size", source),
@@ -125,7 +162,8 @@ def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "con
       num_kv_heads=cfg.get("num_key_value_heads") or heads,  # absent: plain multi-head attention
       intermediate_size=_require(cfg, "intermediate_size", source),
       head_dim=cfg.get("head_dim"),
-      rope_theta=rope_theta_from_hf(cfg, source),
+      rope_theta=theta,
+      rope_scaling=scaling,
       rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
       qkv_bias=qkv_bias,
       tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -142,6 +180,25 @@ def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "con
     return DecoderConfig(**fields)
   except ValueError as e:
     raise ConfigError(f"{source}: {e}") from None
+
+
+def check_attention_biases(cfg: DecoderConfig, keys, source: str) -> None:
+  """Refuses a config whose decoder family contradicts the attention biases the weights hold, naming the
+  config fields that chose the family and one tensor that contradicts it (before any tensor is read)."""
+  keys = list(keys)
+  q_biases = [k for k in keys if k.endswith("self_attn.q_proj.bias")]
+  o_biases = [k for k in keys if k.endswith("self_attn.o_proj.bias")]
+  chose = "fields 'architectures' / 'model_type' / 'attention_bias'"
+  if cfg.qkv_bias and not q_biases and any(k.endswith("self_attn.q_proj.weight") for k in keys):
+    weight = next(k for k in keys if k.endswith("self_attn.q_proj.weight"))
+    raise ConfigError(f"{source}: {chose} build a Qwen2 decoder (q/k/v biases), but the weights have "
+                      f"{weight!r} and no {weight[:-len('weight')] + 'bias'!r}: a Llama-family checkpoint?")
+  if not cfg.qkv_bias and q_biases:
+    raise ConfigError(f"{source}: {chose} build a Llama decoder (no attention biases), but the weights hold "
+                      f"{q_biases[0]!r}: set architectures to ['Qwen2ForCausalLM'] if this is a Qwen2 checkpoint")
+  if o_biases:
+    raise ConfigError(f"{source}: the weights hold {o_biases[0]!r} (an o_proj bias: Llama with attention_bias=true); "
+                      "DecoderConfig cannot represent it")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ Registered import layouts (see hf_import.REGISTRY):
 - "InternVLVisionModel": a standalone transformers InternVL vision tower.
 
 The dummy heads of NVLM-D-72B (25 real heads stored as 32, Megatron TP=8 padding, spec a.2) are sliced
-off at import; a dummy slice that is not exactly zero would mean the padded model computes something a
-25-head model cannot, so the import refuses and names the tensor. Export pads them back with zeros.
+off at import. A nonzero dummy slice that would change the output (qkv rows, proj columns) means the padded
+model computes something a 25-head model cannot, so the import refuses and names the tensor; the dummy
+part of the q/k-norm weights cannot change the output (it scales q/k values that are zero) and is dropped.
+Export pads them back with zeros.
 """
 from __future__ import annotations
 
@@ -164,17 +166,15 @@ def _fused_qkv_rule(cfg: VisionConfig, hf_key: str, paths: tuple[str, str, str],
   return Rule((hf_key,), paths, (hf_shape,), (param_shape,) * 3, to_flax, to_hf)
 
 
-def _padded_vector_rule(cfg: VisionConfig, hf_key: str, path: str, stored_heads: int, label: str) -> Rule:
-  """q/k norm weight [stored_heads * hd] (dummy part must be zero) <-> scale [heads, head_dim]."""
+def _padded_vector_rule(cfg: VisionConfig, hf_key: str, path: str, stored_heads: int) -> Rule:
+  """q/k norm weight [stored_heads * hd] <-> scale [heads, head_dim]. The dummy part is dropped whatever it
+  holds: it only ever scales the dummy heads' q/k, which are exactly zero (their qkv rows are checked), and
+  the norm statistic covers the real channels only (spec a.2), so it cannot change the output."""
   h, hd = cfg.num_heads, cfg.head_dim
   width, real = stored_heads * hd, h * hd
-  counter = _LayerCounter(cfg.num_layers)
 
   def to_flax(w):
-    layer = counter.next()
-    w = np.asarray(w)
-    _refuse_nonzero(label, layer, f"[{real}:{width}]", w[real:])
-    return (w[:real].reshape(h, hd),)
+    return (np.asarray(w)[:real].reshape(h, hd),)
 
   def to_hf(x):
     return (np.concatenate([x.reshape(real), np.zeros((width - real,), x.dtype)]),)
@@ -219,8 +219,7 @@ def intern_vit_rules(cfg: VisionConfig, *, stored_heads: int | None = None, pref
     bias_paths = tuple(f"{layer}/attn/{x}_proj/bias" for x in "qkv")
     body.append(_fused_qkv_rule(cfg, key("qkv.bias"), bias_paths, stored, True, label("qkv.bias")))
   if cfg.qk_normalization:
-    body += [_padded_vector_rule(cfg, key(f"{x}_norm.weight"), f"{layer}/attn/{x}_norm/scale", stored,
-                                 label(f"{x}_norm.weight")) for x in "qk"]
+    body += [_padded_vector_rule(cfg, key(f"{x}_norm.weight"), f"{layer}/attn/{x}_norm/scale", stored) for x in "qk"]
   body += [_padded_proj_rule(cfg, key("proj.weight"), f"{layer}/attn/proj/kernel", stored, label("proj.weight")),
            bias(key("proj.bias"), f"{layer}/attn/proj/bias", (d,))]
   rules = [
@@ -452,7 +451,8 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
   vision = vision_config_from_intern_vit(_field(cfg, "vision_config", source), source=f"{source}: vision_config",
                                          select_layer=int(cfg.get("select_layer", -1)), image_size=image_size,
                                          **{**impl, **sub["vision"]})
-  # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says (spec a.3).
+  # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says, and the model class
+  # comes from llm_config's `architectures` (decoder_config_from_hf's rule); without one, Qwen2.
   llm_json = {**_field(cfg, "llm_config", source), "model_type": "qwen2"}
   directory = _checkpoint_dir(source)
   if llm_json.get("vocab_size") is None:

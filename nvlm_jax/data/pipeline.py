@@ -121,21 +121,35 @@ def _make_source(spec: dict, processor):
   if kind == "llava":
     from nvlm_jax.data.llava import LlavaSource
 
-    if "path" not in spec:
-      raise ValueError(f"llava source {spec}: needs 'path' (a .json or .jsonl file)")
+    if not spec.get("path"):
+      raise ValueError(f"{_source_label(spec, kind)}: 'path' is empty; fill it in (a .json or .jsonl file)")
     return LlavaSource(spec.pop("path"), spec.pop("image_root", None), **spec)
   if kind == "array_record":
     from nvlm_jax.data.tfds_builder import ArrayRecordSource
 
-    if "path" not in spec:
-      raise ValueError(f"array_record source {spec}: needs 'path' (the tfds_builder --out dir)")
+    if not spec.get("path"):
+      raise ValueError(f"{_source_label(spec, kind)}: 'path' is empty; fill it in (the tfds_builder --out dir)")
     return ArrayRecordSource(spec.pop("path"), spec.pop("split", "train"), **spec)
   raise ValueError(f"data source kind {kind!r} in {spec}; expected one of {SOURCE_KINDS}")
 
 
+def _source_label(spec: Mapping, kind: str) -> str:
+  name = spec.get("name")
+  return f"data source {name!r} ({kind})" if name else f"{kind} source {dict(spec)}"
+
+
 def make_blend(data_config: Any, processor=None, *, seed: int = 0) -> BlendedSource:
-  """The weighted blend of ``data_config.sources`` (names made unique: ``name``, ``name_1``, ...)."""
-  specs = list(_get(data_config, "sources", []))
+  """The weighted blend of ``data_config.sources`` (names made unique: ``name``, ``name_1``, ...).
+
+  ``sources`` is a list of specs, or a mapping name -> spec (e.g. configs/sft_blend.py, whose paths are
+  set on the command line by name); a source of weight 0 is left out unopened."""
+  specs = _get(data_config, "sources", [])
+  if hasattr(specs, "to_dict"):
+    specs = specs.to_dict()
+  if isinstance(specs, Mapping):
+    specs = [{**dict(spec), "name": spec.get("name") or name} for name, spec in specs.items()
+             if float(spec.get("weight", 1.0)) != 0]
+  specs = list(specs)
   if not specs:
     raise ValueError(
       "data config has no 'sources'; e.g. sources=[{'kind': 'synthetic', 'weight': 1.0, "

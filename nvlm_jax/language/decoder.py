@@ -21,6 +21,7 @@ from nvlm_jax.layers.linear import Dense, Embedding
 from nvlm_jax.layers.mlp import SwiGLU
 from nvlm_jax.layers.norms import RMSNorm
 from nvlm_jax.layers.remat import get_policy
+from nvlm_jax.layers.rope import RotaryEmbedding
 
 Cache = dict[str, Any]
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -38,7 +39,8 @@ class DecoderLayer(nn.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
-    h, cache = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.kv_head_dim, cfg.rope_theta, cfg.qkv_bias,
+    rope = RotaryEmbedding(cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+    h, cache = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.kv_head_dim, rope, cfg.qkv_bias,
                              cfg.causal_block_size, name="self_attn", **kw)(h, positions, mask, cache, cache_index)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm", **kw)(x)

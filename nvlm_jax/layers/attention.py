@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from nvlm_jax.layers.linear import Dense
-from nvlm_jax.layers.rope import apply_rope
+from nvlm_jax.layers.rope import RotaryEmbedding, apply_rope
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -99,7 +99,7 @@ class SelfAttention(nn.Module):
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  rope_theta: float
+  rope: RotaryEmbedding | float  # a bare float: unscaled RoPE with that base
   qkv_bias: bool = False
   causal_block_size: int = 0  # see dot_product_attention; used only without a cache (mask is then causal)
   dtype: str = "float32"
@@ -114,8 +114,8 @@ class SelfAttention(nn.Module):
               name="k_proj", **kw)(x)
     v = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias,
               name="v_proj", **kw)(x)
-    q = apply_rope(q, positions, self.rope_theta)
-    k = apply_rope(k, positions, self.rope_theta)
+    q = apply_rope(q, positions, self.rope)
+    k = apply_rope(k, positions, self.rope)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
     block = self.causal_block_size
     if cache is not None:

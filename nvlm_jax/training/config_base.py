@@ -19,6 +19,7 @@ Keys (all overridable on the command line, e.g. `--config.optimizer.lr=1e-5`):
   data.global_batch_size  rows per step over all processes; data.seq_len: decoder tokens per row
   data.max_tiles          tile slots per row (6 + thumbnail = 7); data.num_microbatches: gradient accumulation
   data.tile_budget        ViT tiles encoded per step (0 = every slot; see nvlm_jax/vision/pathway.py)
+  data.tokenizer_bos_token  a BOS token for the "tiny_synthetic" tokenizer (runlocal of Yi-format recipes)
   mesh.{data,fsdp,tensor} device mesh (one axis may be -1: all remaining devices)
   checkpoint.*            every_steps, max_to_keep, async_save, init_from (HF checkpoint or our workdir)
   log.*                   every_steps, tensorboard, peak_tflops_per_device (for MFU; 0 = do not report)
@@ -79,6 +80,8 @@ def synthetic_data(c: ml_collections.ConfigDict, *, seq_len: int, max_tiles: int
   """Points `c.data` at the built-in synthetic image QA set with the tiny demo tokenizer."""
   c.data.kind = "nvlm_pipeline"
   c.data.tokenizer = "tiny_synthetic"
+  if "sources" in c.data:  # a recipe's sources may be a mapping (configs/sft_blend.py): replace, not cast
+    del c.data["sources"]
   c.data.sources = [{"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny",
                      "text_only_fraction": 0.2}]
   c.data.global_batch_size = global_batch_size
@@ -98,6 +101,8 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   c.model.remat = {"vision": "", "llm": ""}
   c.model.overrides = dict(TINY_TOKENIZER_OVERRIDES)
   processor = c.data.get("processor", None)
+  if processor is not None and processor.get("chat_format") == "nvlm-yi-34b":
+    c.data.tokenizer_bos_token = "<|endoftext|>"  # the tiny tokenizer has no BOS; Yi's format needs one
   synthetic_data(c, seq_len=256 if c.data.max_tiles > 1 else 128, max_tiles=c.data.max_tiles, global_batch_size=8)
   if processor is not None:
     c.data.processor = processor
@@ -125,8 +130,13 @@ def sibling_config(this_file: str, name: str, arg=None) -> ml_collections.Config
 
 def on_yi_34b(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A 72B recipe moved to the 34B backbone (Nous-Hermes-2-Yi-34B): the paper's Tables 10/11 give one
-  column per variant, so only the model and the paths change (plus any cell the tables split by size)."""
+  column per variant, so only the model, the paths and Yi's prompt settings change (plus any cell the
+  tables split by size)."""
   c.model.preset = c.model.preset.replace("72b", "34b")
+  # Yi-34B's prompt format (with BOS) and thumbnail tag, as the paper's 34B models (Megatron `nvlm-yi-34b`).
+  if c.data.get("processor", None) is not None:
+    c.data.processor.chat_format = "nvlm-yi-34b"
+    c.data.processor.global_tile_tag = "<tile_global>"
   c.workdir = c.workdir.replace("72b", "34b")
   c.checkpoint.init_from = c.checkpoint.init_from.replace("72b", "34b")
   if c.data.get("tokenizer", "") == "/ckpt/Qwen2-72B-Instruct":

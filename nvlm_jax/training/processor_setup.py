@@ -41,11 +41,16 @@ def processor_kwargs(data_config, model_config) -> dict[str, Any]:
   return kwargs
 
 
-def build_tokenizer(spec: str, *, max_tiles: int = 6, vocab_size: int = 512):
+def build_tokenizer(spec: str, *, max_tiles: int = 6, vocab_size: int = 512, bos_token: str | None = None):
+  """bos_token: a BOS for the tiny tokenizer (which has none), for prompt formats that need one."""
   from nvlm_jax.processing.tokenizer import NvlmTokenizer, build_tiny_tokenizer
   if spec == TINY_TOKENIZER:
     from nvlm_jax.data.synthetic import corpus_texts
-    return build_tiny_tokenizer(corpus_texts(500, max_tiles=max(max_tiles, 6)), vocab_size=vocab_size)
+    tiny = build_tiny_tokenizer(corpus_texts(500, max_tiles=max(max_tiles, 6)), vocab_size=vocab_size)
+    if bos_token is None:
+      return tiny
+    return NvlmTokenizer(tiny.backend, eos_token=tiny.eos_token, pad_token=tiny.pad_token, bos_token=bos_token,
+                         source=tiny.source)
   if not spec:
     raise ValueError(f"config.data.tokenizer is empty (and no checkpoint.init_from to take it from): give a "
                      f"directory with tokenizer.json or {TINY_TOKENIZER!r}")
@@ -67,7 +72,8 @@ def build_processor(data_config, model_config, workdir: str | os.PathLike | None
   else:
     tokenizer = build_tokenizer(data_config.get("tokenizer", "") or default_tokenizer,
                                 max_tiles=kwargs.get("max_tiles_per_image", 6),
-                                vocab_size=data_config.get("tokenizer_vocab_size", 512))
+                                vocab_size=data_config.get("tokenizer_vocab_size", 512),
+                                bos_token=data_config.get("tokenizer_bos_token", None))
   llm = getattr(model_config, "llm", model_config)
   if tokenizer.vocab_size > llm.vocab_size:
     raise ValueError(f"tokenizer {tokenizer.source} has {tokenizer.vocab_size} tokens but the model's "
