@@ -23,6 +23,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"]).split(":")[0]
+  if not os.path.isfile(config_file):
+    raise app.UsageError(f"--config: config file {config_file} does not exist")
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax's INFO chatter out of the progress lines (-v 0: show it)
