@@ -288,3 +288,13 @@ def test_missing_config_file_names_its_path(tmp_path):
                           text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert result.returncode == 1
   assert f"--config: config file {missing} does not exist" in result.stderr, result.stderr[-2000:]
+
+
+def test_loading_a_damaged_checkpoint_for_inference_names_it(reference, tmp_path):
+  workdir = copy_run(reference, tmp_path)
+  flip_bytes(largest_file(workdir / "checkpoints" / str(TOTAL) / "params"))
+  with pytest.raises(checkpointing.DamagedCheckpointError, match=rf"checkpoints/{TOTAL} is damaged: checksum "
+                                                                 r"mismatch in \d+ parameter"):
+    checkpointing.load_checkpoint(workdir)
+  checkpointing.load_checkpoint(workdir, step=TOTAL, param_dtype="bfloat16")  # a cast is not compared
+  checkpointing.load_checkpoint(workdir, step=TOTAL - EVERY)  # the intact one loads

@@ -281,7 +281,7 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, mesh=No
   `mesh`, every parameter is restored directly onto its NamedSharding, otherwise onto one device.
   """
   directory, step = _resolve(path, step)
-  model_config = models.config_from_description(read_model_description(directory, step))
+  model_config = saved_config = models.config_from_description(read_model_description(directory, step))
   if dtype:
     model_config = models._set_everywhere(model_config, "dtype", dtype)
   if param_dtype:
@@ -295,6 +295,25 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, mesh=No
     shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
                         shardings)
+  items = {"params": ocp.args.StandardRestore(target)}
+  checked = (directory / str(step) / integrity.INTEGRITY_ITEM).is_dir()  # trainer checkpoints have checksums
+  if checked:
+    items[integrity.INTEGRITY_ITEM] = ocp.args.JsonRestore()
   with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  if checked:
+    stored = nn.meta.unbox(models.abstract_variables(models.module_for_config(saved_config), saved_config)["params"])
+    _verify_params(directory / str(step), restored["params"], stored, restored[integrity.INTEGRITY_ITEM])
   return model, restored["params"]
+
+
+def _verify_params(step_dir: Path, params, stored, record) -> None:
+  """Checks the parameters restored for inference against the checksums saved with them (those restored
+  in their stored dtype; a cast, e.g. to serve in bfloat16, changes the bits)."""
+  digests, _ = integrity.array_digests({"params": params})
+  uncast = {jax.tree_util.keystr(path): leaf.dtype == ref.dtype for (path, leaf), ref in
+            zip(jax.tree_util.tree_flatten_with_path({"params": params})[0], jax.tree.leaves({"params": stored}))}
+  saved = (record or {}).get("arrays", {})
+  bad = [k for k, ok in uncast.items() if ok and saved.get(k) != digests[k]]
+  if bad:
+    raise DamagedCheckpointError(step_dir, f"checksum mismatch in {len(bad)} parameter(s), e.g. {bad[:3]}")
