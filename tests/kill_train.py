@@ -8,6 +8,7 @@ PHASE, for the checkpoint of step STEP:
   before_commit  every item is written, the temporary directory is not yet renamed to the step
   after_commit   the step directory is committed (the run had moved on to later steps meanwhile)
 """
+
 import os
 import runpy
 import signal

@@ -5,7 +5,7 @@ test copies its workdir, injects one fault, reruns the trainer in-process and as
 metrics bit-identical to the uninterrupted run (every step exactly once), or the named error. Killing a
 real train.py at each phase of a checkpoint save is in test_training_resume.py (slow).
 """
-import json
+
 import os
 import shutil
 import subprocess
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from nvlm_jax.training import checkpointing, config_base, metrics as metrics_lib, tensorboard, trainer
+from nvlm_jax.training import checkpointing, config_base, tensorboard, trainer
+from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.synthetic_lm import SyntheticLMSpec, make_row
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +28,15 @@ TOTAL, EVERY, VOCAB, SEQ, BATCH = 6, 2, 128, 32, 8
 def fault_config(workdir, **changes):
   c = config_base.base_config()
   c.workdir = str(workdir)
-  c.model.decoder = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=64, rope_theta=10_000.0)
+  c.model.decoder = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 64,
+    "rope_theta": 10_000.0,
+  }
   c.model.dtype = "float32"
   c.optimizer.update(lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.01, grad_clip=1.0)
   c.data.update(kind="synthetic_lm", global_batch_size=BATCH, seq_len=SEQ, num_microbatches=1)
@@ -109,16 +117,19 @@ def flip_bytes(path: Path, count: int = 64) -> None:
 
 # fault -> (damage the step directory, a pattern of the reason reported)
 DAMAGE = {
-    "opt_state missing": (lambda d: shutil.rmtree(d / "opt_state"), r"item\(s\) \['opt_state'\] missing"),
-    "params truncated": (lambda d: truncate(largest_file(d / "params")), r"unreadable|checksum mismatch"),
-    "64 params bytes flipped": (lambda d: flip_bytes(largest_file(d / "params")),
-                                r"checksum mismatch in \d+ array\(s\), e\.g\. \[\"\['params'\]"),
-    "train_meta metadata truncated": (lambda d: truncate(d / "train_meta" / "_METADATA"), r"unreadable"),
-    "data state truncated": (lambda d: truncate(next((d / "data").glob("process_*.json"))),
-                             r"item 'data' is unreadable"),
-    "data state rewound": (lambda d: next((d / "data").glob("process_*.json")).write_text('{"next_index": 1}'),
-                           r"checksum mismatch in item 'data'"),
-    "integrity record missing": (lambda d: shutil.rmtree(d / "integrity"), r"\['integrity'\] missing"),
+  "opt_state missing": (lambda d: shutil.rmtree(d / "opt_state"), r"item\(s\) \['opt_state'\] missing"),
+  "params truncated": (lambda d: truncate(largest_file(d / "params")), r"unreadable|checksum mismatch"),
+  "64 params bytes flipped": (
+    lambda d: flip_bytes(largest_file(d / "params")),
+    r"checksum mismatch in \d+ array\(s\), e\.g\. \[\"\['params'\]",
+  ),
+  "train_meta metadata truncated": (lambda d: truncate(d / "train_meta" / "_METADATA"), r"unreadable"),
+  "data state truncated": (lambda d: truncate(next((d / "data").glob("process_*.json"))), r"item 'data' is unreadable"),
+  "data state rewound": (
+    lambda d: next((d / "data").glob("process_*.json")).write_text('{"next_index": 1}'),
+    r"checksum mismatch in item 'data'",
+  ),
+  "integrity record missing": (lambda d: shutil.rmtree(d / "integrity"), r"\['integrity'\] missing"),
 }
 
 
@@ -131,6 +142,7 @@ def test_damaged_newest_checkpoint_is_set_aside_and_training_resumes_exactly(ref
   out = capsys.readouterr().out
   assert f"checkpoints/{TOTAL} is damaged" in out and f"resuming from step {TOTAL - EVERY} instead" in out, out
   import re
+
   assert re.search(reason, out), out
   assert f"resumed from {workdir / 'checkpoints'}/{TOTAL - EVERY}" in out
   assert (workdir / checkpointing.DAMAGED_SUBDIR / str(TOTAL)).is_dir()  # kept for inspection
@@ -194,10 +206,11 @@ def test_rows_are_on_disk_before_the_checkpoint_that_covers_them_starts(tmp_path
 
 # --- non-finite updates ------------------------------------------------------------------------------
 
+
 def lm_rows(n_batches, bad_from=None):
   spec = SyntheticLMSpec(vocab_size=VOCAB, seq_len=SEQ, samples_per_row=2, seed=0)
   rows = [make_row(spec, i) for i in range(n_batches * BATCH)]
-  for row in rows[(bad_from or n_batches) * BATCH:]:
+  for row in rows[(bad_from or n_batches) * BATCH :]:
     row["loss_mask"] = np.where(row["loss_mask"] > 0, np.inf, 0).astype(np.float32)
   return iter(grain.MapDataset.source(rows).batch(BATCH).to_iter_dataset())
 
@@ -221,8 +234,11 @@ def test_abort_names_the_newest_checkpoint_from_before_the_parameters_that_faile
   """Steps 1-4 train, then every batch gives a non-finite loss: the parameters of step 4 produced the first
   bad step, so checkpoints 4 and 6 hold them; the message points at checkpoint 2."""
   workdir = tmp_path / "run"
-  with pytest.raises(trainer.NonFiniteLossError, match=r"streak began at step 5; the last checkpoint whose "
-                                                       r"parameters still gave a finite loss: .*checkpoints/2$"):
+  with pytest.raises(
+    trainer.NonFiniteLossError,
+    match=r"streak began at step 5; the last checkpoint whose "
+    r"parameters still gave a finite loss: .*checkpoints/2$",
+  ):
     train(workdir, data_iterator=lm_rows(8, bad_from=4), total_steps=8, max_consecutive_nonfinite=3)
   rows = metrics_lib.read_metrics(str(workdir))
   assert [r["skipped"] for r in rows] == [0, 0, 0, 0, 1, 1, 1]
@@ -243,19 +259,29 @@ def test_a_checkpoint_with_non_finite_parameters_is_never_written(reference, tmp
 # --- settings ----------------------------------------------------------------------------------------
 
 BAD_SETTINGS = {
-    "lr nan": ({"optimizer.lr": float("nan")}, r"config\.optimizer\.lr=nan: must be a finite number > 0"),
-    "lr negative": ({"optimizer.lr": -1.0}, r"config\.optimizer\.lr=-1\.0: must be a finite number > 0"),
-    "lr zero": ({"optimizer.lr": 0.0}, r"config\.optimizer\.lr=0\.0"),
-    "min_lr above lr": ({"optimizer.min_lr": 1.0}, r"config\.optimizer\.min_lr=1\.0: must be <= lr \(0\.01\)"),
-    "min_lr negative": ({"optimizer.min_lr": -1e-3}, r"config\.optimizer\.min_lr=-0\.001: must be a finite number >= 0"),
-    "warmup past the run": ({"optimizer.warmup_steps": 7}, r"warmup_steps=7: must be <= total_steps \(6\)"),
-    "total_steps negative": ({"total_steps": -5}, r"config\.total_steps=-5: must be an integer >= 1"),
-    "checkpoint every 0 steps": ({"checkpoint.every_steps": 0}, r"config\.checkpoint\.every_steps=0: must be an integer >= 1"),
-    "clipping negative": ({"optimizer.grad_clip": -1.0}, r"config\.optimizer\.grad_clip=-1\.0: must be a finite number > 0"),
-    "mesh does not divide the devices": ({"mesh.tensor": 3}, r"config\.mesh: mesh axes \{'data': 1, 'fsdp': -1, "
-                                         r"'tensor': 3\}: the fixed axes .* multiply to 3, which does not divide the "
-                                         r"1 device"),
-    "mesh product is not the device count": ({"mesh.fsdp": 2}, r"multiply to 2: needs 2 devices, found 1"),
+  "lr nan": ({"optimizer.lr": float("nan")}, r"config\.optimizer\.lr=nan: must be a finite number > 0"),
+  "lr negative": ({"optimizer.lr": -1.0}, r"config\.optimizer\.lr=-1\.0: must be a finite number > 0"),
+  "lr zero": ({"optimizer.lr": 0.0}, r"config\.optimizer\.lr=0\.0"),
+  "min_lr above lr": ({"optimizer.min_lr": 1.0}, r"config\.optimizer\.min_lr=1\.0: must be <= lr \(0\.01\)"),
+  "min_lr negative": ({"optimizer.min_lr": -1e-3}, r"config\.optimizer\.min_lr=-0\.001: must be a finite number >= 0"),
+  "warmup past the run": ({"optimizer.warmup_steps": 7}, r"warmup_steps=7: must be <= total_steps \(6\)"),
+  "total_steps negative": ({"total_steps": -5}, r"config\.total_steps=-5: must be an integer >= 1"),
+  "checkpoint every 0 steps": (
+    {"checkpoint.every_steps": 0},
+    r"config\.checkpoint\.every_steps=0: must be an integer >= 1",
+  ),
+  "clipping negative": (
+    {"optimizer.grad_clip": -1.0},
+    r"config\.optimizer\.grad_clip=-1\.0: must be a finite number > 0",
+  ),
+  "mesh does not divide the devices": (
+    {"mesh.tensor": 3},
+    (
+      r"config\.mesh: mesh axes \{'data': 1, 'fsdp': -1, 'tensor': 3\}: the fixed axes .* multiply to 3, which does "
+      r"not divide the 1 device"
+    ),
+  ),
+  "mesh product is not the device count": ({"mesh.fsdp": 2}, r"multiply to 2: needs 2 devices, found 1"),
 }
 
 
@@ -277,15 +303,23 @@ def test_init_from_with_existing_checkpoints_says_loudly_that_it_resumes(referen
   workdir = copy_run(reference, tmp_path)
   train(workdir, **{"checkpoint.init_from": "/elsewhere/pretrained"})
   out = capsys.readouterr().out
-  assert ("WARNING: config.checkpoint.init_from=/elsewhere/pretrained is NOT used: "
-          f"{workdir / 'checkpoints'} already holds checkpoints (steps [1, 2, 4, 6])") in out
+  assert (
+    "WARNING: config.checkpoint.init_from=/elsewhere/pretrained is NOT used: "
+    f"{workdir / 'checkpoints'} already holds checkpoints (steps [1, 2, 4, 6])"
+  ) in out
   assert f"resumed from {workdir / 'checkpoints'}/{TOTAL}" in out
 
 
 def test_missing_config_file_names_its_path(tmp_path):
   missing = tmp_path / "no_such_config.py"
-  result = subprocess.run([sys.executable, str(REPO / "train.py"), f"--config={missing}"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [sys.executable, str(REPO / "train.py"), f"--config={missing}"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    check=False,
+  )
   assert result.returncode == 1
   assert f"--config: config file {missing} does not exist" in result.stderr, result.stderr[-2000:]
 
@@ -293,8 +327,11 @@ def test_missing_config_file_names_its_path(tmp_path):
 def test_loading_a_damaged_checkpoint_for_inference_names_it(reference, tmp_path):
   workdir = copy_run(reference, tmp_path)
   flip_bytes(largest_file(workdir / "checkpoints" / str(TOTAL) / "params"))
-  with pytest.raises(checkpointing.DamagedCheckpointError, match=rf"checkpoints/{TOTAL} is damaged: checksum "
-                                                                 r"mismatch in \d+ parameter"):
+  with pytest.raises(
+    checkpointing.DamagedCheckpointError,
+    match=rf"checkpoints/{TOTAL} is damaged: checksum "
+    r"mismatch in \d+ parameter",
+  ):
     checkpointing.load_checkpoint(workdir)
   checkpointing.load_checkpoint(workdir, step=TOTAL, param_dtype="bfloat16")  # a cast is not compared
   checkpointing.load_checkpoint(workdir, step=TOTAL - EVERY)  # the intact one loads

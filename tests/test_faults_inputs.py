@@ -5,7 +5,7 @@ by `convert import` and `convert verify`, naming the key and the shard file. The
 non-UTF8 LLaVA and predictions files, `load_processor` on a missing directory, `max_length <= 0` and
 out-of-vocabulary ids in `decode`.
 """
-import json
+
 import re
 import shutil
 from pathlib import Path
@@ -52,8 +52,11 @@ def test_import_refuses_a_non_float_tensor_naming_key_and_file(qwen2, tmp_path, 
   source = with_tensor_as(qwen2[0], tmp_path / "source", dtype)
   assert convert.main(["import", "--hf-dir", str(source), "--out", str(tmp_path / "out"), "--quiet"]) == 1
   err = capsys.readouterr().err
-  assert re.search(rf"source/model-0000\d-of-\d+\.safetensors: tensor '{re.escape(BAD_KEY)}' is {dtype}, but it "
-                   r"feeds a floating-point parameter", err), err
+  assert re.search(
+    rf"source/model-0000\d-of-\d+\.safetensors: tensor '{re.escape(BAD_KEY)}' is {dtype}, but it "
+    r"feeds a floating-point parameter",
+    err,
+  ), err
   assert not (tmp_path / "out").exists()
 
 
@@ -88,8 +91,11 @@ def test_non_utf8_predictions_name_file_and_line(tmp_path):
 
 def test_load_processor_on_a_missing_directory_names_it(tmp_path):
   missing = tmp_path / "no_run_here"
-  with pytest.raises(FileNotFoundError, match=rf"load_processor\({re.escape(str(missing))}\): the directory does "
-                                              r"not exist.*Processor\.from_pretrained"):
+  with pytest.raises(
+    FileNotFoundError,
+    match=rf"load_processor\({re.escape(str(missing))}\): the directory does "
+    r"not exist.*Processor\.from_pretrained",
+  ):
     load_processor(missing)
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"has no processor\.json"):
@@ -114,6 +120,9 @@ def test_decode_names_an_id_outside_the_vocabulary(processor):
   ids = processor([{"role": "user", "content": "hello"}])["input_ids"][0]
   assert "hello" in processor.decode(ids)
   size = processor.tokenizer.backend.get_vocab_size(with_added_tokens=True)
-  with pytest.raises(ValueError, match=rf"token id\(s\) \[{size}, {size + 7}\] are outside the tokenizer's "
-                                       rf"vocabulary \(ids 0\.\.{size - 1}\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"token id\(s\) \[{size}, {size + 7}\] are outside the tokenizer's "
+    rf"vocabulary \(ids 0\.\.{size - 1}\)",
+  ):
     processor.decode(np.concatenate([ids, [size + 7, size]]))

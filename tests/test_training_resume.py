@@ -6,6 +6,7 @@ optimizer state, step counters, RNG and the grain iterator position from the new
 metrics.jsonl must then read exactly like the metrics of a run that was never interrupted: every step once,
 loss, gradient norm and learning rate bit-identical. One uninterrupted reference run serves every test.
 """
+
 import json
 import os
 import signal
@@ -22,9 +23,15 @@ KILL_STEP = 2 * EVERY  # the second interval checkpoint: an earlier one exists t
 
 
 def train_flags(workdir: Path) -> list[str]:
-  return ["--config", str(REPO / "configs" / "tiny_lm.py"), f"--config.workdir={workdir}",
-          f"--config.total_steps={TOTAL}", f"--config.checkpoint.every_steps={EVERY}", "--config.log.every_steps=1",
-          "--config.log.tensorboard=False"]
+  return [
+    "--config",
+    str(REPO / "configs" / "tiny_lm.py"),
+    f"--config.workdir={workdir}",
+    f"--config.total_steps={TOTAL}",
+    f"--config.checkpoint.every_steps={EVERY}",
+    "--config.log.every_steps=1",
+    "--config.log.tensorboard=False",
+  ]
 
 
 def train_command(workdir: Path) -> list[str]:

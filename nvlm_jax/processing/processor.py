@@ -594,8 +594,9 @@ class Processor:
 
 
 def _check_max_length(max_length) -> None:
-  if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
-                                 or max_length <= 0):
+  if max_length is not None and (
+    isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length <= 0
+  ):
     raise ValueError(f"max_length={max_length!r}: must be a positive number of tokens (or None for no limit)")
 
 

@@ -12,6 +12,7 @@ digest is the same on any mesh (a checkpoint restored onto other shardings verif
 changed element changes the first sum, and moved elements change the second. It is a guard against
 damage, not against someone forging a checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 INTEGRITY_ITEM = "integrity"
 FORMAT = 1
@@ -77,8 +79,10 @@ def array_digests(tree, params=None) -> tuple[dict[str, str], bool]:
     out = NamedSharding(mesh, P()) if mesh is not None else None
     _JITTED[mesh] = jax.jit(_digests_and_finite, out_shardings=out)
   digests, finite = jax.device_get(_JITTED[mesh](tree, params if params is not None else {}))
-  named = {jax.tree_util.keystr(path): f"{int(d[0]):08x}{int(d[1]):08x}"
-           for path, d in jax.tree_util.tree_flatten_with_path(digests)[0]}
+  named = {
+    jax.tree_util.keystr(path): f"{int(d[0]):08x}{int(d[1]):08x}"
+    for path, d in jax.tree_util.tree_flatten_with_path(digests)[0]
+  }
   return named, bool(finite)
 
 
@@ -99,13 +103,13 @@ def gather_data_digests(data_iterator) -> list[str] | None:
   if jax.process_count() == 1:
     return [f"{mine:08x}"]
   from jax.experimental import multihost_utils
+
   every = multihost_utils.process_allgather(np.asarray([mine], np.uint32))
   return [f"{int(v):08x}" for v in np.asarray(every).reshape(-1)]
 
 
 def record(step: int, array_digest: dict[str, str], data_digests: list[str] | None, items: list[str]) -> dict:
-  return {"format": FORMAT, "step": int(step), "items": sorted(items), "arrays": array_digest,
-          "data": data_digests}
+  return {"format": FORMAT, "step": int(step), "items": sorted(items), "arrays": array_digest, "data": data_digests}
 
 
 def mismatched_arrays(saved: dict[str, str], restored: dict[str, str]) -> list[str]:

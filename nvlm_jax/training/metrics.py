@@ -33,14 +33,15 @@ def _parse_rows(path: str) -> tuple[list[dict], bool]:
       continue
     try:
       row = json.loads(line.decode("utf-8"))
-      if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-        raise ValueError("not a JSON object with an integer 'step'")
+      problem = None if isinstance(row, dict) and isinstance(row.get("step"), int) else "no integer 'step'"
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-      if number == len(lines):  # no newline after it: the line was being written when the run died
-        torn = True
-        continue
-      raise MetricsFileError(f"{path}, line {number}: unreadable metrics row ({e})") from None
-    rows.append(row)
+      problem = str(e)
+    if problem is None:
+      rows.append(row)
+    elif number == len(lines):  # no newline after it: the line was being written when the run died
+      torn = True
+    else:
+      raise MetricsFileError(f"{path}, line {number}: unreadable metrics row ({problem})")
   return rows, torn
 
 
