@@ -67,6 +67,17 @@ def _state_tree(state) -> dict:
           "train_meta": {k: getattr(state, k) for k in META_FIELDS}}
 
 
+def _processes_where(flag: bool) -> list[int]:
+  """The indices of the processes whose `flag` is True (a collective when there are several)."""
+  if jax.process_count() == 1:
+    return [0] if flag else []
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).reshape(-1)
+  return [i for i, f in enumerate(flags) if f]
+
+
 class TrainCheckpointer:
   """CheckpointManager for the train state and the data iterator: async saves, keeps the last N, and
   restores only a checkpoint whose every item is present, readable and matches its checksums."""
@@ -157,15 +168,24 @@ class TrainCheckpointer:
     if int(jax.device_get(state.step)) != step:
       raise DamagedCheckpointError(step_dir, f"train_meta holds step {int(jax.device_get(state.step))}")
     if _has_data_state(data_iterator):
-      import grain
-      try:
-        self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
-      except Exception as e:
-        raise DamagedCheckpointError(step_dir, f"item 'data' is unreadable ({_short(e)})") from e
-      saved = (record.get("data") or [None] * jax.process_count())[jax.process_index()]
-      if saved != integrity.data_state_digest(data_iterator.get_state()):
-        raise DamagedCheckpointError(step_dir, f"checksum mismatch in item 'data' (process {jax.process_index()})")
+      problem = self._restore_data(step, data_iterator, record)
+      failed = _processes_where(problem is not None)
+      if failed:  # every process must give up on the step together, or the next restore would hang
+        raise DamagedCheckpointError(step_dir, problem or f"item 'data' of process(es) {failed} is damaged")
     return state
+
+  def _restore_data(self, step: int, data_iterator, record: dict) -> str | None:
+    """Moves the iterator to the saved position; what is wrong with this process's data state, or None."""
+    import grain
+
+    try:
+      self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    except Exception as e:
+      return f"item 'data' is unreadable ({_short(e)})"
+    saved = (record.get("data") or [None] * jax.process_count())[jax.process_index()]
+    if saved != integrity.data_state_digest(data_iterator.get_state()):
+      return f"checksum mismatch in item 'data' (process {jax.process_index()})"
+    return None
 
   def restore_newest_intact(self, abstract_state, data_iterator=None):
     """(state, step, [(path, reason) of each newer step that is damaged]) for the newest intact step.
