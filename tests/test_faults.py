@@ -129,6 +129,7 @@ DAMAGE = {
     lambda d: next((d / "data").glob("process_*.json")).write_text('{"next_index": 1}'),
     r"checksum mismatch in item 'data'",
   ),
+  "model description missing": (lambda d: shutil.rmtree(d / "model"), r"item\(s\) \['model'\] missing"),
   "integrity record missing": (lambda d: shutil.rmtree(d / "integrity"), r"\['integrity'\] missing"),
 }
 

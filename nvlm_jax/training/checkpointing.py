@@ -159,6 +159,9 @@ class TrainCheckpointer:
     record = restored[integrity.INTEGRITY_ITEM]
     if not isinstance(record, dict) or record.get("format") != integrity.FORMAT or "arrays" not in record:
       raise DamagedCheckpointError(step_dir, f"item '{integrity.INTEGRITY_ITEM}' is not an integrity record")
+    missing = [item for item in record.get("items", []) if not (step_dir / item).is_dir()]
+    if missing:  # e.g. the model description: not needed to resume, but the checkpoint is not whole
+      raise DamagedCheckpointError(step_dir, f"item(s) {missing} missing")
     state = abstract_state.replace(params=restored["params"], opt_state=restored["opt_state"],
                                    **restored["train_meta"])
     digests, _ = integrity.array_digests(_state_tree(state))
