@@ -10,8 +10,8 @@ Three models on the same random inputs (text, plus image tiles and their placeho
 It reports the largest parameter difference between 1 and 2 and the largest logit difference of 1
 against 2 and 3, all in float32, and compares dtypes: a source tensor that is not floating-point is an
 error (as in `import`), and a parameter the checkpoint stores in another dtype than the files' (or not
-as a float) is listed; a non-float stored parameter fails the check. Everything is loaded whole: meant for models that fit in host memory
-(twice, plus transformers' copy).
+as a float) is listed; a non-float stored parameter fails the check. Everything is loaded whole: meant
+for models that fit in host memory (twice, plus transformers' copy).
 """
 from __future__ import annotations
 

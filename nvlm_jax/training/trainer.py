@@ -439,7 +439,8 @@ class Trainer:
         self._say(f"moved the damaged checkpoint(s) aside for inspection: {', '.join(map(str, moved))}")
       return state, f"resumed from {checkpointer.directory}/{step}", True
     if init_from:
-      return state_from_params(setup, load_init_params(init_from, setup), cfg.seed), f"initialized from {init_from}", False
+      state = state_from_params(setup, load_init_params(init_from, setup), cfg.seed)
+      return state, f"initialized from {init_from}", False
     return fresh_state(setup, cfg.seed), "random init", False
 
   def _save(self, checkpointer, step: int, state, description) -> None:
