@@ -113,6 +113,17 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   return c
 
 
+def missing_config_file(flag) -> str | None:
+  """For a `config_flags.DEFINE_config_file` flag: a message naming the file if it does not exist (ml_collections
+  would report a failure to load "config_config"), else None."""
+  from ml_collections import config_flags
+
+  if flag.value is None and not flag.present:
+    return None
+  path = (config_flags.get_config_filename(flag) or "").split(":")[0]
+  return None if Path(path).is_file() else f"--config: config file {path} does not exist"
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every setting that cannot work (each named with its value), before anything
   is built or compiled: a bad value must not surface as a crash deep in orbax or a silent no-op run."""
