@@ -79,6 +79,25 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
+def check_divisible(shapes: Any, shardings: Any, logical_specs: Any) -> None:
+  """Raises ValueError naming the first parameter whose dimension the mesh cannot split evenly (jax would
+  raise a bare IndivisibleError at the first jit), its logical axis, the mesh axes and their sizes."""
+  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  flat_logical = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, shape), sharding, logical in zip(flat_shapes, flat_shardings, flat_logical):
+    for dim, (size, axes) in enumerate(zip(shape.shape, sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+      if size % parts:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        split = " x ".join(f"{a}={sharding.mesh.shape[a]}" for a in axes)
+        logical_name = logical[dim] if dim < len(logical) else None
+        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: parameter {name} {tuple(shape.shape)} has "
+                         f"dimension {dim} (logical axis {logical_name!r}) of size {size}, which mesh axes {split} "
+                         f"cannot split into {parts} equal parts; choose mesh sizes that divide it")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -336,3 +336,15 @@ def test_loading_a_damaged_checkpoint_for_inference_names_it(reference, tmp_path
     checkpointing.load_checkpoint(workdir)
   checkpointing.load_checkpoint(workdir, step=TOTAL, param_dtype="bfloat16")  # a cast is not compared
   checkpointing.load_checkpoint(workdir, step=TOTAL - EVERY)  # the intact one loads
+
+
+def test_a_mesh_that_cannot_split_a_parameter_names_it(tmp_path):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py)")
+  config = fault_config(tmp_path, **{"mesh.fsdp": 1, "mesh.tensor": 8})
+  with pytest.raises(
+    ValueError,
+    match=r"parameter .* has dimension \d \(logical axis '\w+'\) of size \d+, which "
+    r"mesh axes tensor=8 cannot split into 8 equal parts",
+  ):
+    trainer.build_setup(config, devices=jax.devices()[:8])

@@ -103,6 +103,7 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
   tx, schedule = optimizer.make_optimizer(config.optimizer, labels, decay_mask, config.total_steps)
 
   param_shardings = sharding_lib.logical_to_sharding(logical, mesh, rules)
+  sharding_lib.check_divisible(abstract_params, param_shardings, logical)
   opt_logical = unique_logical_axes(optimizer.opt_state_logical_specs(tx, boxed))
   opt_shardings = sharding_lib.logical_to_sharding(opt_logical, mesh, rules)
   abstract_opt = nn.meta.unbox(optimizer.abstract_opt_state_with_names(tx, boxed))
