@@ -231,6 +231,15 @@ def test_an_update_that_would_overflow_the_parameters_is_skipped_and_never_saved
   jax.tree.map(np.testing.assert_array_equal, saved, initial)  # nothing was applied
 
 
+def test_lr_1e30_blows_up_after_one_update_and_the_abort_names_no_checkpoint(tmp_path):
+  """The issue's case: the first update is finite (weights ~1e30) and is applied; every later loss is NaN.
+  Checkpoint 1 holds those weights, so the message must not send the user back to it."""
+  workdir = tmp_path / "run"
+  with pytest.raises(trainer.NonFiniteLossError, match=r"streak began at step 2; no checkpoint predates it"):
+    train(workdir, **{"optimizer.lr": 1e30, "optimizer.min_lr": 0.0, "max_consecutive_nonfinite": 3})
+  assert [r["skipped"] for r in metrics_lib.read_metrics(str(workdir))] == [0, 1, 1, 1]
+
+
 def test_abort_names_the_newest_checkpoint_from_before_the_parameters_that_failed(tmp_path):
   """Steps 1-4 train, then every batch gives a non-finite loss: the parameters of step 4 produced the first
   bad step, so checkpoints 4 and 6 hold them; the message points at checkpoint 2."""
