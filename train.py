@@ -23,6 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from nvlm_jax.training.config_base import missing_config_file
+
+  if problem := missing_config_file(flags.FLAGS["config"]):
+    raise app.UsageError(problem)
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax's INFO chatter out of the progress lines (-v 0: show it)

@@ -54,17 +54,22 @@ def create_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Dev
   dims = [shape.get(a, 1) for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
   if len(dims) != len(MESH_AXES):
     raise ValueError(f"mesh shape {dims} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+  named = dict(zip(MESH_AXES, dims))
+  if any(not isinstance(d, (int, np.integer)) or (d < 1 and d != -1) for d in dims):
+    raise ValueError(f"mesh axes {named}: every axis must be a positive integer (or -1 for the rest)")
   if dims.count(-1) > 1:
-    raise ValueError(f"mesh shape {dims}: at most one axis may be -1")
+    raise ValueError(f"mesh axes {named}: at most one axis may be -1")
   if -1 in dims:
     known = int(np.prod([d for d in dims if d != -1]))
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh shape {dims}")
+      fixed = {a: d for a, d in named.items() if d != -1}
+      raise ValueError(f"mesh axes {named}: the fixed axes {fixed} multiply to {known}, which does not divide "
+                       f"the {len(devices)} device(s); choose sizes whose product divides {len(devices)}")
     dims[dims.index(-1)] = len(devices) // known
   if int(np.prod(dims)) != len(devices):
-    raise ValueError(
-        f"mesh shape {dict(zip(MESH_AXES, dims))} needs {int(np.prod(dims))} devices, "
-        f"found {len(devices)}")
+    product = int(np.prod(dims))
+    raise ValueError(f"mesh axes {named} multiply to {product}: needs {product} devices, found {len(devices)}; "
+                     "the product must equal the device count (or set one axis to -1)")
   grid = np.asarray(devices, dtype=object).reshape(dims)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -72,6 +77,25 @@ def create_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Dev
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
   """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def check_divisible(shapes: Any, shardings: Any, logical_specs: Any) -> None:
+  """Raises ValueError naming the first parameter whose dimension the mesh cannot split evenly (jax would
+  raise a bare IndivisibleError at the first jit), its logical axis, the mesh axes and their sizes."""
+  flat_shapes = jax.tree_util.tree_flatten_with_path(shapes)[0]
+  flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  flat_logical = jax.tree.leaves(logical_specs, is_leaf=lambda x: isinstance(x, P))
+  for (path, shape), sharding, logical in zip(flat_shapes, flat_shardings, flat_logical):
+    for dim, (size, axes) in enumerate(zip(shape.shape, sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      parts = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+      if size % parts:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        split = " x ".join(f"{a}={sharding.mesh.shape[a]}" for a in axes)
+        logical_name = logical[dim] if dim < len(logical) else None
+        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: parameter {name} {tuple(shape.shape)} has "
+                         f"dimension {dim} (logical axis {logical_name!r}) of size {size}, which mesh axes {split} "
+                         f"cannot split into {parts} equal parts; choose mesh sizes that divide it")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -338,6 +338,7 @@ def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable
   spec.loader.exec_module(module)
   c = module.get_config()
   c.update(workdir=str(tmp_path), total_steps=3, compiler_options=FAST_COMPILE)
+  c.optimizer.warmup_steps = 3  # the settings check refuses a warmup longer than the run
   c.data.update(global_batch_size=4, seq_len=160)
   c.log.update(every_steps=1, tensorboard=False)
   history = trainer.Trainer(c, devices=jax.devices()[:1]).run()

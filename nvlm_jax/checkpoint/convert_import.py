@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 
 from flax import traverse_util
 import flax.linen as nn
+import numpy as np
 
 from nvlm_jax.checkpoint import orbax_stream
 from nvlm_jax.checkpoint.convert_output import (PROVENANCE_FILE, ConvertError, Progress, atomic_output_dir,
@@ -69,6 +70,22 @@ def stream_into(writer: orbax_stream.ParamWriter, items: Iterable[WorkItem], bar
       raise
 
 
+def is_float_dtype(dtype) -> bool:
+  dtype = np.dtype(dtype)
+  return bool(np.issubdtype(dtype, np.floating)) or dtype.name == "bfloat16"
+
+
+def check_float_tensors(source: HFSource) -> None:
+  """Refuses a source tensor whose dtype kind cannot hold a parameter: every parameter is floating-point,
+  and casting an integer or bool tensor to float would write numbers that were never weights."""
+  for key in source.table.hf_shapes():
+    dtype = source.ckpt[key].np_dtype
+    if not is_float_dtype(dtype):
+      raise ConvertError(f"{source.directory / source.ckpt.file_of(key)}: tensor {key!r} is {np.dtype(dtype).name}, "
+                         "but it feeds a floating-point parameter; refusing to cast it (is the file damaged, or "
+                         "from another model?)")
+
+
 def write_provenance(directory: Path, record: Mapping[str, Any]) -> None:
   (directory / PROVENANCE_FILE).write_text(json.dumps(dict(record), indent=2, sort_keys=True) + "\n")
 
@@ -99,7 +116,7 @@ def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtyp
 
   dtype: storage (and compute) dtype of the params, 'auto' = the checkpoint's own floating dtype.
   mesh: the mesh the checkpoint will be restored onto (chunks are cut at its shard boundaries).
-  Everything is validated (headers, keys, shapes, config) before the output directory is created.
+  Everything is validated (headers, keys, shapes, dtype kinds, config) before the output directory is created.
   """
   start = time.perf_counter()
   out = Path(out).absolute()
@@ -109,6 +126,7 @@ def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtyp
                             "(remove it or choose another output path)")
   mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
   source = HFSource(hf_dir, layout=layout, dtype=dtype, scan_layers=scan_layers)
+  check_float_tensors(source)
   boxed = source.abstract_params()
   flat = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
   source.table.check_target(flat)

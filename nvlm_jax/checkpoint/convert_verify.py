@@ -8,8 +8,10 @@ Three models on the same random inputs (text, plus image tiles and their placeho
   3. transformers' own model of the HF directory, when transformers is installed and knows the
      architecture (Qwen2, Llama, InternVL; NVLM-D needs the release's remote code and is skipped).
 It reports the largest parameter difference between 1 and 2 and the largest logit difference of 1
-against 2 and 3, all in float32. Everything is loaded whole: meant for models that fit in host memory
-(twice, plus transformers' copy).
+against 2 and 3, all in float32, and compares dtypes: a source tensor that is not floating-point is an
+error (as in `import`), and a parameter the checkpoint stores in another dtype than the files' (or not
+as a float) is listed; a non-float stored parameter fails the check. Everything is loaded whole: meant
+for models that fit in host memory (twice, plus transformers' copy).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import numpy as np
 from flax import traverse_util
 
 from nvlm_jax.checkpoint.convert_output import ConvertError
-from nvlm_jax.checkpoint.convert_sources import HFSource, import_overrides, layout_rules
+from nvlm_jax.checkpoint.convert_import import check_float_tensors, is_float_dtype
+from nvlm_jax.checkpoint.convert_sources import HFSource, import_overrides, layout_rules, majority_dtype
 from nvlm_jax.config import DecoderConfig, NVLMConfig
 
 TRANSFORMERS_ARCHS = {"Qwen2ForCausalLM": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
@@ -81,6 +84,13 @@ def _max_diff(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
+def _stored_dtypes(checkpoint) -> dict[str, str]:
+  """param path -> the dtype our checkpoint stores it in (read from its array metadata, nothing loaded)."""
+  from nvlm_jax.checkpoint.convert_sources import OrbaxSource
+
+  return {path: np.dtype(info.dtype).name for path, info in OrbaxSource(checkpoint).reader.arrays.items()}
+
+
 def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len: int = 64, tiles: int = 2,
            seed: int = 0, atol: float = 1e-3, layout: str = "auto", use_transformers: bool = True) -> dict[str, Any]:
   """Compares the three models; `ok` is False when a difference exceeds `atol`."""
@@ -92,6 +102,7 @@ def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len:
   cfg = ours.config
   scan = (cfg.llm if isinstance(cfg, NVLMConfig) else cfg).scan_layers
   source = HFSource(hf_dir, layout=layout, dtype="float32", scan_layers=scan)
+  check_float_tensors(source)
   imported, imported_params = load_pretrained(
       hf_dir, dtype=jnp.float32, scan_layers=scan, layout=source.layout.name,
       rules=lambda c: layout_rules(source.layout, c, source.ckpt),
@@ -108,6 +119,12 @@ def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len:
   shape_mismatch = [p for p in a if tuple(a[p].shape) != tuple(b[p].shape)]
   if shape_mismatch:
     raise ConvertError(f"verify: parameter shapes differ: {shape_mismatch[:5]}")
+  stored = _stored_dtypes(checkpoint)
+  source_dtype = majority_dtype(source.ckpt)
+  report["param_dtypes"] = {d: sum(1 for v in stored.values() if v == d) for d in sorted(set(stored.values()))}
+  differ = sorted(f"{p}: stored {d}, files {source_dtype}" for p, d in stored.items() if d != source_dtype)
+  report["dtype_mismatches"] = {"count": len(differ), "examples": differ[:5]}
+  non_float = [p for p, d in stored.items() if not is_float_dtype(d)]
   worst = max(diffs, key=diffs.get)
   report["param_max_abs_diff"] = diffs[worst]
   report["param_max_abs_diff_at"] = worst
@@ -136,5 +153,5 @@ def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len:
       report["vs_transformers_max_abs_diff"] = _max_diff(logits, _transformers_logits(hf_dir, arch, inputs))
   checks = [report["vs_importer_max_abs_diff"], report.get("vs_transformers_max_abs_diff", 0.0)]
   report["atol"] = atol
-  report["ok"] = bool(all(d <= atol for d in checks))
+  report["ok"] = bool(all(d <= atol for d in checks)) and not non_float
   return report

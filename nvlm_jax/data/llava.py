@@ -82,7 +82,14 @@ class LlavaSource:
     return not head.startswith(b"[")
 
   def _load_json(self) -> None:
-    text = self.path.read_text(encoding="utf-8")
+    raw = self.path.read_bytes()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw[: e.start].count(b"\n") + 1
+      raise LlavaFormatError(
+        f"{self.path}:{line}: not UTF-8 text (byte {e.start}: {e.reason}); LLaVA JSON files must be UTF-8"
+      ) from None
     try:
       data = json.loads(text)
     except json.JSONDecodeError as e:

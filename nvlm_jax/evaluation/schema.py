@@ -85,8 +85,13 @@ def read_checked_jsonl(
   rows: list[dict[str, Any]] = []
   errors: list[str] = []
   first_line_of: dict[str, int] = {}
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        errors.append(f"{path}:{line_number}: not UTF-8 text (byte {e.start} of the line: {e.reason})")
+        continue
       if not line.strip():
         continue
       try:

@@ -402,6 +402,7 @@ class Processor:
   ) -> ProcessedSample:
     """Process one conversation without padding (the data pipeline's entry point)."""
     where = "conversation" if sample_index is None else f"sample {sample_index}"
+    _check_max_length(max_length)
     images = _as_image_list(images)
     messages = ct.validate_messages(messages, where=where)
     if not messages:
@@ -474,6 +475,7 @@ class Processor:
   ) -> dict[str, np.ndarray]:
     """Pad samples into a batch. ``padding``: "longest" (or True), "max_length" (pad to ``max_length``),
     or "do_not_pad" (or False; all samples must then have the same length)."""
+    _check_max_length(max_length)
     if not samples:
       raise ValueError("collate: no samples")
     if padding_side not in ("right", "left"):
@@ -582,12 +584,20 @@ class Processor:
 
   # ---- decoding ------------------------------------------------------------------------------------
   def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
-    """Text of a 1-D id sequence; negative ids (IGNORE_INDEX in labels) are dropped."""
+    """Text of a 1-D id sequence; negative ids (IGNORE_INDEX in labels) are dropped, an id past the
+    vocabulary is an error naming it."""
     ids = np.asarray(ids).reshape(-1)
     return self.tokenizer.decode(ids[ids >= 0].tolist(), skip_special_tokens=skip_special_tokens)
 
   def batch_decode(self, ids, *, skip_special_tokens: bool = False) -> list[str]:
     return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in np.asarray(ids)]
+
+
+def _check_max_length(max_length) -> None:
+  if max_length is not None and (
+    isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length <= 0
+  ):
+    raise ValueError(f"max_length={max_length!r}: must be a positive number of tokens (or None for no limit)")
 
 
 def _is_batch(messages) -> bool:

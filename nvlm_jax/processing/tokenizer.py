@@ -176,7 +176,14 @@ class NvlmTokenizer:
     return ids, offsets
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-    return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    """Text of token ids. An id outside the vocabulary is an error naming it (the backend would drop it
+    silently): a model whose embedding is padded past the tokenizer can emit such ids."""
+    ids = [int(i) for i in ids]
+    size = self.backend.get_vocab_size(with_added_tokens=True)
+    outside = sorted({i for i in ids if not 0 <= i < size})
+    if outside:
+      raise ValueError(f"token id(s) {outside[:8]} are outside the tokenizer's vocabulary (ids 0..{size - 1})")
+    return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
 def build_tiny_tokenizer(

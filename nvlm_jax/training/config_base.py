@@ -118,6 +118,41 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   return c
 
 
+def missing_config_file(flag) -> str | None:
+  """For a `config_flags.DEFINE_config_file` flag: a message naming the file if it does not exist (ml_collections
+  would report a failure to load "config_config"), else None."""
+  from ml_collections import config_flags
+
+  if flag.value is None and not flag.present:
+    return None
+  path = (config_flags.get_config_filename(flag) or "").split(":")[0]
+  return None if Path(path).is_file() else f"--config: config file {path} does not exist"
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError listing every setting that cannot work (each named with its value), before anything
+  is built or compiled: a bad value must not surface as a crash deep in orbax or a silent no-op run."""
+  from nvlm_jax.training import optimizer
+
+  problems = []
+
+  def at_least(name, value, low, why=""):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      problems.append(f"config.{name}={value!r}: must be an integer >= {low}{why}")
+
+  at_least("total_steps", c.get("total_steps"), 1)
+  at_least("max_consecutive_nonfinite", c.get("max_consecutive_nonfinite", 5), 1)
+  at_least("checkpoint.every_steps", c.checkpoint.get("every_steps"), 1)
+  at_least("checkpoint.max_to_keep", c.checkpoint.get("max_to_keep"), 1)
+  at_least("log.every_steps", c.log.get("every_steps", 1), 1)
+  at_least("data.global_batch_size", c.data.get("global_batch_size"), 1)
+  at_least("data.seq_len", c.data.get("seq_len"), 1)
+  at_least("data.num_microbatches", c.data.get("num_microbatches", 1), 1)
+  problems += optimizer.settings_problems(c.optimizer, c.get("total_steps"))
+  if problems:
+    raise ValueError("invalid training settings:\n  " + "\n  ".join(problems))
+
+
 def sibling_config(this_file: str, name: str, arg=None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of configs/<name>.py beside `this_file`: a recipe that is another one with a few
   changes says so by starting from it, instead of repeating it."""

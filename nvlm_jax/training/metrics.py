@@ -1,8 +1,9 @@
 """Training metrics: one JSON line per step in WORKDIR/metrics.jsonl, TensorBoard scalars, progress lines.
 
-Only process 0 writes. On resume from a checkpoint at step s, lines for steps > s (written after that
-checkpoint by the interrupted run) are dropped first, so metrics.jsonl always reads as one clean run,
-and TensorBoard is told to discard its later events too (a START session log at step s).
+Only process 0 writes. On resume from a checkpoint at step s, a torn last line and lines for steps > s
+(written after that checkpoint by the interrupted run) are dropped first, and the TensorBoard event files
+are cut to step s the same way, so both read as one clean run: every step exactly once. The trainer
+writes the rows of every step up to a checkpoint to disk (fsync) before it starts that checkpoint.
 """
 from __future__ import annotations
 
@@ -12,28 +13,73 @@ import os
 import time
 from typing import Any, Mapping
 
-from nvlm_jax.training.tensorboard import EventWriter
+from nvlm_jax.training.tensorboard import EventWriter, truncate_event_files
 
 METRICS_FILE = "metrics.jsonl"
 
 
+class MetricsFileError(ValueError):
+  """metrics.jsonl has an unreadable line that is not its last one (a torn last line is expected after a kill)."""
+
+
+def _parse_rows(path: str) -> tuple[list[dict], bool]:
+  """(rows, whether a torn last line was dropped). A kill mid-write leaves the last line without its newline
+  and incomplete; any other unreadable line is an error naming the file and line."""
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  rows, torn = [], False
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode("utf-8"))
+      problem = None if isinstance(row, dict) and isinstance(row.get("step"), int) else "no integer 'step'"
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+      problem = str(e)
+    if problem is None:
+      rows.append(row)
+    elif number == len(lines):  # no newline after it: the line was being written when the run died
+      torn = True
+    else:
+      raise MetricsFileError(f"{path}, line {number}: unreadable metrics row ({problem})")
+  return rows, torn
+
+
 def read_metrics(workdir: str) -> list[dict]:
+  """The rows of WORKDIR/metrics.jsonl (a torn last line, left by a kill, is skipped)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _parse_rows(path)[0]
 
 
-def truncate_metrics(workdir: str, last_step: int) -> None:
-  """Drops lines with step > last_step (an interrupted run's steps that will be redone)."""
+def truncate_metrics(workdir: str, last_step: int) -> str:
+  """Brings metrics.jsonl to `last_step`, the step a resume restored: drops a torn last line and rows of
+  later steps (an interrupted run's steps, to be redone), and keeps one row per step. Returns what it did,
+  for the progress log ("" if nothing)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
-    return
-  kept = [m for m in read_metrics(workdir) if m.get("step", 0) <= last_step]
+    return ""
+  rows, torn = _parse_rows(path)
+  by_step = {}
+  for row in rows:
+    if row["step"] <= last_step:
+      by_step[row["step"]] = row  # a repeated step (from an older writer) keeps its last row
+  kept = [by_step[s] for s in sorted(by_step)]
+  if not torn and len(kept) == len(rows):
+    return ""
+  _atomic_write(path, "".join(json.dumps(m) + "\n" for m in kept))
+  done = [f"removed {len(rows) - len(kept)} row(s) past step {last_step}"] if len(kept) != len(rows) else []
+  done += ["dropped a torn last line"] if torn else []
+  return f"{path}: " + ", ".join(done)
+
+
+def _atomic_write(path: str, text: str) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.writelines(json.dumps(m) + "\n" for m in kept)
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
   os.replace(tmp, path)
 
 
@@ -47,19 +93,28 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
+  """Appends one row per step; on resume first brings the log (and the TensorBoard run) to the restored step.
+
+  `repaired` lists what the resume changed in the files, for the progress log.
+  """
+
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
                resume_step: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self.repaired: list[str] = []
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    logdir = os.path.join(workdir, "tensorboard")
     if resume_step is not None:
-      truncate_metrics(workdir, resume_step)
+      self.repaired = [m for m in (truncate_metrics(workdir, resume_step),
+                                   truncate_event_files(logdir, resume_step)) if m]
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
     if tensorboard:
-      self._tb = EventWriter(os.path.join(workdir, "tensorboard"), resume_step=resume_step)
+      # TensorBoard drops earlier events at or after a START marker's step: the restored step's stay.
+      self._tb = EventWriter(logdir, resume_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -70,11 +125,15 @@ class MetricsWriter:
       self._tb.scalars(step, {f"train/{k}": v for k, v in clean.items()
                               if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
-  def flush(self) -> None:
+  def flush(self, durable: bool = False) -> None:
+    """Hands the rows to the OS; `durable`: also waits until they are on disk (before a checkpoint commits,
+    so a checkpoint never holds steps the log lacks)."""
     if self._jsonl is not None:
       self._jsonl.flush()
+      if durable:
+        os.fsync(self._jsonl.fileno())
     if self._tb is not None:
-      self._tb.flush()
+      self._tb.flush(durable)
 
   def close(self) -> None:
     if self._jsonl is not None:

@@ -15,6 +15,7 @@ otherwise silently freeze a module).
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -99,7 +100,7 @@ def lr_schedule(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: in
 
   `decay_steps` counts from step 0 (Megatron's --lr-decay-iters), so the cosine spans
   decay_steps - warmup_steps updates. The first update uses max_lr / warmup_steps (Megatron's uses 0).
-  A run shorter than its warmup (a smoke test with --config.total_steps=3) simply stays in warmup.
+  A run shorter than its warmup is refused by the settings check (settings_problems).
   """
   warmup = max(int(warmup_steps), 0)
   span = float(max(decay_steps - warmup, 1))
@@ -112,6 +113,54 @@ def lr_schedule(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: in
     return jnp.where(step < warmup, warm, cosine)
 
   return schedule
+
+
+def _number(value) -> float | None:
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def settings_problems(opt_config, total_steps) -> list[str]:
+  """What is wrong with the optimizer settings (empty if nothing), one line per setting, checked before
+  anything is compiled: a mistyped lr must not train (lr=-1 runs gradient ascent, lr=nan saves NaNs)."""
+  problems = []
+
+  def bad(name, why):
+    problems.append(f"config.optimizer.{name}={opt_config.get(name)!r}: {why}")
+
+  lr, min_lr = _number(opt_config.get("lr")), _number(opt_config.get("min_lr", 0.0))
+  if lr is None or not math.isfinite(lr) or lr <= 0:
+    bad("lr", "must be a finite number > 0")
+  if min_lr is None or not math.isfinite(min_lr) or min_lr < 0:
+    bad("min_lr", "must be a finite number >= 0")
+  elif lr is not None and math.isfinite(lr) and min_lr > lr:
+    bad("min_lr", f"must be <= lr ({lr})")
+  warmup = opt_config.get("warmup_steps", 0)
+  if not isinstance(warmup, int) or warmup < 0:
+    bad("warmup_steps", "must be an integer >= 0")
+  elif isinstance(total_steps, int) and warmup > total_steps:
+    bad("warmup_steps", f"must be <= total_steps ({total_steps}); lower it for a short run")
+  decay = opt_config.get("decay_steps", 0)
+  if not isinstance(decay, int) or decay < 0:
+    bad("decay_steps", "must be an integer >= 0 (0 = total_steps)")
+  elif decay and isinstance(warmup, int) and decay < warmup:
+    bad("decay_steps", f"must be 0 or >= warmup_steps ({warmup})")
+  for name in ("b1", "b2"):
+    value = _number(opt_config.get(name))
+    if value is None or not 0 <= value < 1:
+      bad(name, "must be in [0, 1)")
+  eps = _number(opt_config.get("eps", 1e-8))
+  if eps is None or not math.isfinite(eps) or eps <= 0:
+    bad("eps", "must be a finite number > 0")
+  decay_rate = _number(opt_config.get("weight_decay", 0.0))
+  if decay_rate is None or not math.isfinite(decay_rate) or decay_rate < 0:
+    bad("weight_decay", "must be a finite number >= 0")
+  clip = _number(opt_config.get("grad_clip", 0.0))
+  if clip is None or not math.isfinite(clip) or clip < 0:
+    bad("grad_clip", "must be a finite number > 0 (the global-norm bound), or 0 for no clipping")
+  return problems
 
 
 def make_optimizer(opt_config, labels: Any, decay_mask: Any, total_steps: int):

@@ -181,6 +181,10 @@ def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", o
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from nvlm_jax.training.config_base import missing_config_file
+
+  if problem := missing_config_file(flags.FLAGS["config"]):
+    raise app.UsageError(problem)
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/nvlm_d_72b_sft.py")

@@ -111,6 +111,15 @@ def load_processor(workdir: str | os.PathLike):
   from nvlm_jax.processing.processor import Processor
   from nvlm_jax.processing.tokenizer import NvlmTokenizer
   workdir = Path(workdir)
-  settings = json.loads((workdir / PROCESSOR_FILE).read_text())
+  settings_file = workdir / PROCESSOR_FILE
+  if not settings_file.is_file():
+    where = "does not exist" if not workdir.exists() else f"has no {PROCESSOR_FILE}"
+    raise FileNotFoundError(f"load_processor({workdir}): the directory {where}; expected a training workdir of "
+                            f"the data pipeline ({PROCESSOR_FILE} + {TOKENIZER_SUBDIR}/). For a Hugging Face "
+                            "directory use nvlm_jax.Processor.from_pretrained")
+  try:
+    settings = json.loads(settings_file.read_text(encoding="utf-8"))
+  except ValueError as e:
+    raise ValueError(f"{settings_file}: unreadable processor settings ({e})") from None
   tokenizer = NvlmTokenizer.from_pretrained(workdir / settings.pop("tokenizer"))
   return Processor(tokenizer, **settings)

@@ -8,8 +8,9 @@ serialized `tensorflow.Event` protobuf. We only need scalars, so both layers are
   Summary = 1: repeated Value ; Value = 1: tag (string) | 2: simple_value (float)
   SessionLog = 1: status (enum, START = 1)
 
-A START session log written at step s tells TensorBoard to discard events with step > s from earlier
-runs of the same job, which is what we want after resuming from a checkpoint.
+A START session log written at step s tells TensorBoard to discard events with step >= s from earlier
+runs of the same job. After resuming from a checkpoint the trainer also cuts the old event files to the
+restored step (`truncate_event_files`), so the files themselves hold every step once.
 """
 from __future__ import annotations
 
@@ -80,18 +81,23 @@ def encode_record(payload: bytes) -> bytes:
   return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
 
 
-def read_records(path: str) -> list[bytes]:
-  """The payloads of a TFRecord file, checking every CRC (used by tests and for debugging)."""
+def read_records(path: str, *, allow_torn_tail: bool = False) -> list[bytes]:
+  """The payloads of a TFRecord file, checking every CRC. `allow_torn_tail`: a last record cut short (a
+  kill mid-write) is dropped instead of raising."""
   payloads = []
   with open(path, "rb") as f:
     data = f.read()
   pos = 0
   while pos < len(data):
+    if allow_torn_tail and pos + 16 > len(data):
+      break
     length_bytes = data[pos:pos + 8]
     (length,) = struct.unpack("<Q", length_bytes)
     (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
     if length_crc != masked_crc32c(length_bytes):
       raise ValueError(f"{path}: corrupt record length at byte {pos}")
+    if allow_torn_tail and pos + 16 + length > len(data):
+      break
     payload = data[pos + 12:pos + 12 + length]
     (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
     if payload_crc != masked_crc32c(payload):
@@ -99,6 +105,63 @@ def read_records(path: str) -> list[bytes]:
     payloads.append(payload)
     pos += 16 + length
   return payloads
+
+
+def event_step(payload: bytes) -> int:
+  """The step (field 2) of a serialized Event; 0 if absent."""
+  pos = 0
+  while pos < len(payload):
+    key, pos = _read_varint(payload, pos)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _read_varint(payload, pos)
+      if field == 2:
+        return value - (1 << 64) if value >= 1 << 63 else value
+    elif wire == 1:
+      pos += 8
+    elif wire == 5:
+      pos += 4
+    elif wire == 2:
+      length, pos = _read_varint(payload, pos)
+      pos += length
+    else:
+      raise ValueError(f"unexpected protobuf wire type {wire}")
+  return 0
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+  value = shift = 0
+  while True:
+    byte = data[pos]
+    pos += 1
+    value |= (byte & 0x7F) << shift
+    if not byte & 0x80:
+      return value, pos
+    shift += 7
+
+
+def truncate_event_files(logdir: str, last_step: int) -> str:
+  """Cuts every event file in `logdir` to the events of steps <= last_step (and drops a torn last record).
+  Returns what it did ("" if nothing)."""
+  if not os.path.isdir(logdir):
+    return ""
+  changed = 0
+  for name in sorted(os.listdir(logdir)):
+    if not name.startswith("events.out.tfevents."):
+      continue
+    path = os.path.join(logdir, name)
+    with open(path, "rb") as f:
+      size = len(f.read())
+    kept = [p for p in read_records(path, allow_torn_tail=True) if event_step(p) <= last_step]
+    data = b"".join(encode_record(p) for p in kept)
+    if len(data) != size:
+      with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(path + ".tmp", path)
+      changed += 1
+  return f"{logdir}: cut {changed} event file(s) to step {last_step}" if changed else ""
 
 
 class EventWriter:
@@ -117,8 +180,10 @@ class EventWriter:
   def scalars(self, step: int, values: dict[str, float]) -> None:
     self._file.write(encode_record(encode_event(step, time.time(), scalars=values)))
 
-  def flush(self) -> None:
+  def flush(self, durable: bool = False) -> None:
     self._file.flush()
+    if durable:
+      os.fsync(self._file.fileno())
 
   def close(self) -> None:
     if not self._file.closed:

@@ -7,8 +7,10 @@ Microbatch m takes rows m, m + M, m + 2M, ...: with rows sharded contiguously ov
 every device keeps working on its own rows and no data moves.
 
 Only trainable parameters are differentiated (optimizer.split_trainable). If the loss or the gradient
-norm is not finite, the update is dropped inside the step (parameters and optimizer state stay as they
-were), `skipped_steps` and `nonfinite_streak` count it, and the host loop aborts after too many in a row.
+norm is not finite, or the update would make a parameter or an optimizer moment non-finite, the update is
+dropped inside the step (parameters and optimizer state stay as they were), `skipped_steps` and
+`nonfinite_streak` count it, and the host loop aborts after too many in a row. So a non-finite value never
+enters the state (and never a checkpoint).
 """
 from __future__ import annotations
 
@@ -113,6 +115,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     updates, new_opt_state = tx.update(full_grads, state.opt_state, state.params)
     new_trainable = optax.apply_updates(trainable, split_trainable(updates, labels)[0])
 
+    # An overflowing update (a huge lr) is refused like a non-finite gradient.
+    finite = finite & all_finite(new_trainable) & all_finite(new_opt_state)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     new_params = merge_trainable(keep(new_trainable, trainable), frozen)
     new_opt_state = keep(new_opt_state, state.opt_state)
@@ -138,6 +142,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     return new_state, metrics
 
   return step
+
+
+def all_finite(tree) -> jnp.ndarray:
+  """True iff every floating-point element of `tree` is finite (a scalar bool; True for no float leaves)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def jit_train_step(step_fn, state_shardings, batch_shardings, mesh, compiler_options=None):

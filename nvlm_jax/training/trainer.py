@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, flops as flops_lib, metrics as metrics_lib, models, optimizer
+from nvlm_jax.training import checkpointing, config_base, flops as flops_lib, metrics as metrics_lib, models, optimizer
 from nvlm_jax.training.train_step import TrainState, batch_sharding, jit_train_step, make_train_step
 
 
@@ -80,7 +80,11 @@ def unique_logical_axes(specs):
 
 def build_setup(config, *, devices=None, model_config=None) -> Setup:
   """Mesh, model, trainable labels, optimizer and the abstract sharded TrainState for `config`."""
-  mesh = sharding_lib.create_mesh(dict(config.mesh), devices)
+  config_base.check_config(config)
+  try:
+    mesh = sharding_lib.create_mesh(dict(config.mesh), devices)
+  except ValueError as e:
+    raise ValueError(f"config.mesh: {e}") from None
   rules = sharding_lib.LOGICAL_AXIS_RULES
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = int(config.data.get("num_microbatches", 1))
@@ -99,6 +103,7 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
   tx, schedule = optimizer.make_optimizer(config.optimizer, labels, decay_mask, config.total_steps)
 
   param_shardings = sharding_lib.logical_to_sharding(logical, mesh, rules)
+  sharding_lib.check_divisible(abstract_params, param_shardings, logical)
   opt_logical = unique_logical_axes(optimizer.opt_state_logical_specs(tx, boxed))
   opt_shardings = sharding_lib.logical_to_sharding(opt_logical, mesh, rules)
   abstract_opt = nn.meta.unbox(optimizer.abstract_opt_state_with_names(tx, boxed))
@@ -350,28 +355,16 @@ class Trainer:
         processor_setup.save_processor(self.workdir, self.processor, self.processor_kwargs)
       self.data_iterator = make_data_iterator(cfg, setup, self.processor)
 
-    latest = checkpointer.latest_step()
     t0 = time.perf_counter()
-    if latest is not None and not checkpointer.has_train_state(latest):
-      # A params-only checkpoint in the workdir (a stitched model saved here): start from it.
-      state = state_from_params(setup, load_init_params(self.workdir, setup), cfg.seed)
-      state = state.replace(step=jnp.asarray(latest, jnp.int32))
-      how, latest = f"initialized from the parameters of {checkpointer.directory}/{latest}", None
-    elif latest is not None:
-      state = checkpointer.restore(latest, setup.abstract_state, self.data_iterator)
-      how = f"resumed from {checkpointer.directory}/{latest}"
-    elif ckpt_cfg.get("init_from"):
-      state = state_from_params(setup, load_init_params(ckpt_cfg.init_from, setup), cfg.seed)
-      how = f"initialized from {ckpt_cfg.init_from}"
-    else:
-      state = fresh_state(setup, cfg.seed)
-      how = "random init"
+    state, how, resumed = self._initial_state(checkpointer)
     start = int(jax.device_get(state.step))
     n_train = optimizer.count_params(state.params, setup.labels)
     n_all = optimizer.count_params(state.params)
     writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_chief,
                                        tensorboard=cfg.log.get("tensorboard", True),
-                                       resume_step=start if latest is not None else None)
+                                       resume_step=start if resumed else None)
+    for line in writer.repaired:
+      self._say(f"log brought to the restored step {start}: {line}")
     self._say(f"{how} in {time.perf_counter() - t0:.1f}s: step {start}, {n_all:,} params "
               f"({n_train:,} trainable), mesh {dict(setup.mesh.shape)}, {jax.process_count()} process(es)")
 
@@ -394,20 +387,23 @@ class Trainer:
         except StopIteration:
           self._say(f"the data iterator is exhausted after step {step}; stopping early")
           if pending:
-            history += self._log_window(pending, window_start, writer, total, checkpointer)
+            history += self._log_window(pending, window_start, writer, total, checkpointer, durable=True)
           if step > start and checkpointer.latest_step() != step:
-            checkpointer.save(step, state, self.data_iterator, description, force=True)
+            self._save(checkpointer, step, state, description)
           break
         if step == start:  # the first batch of the run is checked against the contract, on the host
           check_local_batch(local, setup)
         state, step_metrics = compiled(state, to_global_batch(local, setup))
         step += 1
         pending.append((step, step_metrics))
-        # Saved after the step whose state it holds; the iterator is positioned just after its batch.
-        checkpointer.save(step, state, self.data_iterator, description, force=step == total)
-        if step % log_every == 0 or step == total:
-          history += self._log_window(pending, window_start, writer, total, checkpointer)
+        # Saved after the step whose state it holds; the iterator is positioned just after its batch. The
+        # rows of every step up to it are on disk first, so a checkpoint never holds steps the log lacks.
+        save_due = checkpointer.due(step, force=step == total)
+        if save_due or step % log_every == 0:
+          history += self._log_window(pending, window_start, writer, total, checkpointer, durable=save_due)
           pending, window_start = [], time.perf_counter()
+        if save_due:
+          self._save(checkpointer, step, state, description)
     finally:
       checkpointer.close()
       writer.close()
@@ -416,10 +412,47 @@ class Trainer:
     self.state = state
     return history
 
-  def _log_window(self, pending, window_start: float, writer, total: int, checkpointer) -> list[dict]:
+  def _initial_state(self, checkpointer):
+    """(state, how it was made, whether it resumed a checkpoint of this workdir).
+
+    A workdir with checkpoints always resumes (that is how a preempted job continues), from the newest
+    intact step: damaged newer ones are reported and moved to WORKDIR/damaged_checkpoints/. With none
+    intact it stops (NoIntactCheckpointError lists them); it never uses part of a checkpoint.
+    """
+    setup, cfg = self.setup, self.config
+    init_from = cfg.checkpoint.get("init_from")
+    latest = checkpointer.latest_step()
+    if latest is not None and init_from:
+      self._say(f"WARNING: config.checkpoint.init_from={init_from} is NOT used: {checkpointer.directory} already "
+                f"holds checkpoints (steps {checkpointer.all_steps()}), and a workdir with checkpoints always "
+                "resumes from them. To start from init_from, use a new workdir.")
+    if latest is not None and checkpointer.is_params_only(latest):
+      # A params-only checkpoint in the workdir (a stitched model saved here): start from it.
+      state = state_from_params(setup, load_init_params(self.workdir, setup), cfg.seed)
+      state = state.replace(step=jnp.asarray(latest, jnp.int32))
+      return state, f"initialized from the parameters of {checkpointer.directory}/{latest}", False
+    if latest is not None:
+      state, step, damaged = checkpointer.restore_newest_intact(setup.abstract_state, self.data_iterator)
+      for path, reason in damaged:
+        self._say(f"WARNING: checkpoint {path} is damaged ({reason}); resuming from step {step} instead")
+      if damaged:
+        moved = checkpointer.set_aside([path for path, _ in damaged])
+        self._say(f"moved the damaged checkpoint(s) aside for inspection: {', '.join(map(str, moved))}")
+      return state, f"resumed from {checkpointer.directory}/{step}", True
+    if init_from:
+      state = state_from_params(setup, load_init_params(init_from, setup), cfg.seed)
+      return state, f"initialized from {init_from}", False
+    return fresh_state(setup, cfg.seed), "random init", False
+
+  def _save(self, checkpointer, step: int, state, description) -> None:
+    if not checkpointer.save(step, state, self.data_iterator, description):
+      self._say(f"WARNING: not saving the checkpoint of step {step}: a parameter is not finite")
+
+  def _log_window(self, pending, window_start: float, writer, total: int, checkpointer,
+                  durable: bool = False) -> list[dict]:
     """Fetches the metrics of the steps since the last log line (one device->host transfer, which also
-    waits for them to finish: the window's time is measured after it), writes them, prints a progress
-    line, and aborts on a run of non-finite steps."""
+    waits for them to finish: the window's time is measured after it), writes them (`durable`: onto the
+    disk), prints a progress line, and aborts on a run of non-finite steps."""
     cfg = self.config
     fetched = jax.device_get([m for _, m in pending])
     step_time = (time.perf_counter() - window_start) / len(pending)
@@ -437,7 +470,7 @@ class Trainer:
           row["mfu"] = flops_lib.mfu(flops, step_time, jax.device_count(), peak)
       writer.write(step, row)
       rows.append({"step": step, **row})
-    writer.flush()
+    writer.flush(durable)
     last = rows[-1]
     finite = [r["loss"] for r in rows if np.isfinite(r["loss"])]
     extra = f" | gnorm {last['grad_norm']:.3g} | lr {last['learning_rate']:.3g}"
@@ -448,14 +481,21 @@ class Trainer:
     self._say(metrics_lib.progress_line(last["step"], total, float(np.mean(finite)) if finite else float("nan"),
                                         last["tokens_per_s"], step_time, extra))
     max_bad = int(cfg.get("max_consecutive_nonfinite", 5))
-    worst = max(r["nonfinite_streak"] for r in rows)
-    if worst >= max_bad:
+    worst = max(rows, key=lambda r: r["nonfinite_streak"])
+    if worst["nonfinite_streak"] >= max_bad:
+      # The first skipped step was computed from the parameters the step before it made: a checkpoint of
+      # that step (or later) holds parameters that gave a non-finite loss. Name the newest one before it.
+      first_bad = worst["step"] - worst["nonfinite_streak"] + 1
+      checkpointer.wait()
+      good = [s for s in checkpointer.all_steps() if s <= first_bad - 2]
+      where = (f"the last checkpoint whose parameters still gave a finite loss: {checkpointer.directory}/{max(good)}"
+               if good else "no checkpoint predates it (start again, e.g. with a lower config.optimizer.lr)")
       raise NonFiniteLossError(
-          f"{worst} consecutive steps (up to step {last['step']}) had a non-finite loss or gradient norm; their "
-          f"updates were skipped ({last['skipped_steps']} skipped in total). Aborting: check the data of these "
-          f"steps, lower config.optimizer.lr, or raise config.max_consecutive_nonfinite (now {max_bad}). "
-          f"Last checkpoint (parameters as before the skipped steps): "
-          f"{checkpointer.directory}/{checkpointer.latest_step()}")
+          f"{worst['nonfinite_streak']} consecutive steps (up to step {worst['step']}) had a non-finite loss or "
+          f"gradient norm, or an update that would make the parameters non-finite; their updates were skipped "
+          f"({worst['skipped_steps']} skipped in total). Aborting: check the data of these steps, lower "
+          f"config.optimizer.lr, or raise config.max_consecutive_nonfinite (now {max_bad}). The streak began "
+          f"at step {first_bad}; {where}")
     return rows
 
   def _say(self, line: str) -> None:
