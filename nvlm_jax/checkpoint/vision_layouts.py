@@ -442,8 +442,8 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
                             param_dtype: str = "float32", scan_layers: bool = True, **overrides) -> NVLMConfig:
   """NVLM-D-72B config.json (`vision_config`, `llm_config`, top-level fields of NVLM_D_Config) -> NVLMConfig.
 
-  Looked up beside config.json when present: the placeholder id of `<|vision_pad|>` (tokenizer files)
-  and, if llm_config omits it, the vocabulary size (shape of the embedding in the shard headers).
+  Looked up beside config.json when present: the placeholder id of `<|vision_pad|>` (tokenizer files;
+  config.json's `image_token_id` wins) and, if llm_config omits it, the vocabulary size (shape of the embedding in the shard headers).
   `ps_version` absent -> 'v2' (what Megatron trained NVLM with; NVLM_D_Config's class default is 'v1').
   """
   top, sub = _split_overrides(overrides, source)
@@ -469,7 +469,11 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
                               out_features=llm.hidden_size, num_layers=2, use_bias=False, layer_norm_eps=1e-5,
                               dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
-  image_token_id = _tokenizer_token_id(directory, NVLM_D_DEFAULT_IMAGE_TOKEN)
+  # The placeholder id: config.json's `image_token_id` (our export writes it), else `<|vision_pad|>` of the
+  # tokenizer files beside it (the release names it only there), else the release's id.
+  image_token_id = cfg.get("image_token_id")
+  if not isinstance(image_token_id, int):
+    image_token_id = _tokenizer_token_id(directory, NVLM_D_DEFAULT_IMAGE_TOKEN)
   defaults = dict(
       image_token_id=NVLM_D_DEFAULT_IMAGE_TOKEN_ID if image_token_id is None else image_token_id,
       downsample_ratio=ratio,
