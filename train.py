@@ -36,7 +36,11 @@ def main(argv):
     config.recipe = config.get("recipe") or recipe_name(config_flags.get_config_filename(flags.FLAGS["config"]))
   if jax.process_index() == 0:
     print(f"recipe {config.recipe}, workdir {os.path.abspath(_WORKDIR.value or config.workdir)}", flush=True)
-  train(config, workdir=_WORKDIR.value)
+  from nvlm_jax.training.run_identity import RunIdentityError
+  try:
+    train(config, workdir=_WORKDIR.value)
+  except RunIdentityError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def recipe_name(config_flag: str) -> str:

@@ -5,13 +5,13 @@ Registered import layouts (see hf_import.REGISTRY):
   `vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`).
 - "InternVLForConditionalGeneration(in-memory names)": the same model saved with its module names
   (`model.vision_tower.*`, ..., `lm_head.weight`), as some hub repos are.
-- "NVLM_D": nvidia/NVLM-D-72B (spec h): `vision_model.*` (InternVL module names, fused qkv, ViT padded
+- "NVLM_D": nvidia/NVLM-D-72B (docs/paper.md (h)): `vision_model.*` (InternVL module names, fused qkv, ViT padded
   with zero dummy heads), `mlp1.*` (bias-free projector), `language_model.*` (Qwen2); config.json with
   `vision_config` / `llm_config`.
 - "InternVisionModel": a standalone InternViT directory (OpenGVLab/InternViT-6B-448px-V1-5 layout).
 - "InternVLVisionModel": a standalone transformers InternVL vision tower.
 
-The dummy heads of NVLM-D-72B (25 real heads stored as 32, Megatron TP=8 padding, spec a.2) are sliced
+The dummy heads of NVLM-D-72B (25 real heads stored as 32, Megatron TP=8 padding, docs/paper.md a.2) are sliced
 off at import; a dummy slice that is not exactly zero would mean the padded model computes something a
 25-head model cannot, so the import refuses and names the tensor. Export pads them back with zeros.
 """
@@ -32,9 +32,9 @@ from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheck
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf, decoder_rules
 from nvlm_jax.config import NVLMConfig, ProjectorConfig, VisionConfig
 
-# Megatron trained NVLM's ViT with tensor parallelism 8 and padded its heads to a multiple of 8 (spec a.2).
+# Megatron trained NVLM's ViT with tensor parallelism 8 and padded its heads to a multiple of 8 (docs/paper.md a.2).
 NVLM_D_VIT_HEAD_MULTIPLE = 8
-# `<|vision_pad|>`, used when the directory has no tokenizer files naming it (spec e, UNVERIFIED).
+# `<|vision_pad|>`, used when the directory has no tokenizer files naming it (docs/paper.md (e), open point 3).
 NVLM_D_DEFAULT_IMAGE_TOKEN = "<|vision_pad|>"
 NVLM_D_DEFAULT_IMAGE_TOKEN_ID = 151654
 
@@ -452,7 +452,7 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
   vision = vision_config_from_intern_vit(_field(cfg, "vision_config", source), source=f"{source}: vision_config",
                                          select_layer=int(cfg.get("select_layer", -1)), image_size=image_size,
                                          **{**impl, **sub["vision"]})
-  # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says (spec a.3).
+  # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says (docs/paper.md a.3).
   llm_json = {**_field(cfg, "llm_config", source), "model_type": "qwen2"}
   directory = _checkpoint_dir(source)
   if llm_json.get("vocab_size") is None:
@@ -501,7 +501,7 @@ def internvl_hf_rules(cfg: NVLMConfig, *, in_memory_names: bool = False) -> Rule
 
 
 def nvlm_d_rules(cfg: NVLMConfig, *, stored_heads: int | None = None) -> RuleTable:
-  """NVLM-D-72B files (spec h) <-> NVLMD params; the ViT's padded heads are checked and sliced off."""
+  """NVLM-D-72B files (docs/paper.md (h)) <-> NVLMD params; the ViT's padded heads are checked and sliced off."""
   stored = nvlm_d_stored_heads(cfg.vision.num_heads) if stored_heads is None else stored_heads
   return (intern_vit_rules(cfg.vision, stored_heads=stored, prefix="vision_model.", param_prefix="vision_model",
                            name="NVLM-D vision model")

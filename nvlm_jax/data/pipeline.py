@@ -446,7 +446,7 @@ def _allow_grain_workers_outside_app_run() -> None:
 # ---- demo config ------------------------------------------------------------------------------------
 SYNTHETIC_SETTINGS = {
   # tiny: 56-224 px images, 56 px tiles (16 tokens each with the tiny ViT); paper: 448-1344 px, 448 px tiles,
-  # NVLM-D SFT decoder length 3,200 and 6 + 1 tiles (spec g, Table 11).
+  # NVLM-D SFT decoder length 3,200 and 6 + 1 tiles (docs/paper.md (g), Table 11).
   "tiny": {"seq_len": 256, "max_tiles": 7, "global_batch_size": 8, "num_samples": 100_000},
   "paper": {"seq_len": 3200, "max_tiles": 7, "global_batch_size": 128, "num_samples": 1_000_000},
 }

@@ -5,7 +5,7 @@
     rows = generate_answers(model, params, processor, BENCHMARKS["vqav2"], samples, batch_size=8)
     # rows[i] = {"id", "prediction", "num_prompt_tokens", "num_generated_tokens", "finished"}, in sample order
 
-How a benchmark is run (what `eval.py` does, spec (e)/(i)):
+How a benchmark is run (what `eval.py` does, docs/paper.md (e)/(i)):
   * the prompt is `Benchmark.build_prompt(sample)`: the task's system prompt (Megatron's per-task
     ones) and the user text with its `<image>` marks and answer suffix; one user turn, then the
     generation prompt `<|im_start|>assistant\\n`;

@@ -184,6 +184,8 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, mesh=No
     shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
                         shardings)
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  return model, restored["params"]
+  # The params item alone, read with a plain Checkpointer: a read-only CheckpointManager would log warnings
+  # ("Given directory is read only") on every load that tell a user nothing.
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(directory / str(step) / "params", target)
+  return model, params

@@ -131,7 +131,7 @@ def _clean_whitespace(text: str) -> str:
 def vqa_accuracy(prediction: str, answers: Sequence[str], mode: str = "megatron") -> float:
   """VQA accuracy of one prediction against the (usually 10) human answers.
 
-  mode="megatron" (default; spec (i), NVLM's `evaluate_vqav2.py`): normalize prediction and every
+  mode="megatron" (default; docs/paper.md (i), NVLM's `evaluate_vqav2.py`): normalize prediction and every
     answer, score ``min(1, #matching answers / 3)``.
   mode="official" (VQAv2/TextVQA evaluation server): whitespace-clean everything, normalize only if
     the human answers disagree (the official tool skips normalization when all answers are equal),
