@@ -50,8 +50,10 @@ workers and across checkpoint/resume.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -381,6 +383,7 @@ class TrainIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator, *, mesh=None, process_count: int = 1):
     super().__init__(parent)
     self.mesh, self.process_count = mesh, process_count
+    atexit.register(_close_at_exit, weakref.ref(self))
 
   def __next__(self) -> dict[str, Any]:
     self._assert_not_closed()
@@ -414,6 +417,16 @@ class TrainIterator(grain.DatasetIterator):
       global_shape = (value.shape[0] * self.process_count,) + value.shape[1:]
       out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+  """Closes an iterator still open at interpreter exit (its worker processes, their shared memory) and lets
+  its pipeline be collected now: left to garbage collection during shutdown, grain's __del__ methods run
+  with half-torn-down modules and print tracebacks and "leaked shared_memory" warnings."""
+  it = ref()
+  if it is not None:
+    it.close()
+    it._parents = ()  # noqa: SLF001 - drops the last reference to the closed grain pipeline
 
 
 def check_processor_matches_model(processor, model_config) -> None:
