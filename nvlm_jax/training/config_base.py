@@ -106,6 +106,7 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   synthetic_data(c, seq_len=256 if c.data.max_tiles > 1 else 128, max_tiles=c.data.max_tiles, global_batch_size=8)
   if processor is not None:
     c.data.processor = processor
+  c.data.worker_count = 0  # a laptop: grain worker processes would cost more to start than they save
   c.optimizer.lr, c.optimizer.min_lr = 1e-3, 1e-4
   c.optimizer.warmup_steps, c.optimizer.decay_steps = 5, 0
   c.total_steps = 20

@@ -6,6 +6,7 @@ or restore an optimizer state built for other trainable parameters and fail deep
 mismatch. The trainer calls `claim` before it writes or restores anything, and a different run is refused
 with a message that says what each run is and how to start the new stage from the old one.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,9 +57,10 @@ def claim(workdir: str | os.PathLike, config, *, write: bool = True) -> None:
     if differences:
       lines = "\n  ".join(differences)
       raise RunIdentityError(
-          f"{workdir} holds the checkpoints of a different run ({file}):\n  {lines}\n"
-          f"Resuming them would mix two runs. Train this one in a new workdir (--config.workdir=DIR); to start "
-          f"it from that run's weights, add --config.checkpoint.init_from={workdir}.")
+        f"{workdir} holds the checkpoints of a different run ({file}):\n  {lines}\n"
+        f"Resuming them would mix two runs. Train this one in a new workdir (--config.workdir=DIR); to start "
+        f"it from that run's weights, add --config.checkpoint.init_from={workdir}."
+      )
   if write:
     workdir.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(current, indent=2) + "\n")
