@@ -75,6 +75,9 @@ STAND_INS = {
   "/data/nvlm": "tfds_nvlm",  # a tfds_builder set converted with --name synth
 }
 
+# Documented files whose contents point at others beside them (relative image paths).
+BESIDE = {"vqav2_val.jsonl": ("images",), "train.jsonl": ("images",), "TextVQA_0.5.1_val.json": ("train_images",)}
+
 MAIN_JOB = "python train.py --config.workdir=/tmp/nvlm_tiny_d --config.total_steps=4 --config.checkpoint.every_steps=2"
 RUNLOCAL_STEPS = "--config.total_steps=2 --config.checkpoint.every_steps=2"
 SHORTENED = {
@@ -420,8 +423,10 @@ def outputs_of(text: str) -> set[str]:
 def link_stand_ins(cwd: Path, text: str, stand_ins: StandIns) -> None:
   """Links the stand-in of every documented path the example mentions, except where it writes itself."""
   created = outputs_of(text)
+  mentioned = {p for p in STAND_INS if p in text}
+  mentioned |= {b for p in mentioned for b in BESIDE.get(p, ())}
   for documented, name in STAND_INS.items():
-    if documented not in text or any(documented == c or documented.startswith(c + "/") for c in created):
+    if documented not in mentioned or any(documented == c or documented.startswith(c + "/") for c in created):
       continue
     target = cwd / localize(documented, Path(".")).lstrip("./")
     if not target.exists():
