@@ -539,3 +539,33 @@ def test_the_repository_refers_to_nothing_outside_it():
       if any(re.search(p, line) for p in patterns):
         bad.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
   assert not bad, "\n".join(bad)
+
+
+def test_dotted_names_in_the_docs_resolve_after_import_nvlm_jax():
+  """`nvlm_jax.fusion.NVLMD`, `nvlm_jax.Processor.from_pretrained`, ...: as written, after `import nvlm_jax`."""
+  import nvlm_jax
+
+  missing = []
+  for file in DOC_FILES:
+    for n, line in enumerate((REPO / file).read_text().split("\n"), 1):
+      for name in re.findall(r"(?<![\w/])nvlm_jax(?:\.[A-Za-z_]\w*)+", line):
+        value = nvlm_jax
+        try:
+          for part in name.split(".")[1:]:
+            value = getattr(value, part)
+        except AttributeError:
+          missing.append(f"{file}:{n}: {name}")
+  assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("module", ["nvlm_jax.evaluation.runner", "nvlm_jax.evaluation.converters"])
+def test_module_clis_start_without_warnings(module, tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", module, "--help"],
+    capture_output=True,
+    text=True,
+    check=False,
+    cwd=tmp_path,
+    env=subprocess_env(tmp_path / "cache"),
+  )
+  assert proc.returncode == 0 and not proc.stderr, proc.stderr
