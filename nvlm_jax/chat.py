@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--top-p", type=float)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as saved")
-  parser.add_argument("--tokenizer", help="directory with tokenizer.json, or a training workdir, if not beside the checkpoint")
+  parser.add_argument(
+    "--tokenizer", help="directory with tokenizer.json, or a training workdir, if not beside the checkpoint"
+  )
   return parser
 
 

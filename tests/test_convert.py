@@ -497,13 +497,20 @@ def test_export_of_a_trainer_workdir_stands_alone(tmp_path):
                              atol=1e-5)
 
 
-def test_an_nvlm_d_config_json_placeholder_missing_from_the_tokenizer_is_named(tmp_path):
+def test_config_json_image_token_id_decides_the_placeholder_of_every_loader(tmp_path):
+  """Not the tokenizer's `<|vision_pad|>` (id 3), not NVLM-D-72B's 151654: config.json's id (4 here); an id the
+  tokenizer lacks is an error naming both."""
+  import nvlm_jax
+
   workdir = _trainer_workdir(tmp_path / "run")
   out = tmp_path / "hf"
   assert run_cli("export", "--checkpoint", workdir, "--out", out, "--layout", "nvlm_d", "--quiet") == 0
   config = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**config, "image_token_id": 4}))
+  model, _ = nvlm_jax.load_pretrained(out)
+  processor = nvlm_jax.Processor.from_pretrained(out)
+  assert model.config.image_token_id == processor.image_context_id == 4
+  assert processor.image_context_token == "<IMG_CONTEXT>"
   (out / "config.json").write_text(json.dumps({**config, "image_token_id": 151654}))
-  import nvlm_jax
-
   with pytest.raises(ValueError, match=r"image_token_id 151654 is not in the vocabulary"):
     nvlm_jax.Processor.from_pretrained(out)

@@ -111,18 +111,27 @@ SHORTENED = {
   ),
 }
 CANNOT_RUN = {
-  "pip install -r requirements-dev.txt && python -m pytest -q": "the whole test suite, this test included (and pip would change the environment)",
-  "python train.py --config=configs/nvlm_d_72b_sft.py --config.workdir=/ckpt/d72_sft "
-  "--config.checkpoint.init_from=/ckpt/d72_pretrain": "a 72B recipe: needs the 72B pretraining checkpoint and 512 accelerators (its tiny twin is the :runlocal "
-  "command; the planner lowers the same step)",
-  "python bench/convert_import.py --layers 10,28 --naive": "~8 min and 8 GB of disk by design (synthetic 1-3 GB checkpoints); tests/test_benchmarks.py covers the "
-  "bench scripts at tiny sizes",
+  "pip install -r requirements-dev.txt && python -m pytest -q": (
+    "the whole test suite, this test included (and pip would change the environment)"
+  ),
+  (
+    "python train.py --config=configs/nvlm_d_72b_sft.py --config.workdir=/ckpt/d72_sft "
+    "--config.checkpoint.init_from=/ckpt/d72_pretrain"
+  ): (
+    "a 72B recipe: needs the 72B pretraining checkpoint and 512 accelerators (its tiny twin is the "
+    ":runlocal command; the planner lowers the same step)"
+  ),
+  "python bench/convert_import.py --layers 10,28 --naive": (
+    "~8 min and 8 GB of disk by design (synthetic 1-3 GB checkpoints); tests/test_benchmarks.py covers the "
+    "bench scripts at tiny sizes"
+  ),
   "python bench/train_step_vs_torch.py": "a 1-3 min benchmark; tests/test_benchmarks.py runs it at a tiny size",
   "python bench/generate_vs_torch.py": "a ~1 min benchmark; tests/test_benchmarks.py runs it at a tiny size",
   "python bench/mfu.py": "a ~1 min benchmark; tests/test_benchmarks.py runs it at a tiny size",
   "python bench/fusion_throughput.py": "a 1-2 min benchmark; tests/test_benchmarks.py runs it at a tiny size",
-  "python bench/mfu.py --hidden 4096 --layers 8 --heads 32 --kv-heads 8 --intermediate 11008 --seq-len 2048 "
-  "--batch 8": "sized for a GPU (a 4096-wide model at 2048 tokens)",
+  (
+    "python bench/mfu.py --hidden 4096 --layers 8 --heads 32 --kv-heads 8 --intermediate 11008 --seq-len 2048 --batch 8"
+  ): "sized for a GPU (a 4096-wide model at 2048 tokens)",
 }
 # Unfenced command-like text that is a synopsis with placeholders, not a command (file, start of the line).
 SYNOPSES = {

@@ -443,7 +443,8 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
   """NVLM-D-72B config.json (`vision_config`, `llm_config`, top-level fields of NVLM_D_Config) -> NVLMConfig.
 
   Looked up beside config.json when present: the placeholder id of `<|vision_pad|>` (tokenizer files;
-  config.json's `image_token_id` wins) and, if llm_config omits it, the vocabulary size (shape of the embedding in the shard headers).
+  config.json's `image_token_id` wins) and, if llm_config omits it, the vocabulary size (shape of the
+  embedding in the shard headers).
   `ps_version` absent -> 'v2' (what Megatron trained NVLM with; NVLM_D_Config's class default is 'v1').
   """
   top, sub = _split_overrides(overrides, source)
