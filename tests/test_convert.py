@@ -445,7 +445,8 @@ def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   assert float(np.max(np.abs(np.asarray(logits) - rm.torch_logits(qwen, ids)))) <= 1e-4  # gates 0: the LLM
 
 
-def _trainer_workdir(directory: Path) -> Path:
+@pytest.fixture(scope="module")
+def trainer_workdir(tmp_path_factory) -> Path:
   """What the trainer leaves (nvlm_model.json, checkpoints/0, tokenizer/, processor.json) for the tiny NVLM-D
   with the demo tokenizer, whose placeholder id (3) is not NVLM-D-72B's (151654); random weights."""
   import ml_collections
@@ -454,6 +455,7 @@ def _trainer_workdir(directory: Path) -> Path:
   from nvlm_jax.fusion import build
   from nvlm_jax.training import processor_setup
 
+  directory = tmp_path_factory.mktemp("run")
   cfg = presets.get_preset("tiny_nvlm_d")
   cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=512))
   data = ml_collections.ConfigDict({"tokenizer": "tiny_synthetic", "processor": {"tile_tag_format": "2d_grid"}})
@@ -464,14 +466,14 @@ def _trainer_workdir(directory: Path) -> Path:
   return directory
 
 
-def test_export_of_a_trainer_workdir_stands_alone(tmp_path):
+def test_export_of_a_trainer_workdir_stands_alone(trainer_workdir, tmp_path):
   """The exported directory carries the run's tokenizer (WORKDIR/tokenizer/), chat template and processor
   settings, and every loader takes the placeholder id from its config.json: the same inputs and logits."""
   import jax.numpy as jnp
 
   import nvlm_jax
 
-  workdir = _trainer_workdir(tmp_path / "run")
+  workdir = trainer_workdir
   out = tmp_path / "hf"
   assert run_cli("export", "--checkpoint", workdir, "--out", out, "--layout", "nvlm_d", "--quiet") == 0
   assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
@@ -497,12 +499,12 @@ def test_export_of_a_trainer_workdir_stands_alone(tmp_path):
                              atol=1e-5)
 
 
-def test_config_json_image_token_id_decides_the_placeholder_of_every_loader(tmp_path):
+def test_config_json_image_token_id_decides_the_placeholder_of_every_loader(trainer_workdir, tmp_path):
   """Not the tokenizer's `<|vision_pad|>` (id 3), not NVLM-D-72B's 151654: config.json's id (4 here); an id the
   tokenizer lacks is an error naming both."""
   import nvlm_jax
 
-  workdir = _trainer_workdir(tmp_path / "run")
+  workdir = trainer_workdir
   out = tmp_path / "hf"
   assert run_cli("export", "--checkpoint", workdir, "--out", out, "--layout", "nvlm_d", "--quiet") == 0
   config = json.loads((out / "config.json").read_text())

@@ -514,6 +514,8 @@ def _param(example: Example):
 @pytest.mark.parametrize("example", [_param(e) for e in RUNNABLE])
 def test_documented_example_runs_as_written(example, docs_run):
   output = run_example(example, docs_run)
+  if "python train.py" in example.text:  # says which recipe runs where (a :runlocal workdir is named after it)
+    assert re.search(r"^recipe \S+, workdir /\S+", output, re.M), output[-2000:]
   if "convert export" in example.text and "--layout nvlm_d" in example.text:  # a directory that stands alone
     summary = json.loads(output[output.index("{") : output.rindex("}") + 1])
     assert "tokenizer.json" in summary["side_files"] and summary["processor_settings"], summary
