@@ -91,19 +91,25 @@ SHORTENED = {
     "200 steps run 4",
   ),
   "python train.py --config=configs/nvlm_x_72b_pretrain.py:runlocal": (
-    f"python train.py --config=configs/nvlm_x_72b_pretrain.py:runlocal {RUNLOCAL_STEPS} "
-    "--config.workdir=/tmp/nvlm_runlocal_nvlm_x_72b_pretrain",
+    (
+      f"python train.py --config=configs/nvlm_x_72b_pretrain.py:runlocal {RUNLOCAL_STEPS} "
+      "--config.workdir=/tmp/nvlm_runlocal_nvlm_x_72b_pretrain"
+    ),
     "20 steps run 2",
   ),
   "python train.py --config=configs/nvlm_d_72b_sft.py:runlocal": (
-    f"python train.py --config=configs/nvlm_d_72b_sft.py:runlocal {RUNLOCAL_STEPS} "
-    "--config.workdir=/tmp/nvlm_runlocal_nvlm_d_72b_sft",
+    (
+      f"python train.py --config=configs/nvlm_d_72b_sft.py:runlocal {RUNLOCAL_STEPS} "
+      "--config.workdir=/tmp/nvlm_runlocal_nvlm_d_72b_sft"
+    ),
     "20 steps run 2",
   ),
   "python -m nvlm_jax.training.plan --config=configs/nvlm_d_72b_sft.py --mesh=fsdp=64,tensor=8": (
     "python -m nvlm_jax.training.plan --config=configs/nvlm_d_72b_sft.py --mesh=fsdp=64,tensor=8 --lower_only",
-    "the full compile and FLOPs extrapolation take ~3 min here; --lower_only lowers the same 72B step on "
-    "512 virtual devices (test_training_configs.py compiles a sharded tiny plan)",
+    (
+      "the full compile and FLOPs extrapolation take ~3 min here; --lower_only lowers the same 72B step on "
+      "512 virtual devices (test_training_configs.py compiles a sharded tiny plan)"
+    ),
   ),
   "python -m nvlm_jax.data.tfds_builder --synthetic 100000 --seed 0 --out /data/nvlm --name synth": (
     "python -m nvlm_jax.data.tfds_builder --synthetic 50 --seed 0 --out /data/nvlm --name synth",
@@ -304,6 +310,7 @@ class StandIns:
 
   def _qwen2_hf(self) -> Path:
     import reference_models as rm
+
     from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
 
     out = rm.save(rm.build_causal_lm(rm.tiny_qwen2_config(num_hidden_layers=10), seed=0), self.root / "qwen2_hf")
@@ -515,7 +522,7 @@ def _param(example: Example):
 def test_documented_example_runs_as_written(example, docs_run):
   output = run_example(example, docs_run)
   if "python train.py" in example.text:  # says which recipe runs where (a :runlocal workdir is named after it)
-    assert re.search(r"^recipe \S+, workdir /\S+", output, re.M), output[-2000:]
+    assert re.search(r"^recipe \S+, workdir /\S+", output, re.MULTILINE), output[-2000:]
   if "convert export" in example.text and "--layout nvlm_d" in example.text:  # a directory that stands alone
     summary = json.loads(output[output.index("{") : output.rindex("}") + 1])
     assert "tokenizer.json" in summary["side_files"] and summary["processor_settings"], summary
