@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--dtype", choices=("float32", "bfloat16", "float16"), help="compute/param dtype (default: as saved)"
   )
-  parser.add_argument("--tokenizer", help="directory with tokenizer.json, if not beside the checkpoint")
+  parser.add_argument(
+    "--tokenizer", help="directory with tokenizer.json, or a training workdir, if not beside the checkpoint"
+  )
   parser.add_argument("--mesh", type=_parse_mesh, help="shard the model, e.g. 'tensor=8' or 'fsdp=2,tensor=4'")
   parser.add_argument(
     "--pad-to-multiple-of",

@@ -192,7 +192,7 @@ SMALL = {
                  max_position_embeddings=4096),
     "tiles_per_sample": 3,  # 2 regular tiles + thumbnail
 }
-TAG_TOKENS = 5  # `<tile_k>` is 5 text tokens for the Qwen2 tokenizer (spec e)
+TAG_TOKENS = 5  # `<tile_k>` is 5 text tokens for the Qwen2 tokenizer (docs/paper.md (e))
 
 
 def build_reference_internvl(sizes: dict = SMALL, *, seed: int = 0, attn: str = "sdpa", std: float = 0.05):

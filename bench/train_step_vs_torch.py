@@ -94,7 +94,7 @@ def main():
     norm = torch.nn.utils.clip_grad_norm_(ref_params, adamw["grad_clip"])
     ref_opt.step()
     common.sync_torch()
-    return float(loss), float(norm)
+    return float(loss.detach()), float(norm)
 
   def ref_forward():
     with torch.no_grad():

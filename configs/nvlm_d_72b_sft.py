@@ -1,4 +1,4 @@
-"""NVLM-D 72B, stage 2, supervised fine-tuning (spec g, Table 11): ViT frozen, LLM + alignment modules train.
+"""NVLM-D 72B, stage 2, supervised fine-tuning (docs/paper.md (g), Table 11): ViT frozen, LLM + alignment modules train.
 
     python train.py --config=configs/nvlm_d_72b_sft.py --config.workdir=/ckpt/nvlm_d_72b_sft \\
         --config.checkpoint.init_from=/ckpt/nvlm_d_72b_pretrain
@@ -6,7 +6,7 @@
     python train.py --config=configs/nvlm_d_72b_sft.py:runlocal       # the same stage, tiny model, CPU, ~1 minute
 
 Backbones: InternViT-6B-448px-V1-5 (frozen in every stage) + Qwen2-72B-Instruct. Values from the paper's
-Table 11 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
+Table 11 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
 
 Megatron's released 72B SFT script deviates from Table 11: global batch 256 and betas
 (0.9, 0.95); the 34B script uses batch 128. We follow the paper's table.

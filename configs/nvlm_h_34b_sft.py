@@ -1,4 +1,4 @@
-"""NVLM-H 34B, stage 2, supervised fine-tuning (spec g, Table 11): ViT frozen, LLM + alignment modules train.
+"""NVLM-H 34B, stage 2, supervised fine-tuning (docs/paper.md (g), Table 11): ViT frozen, LLM + alignment modules train.
 
     python train.py --config=configs/nvlm_h_34b_sft.py --config.workdir=/ckpt/nvlm_h_34b_sft \\
         --config.checkpoint.init_from=/ckpt/nvlm_h_34b_pretrain
@@ -6,7 +6,7 @@
     python train.py --config=configs/nvlm_h_34b_sft.py:runlocal       # the same stage, tiny model, CPU, ~1 minute
 
 Backbones: InternViT-6B-448px-V1-5 (frozen in every stage) + Nous-Hermes-2-Yi-34B. Values from the paper's
-Table 11 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
+Table 11 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
 
 Decoder length 1,280 = 1,024 text + 256 thumbnail tokens (Table 3).
 

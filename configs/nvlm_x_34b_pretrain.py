@@ -1,4 +1,4 @@
-"""NVLM-X 34B, stage 1, pretraining (spec g, Table 10): only the modality-alignment modules train.
+"""NVLM-X 34B, stage 1, pretraining (docs/paper.md (g), Table 10): only the modality-alignment modules train.
 
     python train.py --config=configs/nvlm_x_34b_pretrain.py --config.workdir=/ckpt/nvlm_x_34b_pretrain \\
         --config.checkpoint.init_from=/ckpt/nvlm_x_34b_init
@@ -6,7 +6,7 @@
     python train.py --config=configs/nvlm_x_34b_pretrain.py:runlocal       # the same stage, tiny model, CPU, ~1 minute
 
 Backbones: InternViT-6B-448px-V1-5 (frozen in every stage) + Nous-Hermes-2-Yi-34B. Values from the paper's
-Table 10 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
+Table 10 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
 
 Trainable: the X-attention layers (Table 10) and the one-layer projector (12800 -> LLM width) that feeds
 them, which starts from random init and is the other half of NVLM-X's modality-alignment module.

@@ -1,4 +1,4 @@
-"""NVLM-X 34B, stage 2, supervised fine-tuning (spec g, Table 11): ViT frozen, LLM + alignment modules train.
+"""NVLM-X 34B, stage 2, supervised fine-tuning (docs/paper.md (g), Table 11): ViT frozen, LLM + alignment modules train.
 
     python train.py --config=configs/nvlm_x_34b_sft.py --config.workdir=/ckpt/nvlm_x_34b_sft \\
         --config.checkpoint.init_from=/ckpt/nvlm_x_34b_pretrain
@@ -6,7 +6,7 @@
     python train.py --config=configs/nvlm_x_34b_sft.py:runlocal       # the same stage, tiny model, CPU, ~1 minute
 
 Backbones: InternViT-6B-448px-V1-5 (frozen in every stage) + Nous-Hermes-2-Yi-34B. Values from the paper's
-Table 11 (spec g); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
+Table 11 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8-way tensor, the paper's TP 8).
 
 Table 11: global batch 512 (34B) / 256 (72B), min LR 1e-6 (34B) / 1e-7 (72B); this is 34B.
 Text-only SFT data is blended in (paper 4.3).

@@ -18,7 +18,7 @@ def get_config(arg=None):
   c = base_config()
   c.workdir = "/tmp/nvlm_tiny_d"
   c.total_steps = 300
-  c.trainable = ("projector", "language_model")  # SFT: ViT frozen (spec g, Table 11)
+  c.trainable = ("projector", "language_model")  # SFT: ViT frozen (docs/paper.md (g), Table 11)
 
   c.model.preset = "tiny_nvlm_d"
   c.model.dtype = "float32"  # bf16 buys nothing on CPU

@@ -17,7 +17,7 @@ def get_config(arg=None):
   c = base_config()
   c.workdir = "/tmp/nvlm_tiny_x"
   c.total_steps = 300
-  c.trainable = ("projector", "*cross_attn*", "language_model")  # SFT: ViT frozen (spec g, Table 11)
+  c.trainable = ("projector", "*cross_attn*", "language_model")  # SFT: ViT frozen (docs/paper.md (g), Table 11)
 
   c.model.preset = "tiny_nvlm_x"
   c.model.dtype = "float32"  # bf16 buys nothing on CPU

@@ -5,7 +5,7 @@
 
 CKPT is a HF checkpoint dir or one of our training workdirs (as for eval.py). Images are attached to the
 first user turn: its `<image>` marks stand for them in order, and when it has none, one `"<image>\\n"` per
-image is put in front of it (the HF `chat()` / Megatron convention, spec (e)). Interactive mode keeps the
+image is put in front of it (the HF `chat()` / Megatron convention, docs/paper.md (e)). Interactive mode keeps the
 conversation (the whole history is the next prompt); type /reset to start over, /exit or Ctrl-D to quit,
 Ctrl-C to stop a reply.
 Decoding is greedy unless --temperature > 0 (then --top-k / --top-p / --seed apply).
@@ -231,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--top-p", type=float)
   parser.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as saved")
-  parser.add_argument("--tokenizer", help="directory with tokenizer.json, if not beside the checkpoint")
+  parser.add_argument(
+    "--tokenizer", help="directory with tokenizer.json, or a training workdir, if not beside the checkpoint"
+  )
   return parser
 
 

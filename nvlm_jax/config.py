@@ -108,7 +108,7 @@ class DecoderConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """InternViT (spec a.1): conv patch embedding, class token + learned positions, pre-norm blocks
+  """InternViT (docs/paper.md a.1): conv patch embedding, class token + learned positions, pre-norm blocks
   with layer scale, optional q/k normalization over the full hidden width, no final norm.
 
   `select_layer` picks the hidden state handed to the projector, indexed like HF `hidden_states`
@@ -290,7 +290,7 @@ class NVLMConfig:
   image_token_id: int  # placeholder id repeated tokens_per_tile times per tile (may lie outside the vocab)
   downsample_ratio: float = 0.5  # pixel shuffle: 1/ratio^2 neighbouring tokens concatenated per token
   ps_version: str = "v2"  # pixel shuffle token order; 'v1' (transposed) is not what NVLM was trained with
-  max_tiles: int = 6  # regular DHR tiles per image (spec b)
+  max_tiles: int = 6  # regular DHR tiles per image (docs/paper.md (b))
   use_thumbnail: bool = True  # + a global thumbnail when an image has more than one tile
   freeze_vision: bool = True  # stop_gradient on the ViT output (frozen in every NVLM stage)
   debug_checks: bool = False  # also check placeholder counts under jit (host callback; off by default)

@@ -6,14 +6,14 @@ The tiny presets keep every structural feature (GQA, q/k norm, class token, laye
 pixel-shuffle grid, 2-layer bias-free projector) at sizes that run on a laptop CPU in milliseconds.
 
 Values the sources leave open, and what we chose:
-- NVLM-D-72B placeholder id: 151654 (`<|vision_pad|>` in the Qwen2-VL vocabulary layout; spec e says
-  UNVERIFIED for the NVLM tokenizer). The processor should pass the id its tokenizer actually has.
+- NVLM-D-72B placeholder id: 151654 (`<|vision_pad|>` in the Qwen2-VL vocabulary layout; docs/paper.md (e):
+  open point 3 for the NVLM tokenizer). The processor should pass the id its tokenizer actually has.
 - Nous-Hermes-2-Yi-34B rms_norm_eps: 1e-5. Megatron's NVLM 34B scripts pass no --norm-epsilon, so its
   default 1e-5 applies; Yi-34B's HF config uses the same value. Yi has no qkv bias and untied embeddings.
 - NVLM-D-34B placeholder id: 64000, one past the 64000-entry Yi vocabulary, where Megatron's
   MultimodalTokenizer appends its `<image>` token; NVLMD never looks placeholder ids up in the table.
 - The ViT is stored with its 25 real heads (the checkpoint's 7 zero dummy heads are sliced off at
-  import, spec a.2).
+  import, docs/paper.md a.2).
 - NVLM-X / NVLM-H (no released weights; docs/fusion.md): 10 gated cross-attention blocks, one per `every`
   LLM layers (8 at 72B, 6 at 34B), each just before the last LLM layer of its group (offset every - 1);
   heads and FFN width of the LLM; projector one layer for X (12800 -> 8192 / 7168), `mlp1` for H.
@@ -30,7 +30,7 @@ from nvlm_jax.config import (CrossAttentionConfig, DecoderConfig, NVLMConfig, Pr
 
 
 def internvit_6b_448px_v1_5() -> VisionConfig:
-  """InternViT-6B-448px-V1-5 (spec a.1): 45 layers, 3200 wide, 25 heads of 128, RMSNorm, q/k norm."""
+  """InternViT-6B-448px-V1-5 (docs/paper.md a.1): 45 layers, 3200 wide, 25 heads of 128, RMSNorm, q/k norm."""
   return VisionConfig(image_size=448, patch_size=14, hidden_size=3200, num_layers=45, num_heads=25,
                       intermediate_size=12800, norm_type="rms_norm", layer_norm_eps=1e-6,
                       qk_normalization=True, qkv_bias=False, use_class_token=True, select_layer=-1,
@@ -38,7 +38,7 @@ def internvit_6b_448px_v1_5() -> VisionConfig:
 
 
 def qwen2_72b_instruct() -> DecoderConfig:
-  """Qwen2-72B-Instruct (spec d)."""
+  """Qwen2-72B-Instruct (docs/paper.md (d))."""
   return DecoderConfig(vocab_size=152064, hidden_size=8192, num_layers=80, num_heads=64, num_kv_heads=8,
                        intermediate_size=29568, rope_theta=1_000_000.0, rms_norm_eps=1e-6, qkv_bias=True,
                        tie_word_embeddings=False, max_position_embeddings=32768, bos_token_id=151643,
@@ -46,7 +46,7 @@ def qwen2_72b_instruct() -> DecoderConfig:
 
 
 def nous_hermes_2_yi_34b() -> DecoderConfig:
-  """Nous-Hermes-2-Yi-34B, the NVLM 34B backbone (spec d, last row; eps see module docstring)."""
+  """Nous-Hermes-2-Yi-34B, the NVLM 34B backbone (docs/paper.md (d), last row; eps see module docstring)."""
   return DecoderConfig(vocab_size=64000, hidden_size=7168, num_layers=60, num_heads=56, num_kv_heads=8,
                        intermediate_size=20480, rope_theta=5_000_000.0, rms_norm_eps=1e-5, qkv_bias=False,
                        tie_word_embeddings=False, max_position_embeddings=4096, bos_token_id=1,

@@ -36,7 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    # InternViT-6B has 25 heads, not divisible by tensor-parallel degrees 2/4/8 (spec a.2): unsharded by
+    # InternViT-6B has 25 heads, not divisible by tensor-parallel degrees 2/4/8 (docs/paper.md a.2): unsharded by
     # default; its MLP ("mlp", 12800 wide) and model dim ("embed") still shard.
     ("vision_heads", None),
     ("mlp", "tensor"),

@@ -8,6 +8,7 @@ with zero dummy heads; test_nvlm_d.write_nvlm_d_checkpoint). The CLI runs in-pro
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -442,3 +443,76 @@ def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   ids = rm.random_tokens(rm.TINY_TEXT["vocab_size"], (1, 96), seed=2)
   logits = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids)))(params)
   assert float(np.max(np.abs(np.asarray(logits) - rm.torch_logits(qwen, ids)))) <= 1e-4  # gates 0: the LLM
+
+
+@pytest.fixture(scope="module")
+def trainer_workdir(tmp_path_factory) -> Path:
+  """What the trainer leaves (nvlm_model.json, checkpoints/0, tokenizer/, processor.json) for the tiny NVLM-D
+  with the demo tokenizer, whose placeholder id (3) is not NVLM-D-72B's (151654); random weights."""
+  import ml_collections
+
+  from nvlm_jax import presets
+  from nvlm_jax.fusion import build
+  from nvlm_jax.training import processor_setup
+
+  directory = tmp_path_factory.mktemp("run")
+  cfg = presets.get_preset("tiny_nvlm_d")
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=512))
+  data = ml_collections.ConfigDict({"tokenizer": "tiny_synthetic", "processor": {"tile_tag_format": "2d_grid"}})
+  processor, kwargs = processor_setup.build_processor(data, cfg)
+  cfg = processor_setup.sync_model_config(cfg, processor)
+  build.save_checkpoint(directory, cfg, build.init_params(cfg, jax.random.key(0)))
+  processor_setup.save_processor(directory, processor, kwargs)
+  return directory
+
+
+def test_export_of_a_trainer_workdir_stands_alone(trainer_workdir, tmp_path):
+  """The exported directory carries the run's tokenizer (WORKDIR/tokenizer/), chat template and processor
+  settings, and every loader takes the placeholder id from its config.json: the same inputs and logits."""
+  import jax.numpy as jnp
+
+  import nvlm_jax
+
+  workdir = trainer_workdir
+  out = tmp_path / "hf"
+  assert run_cli("export", "--checkpoint", workdir, "--out", out, "--layout", "nvlm_d", "--quiet") == 0
+  assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+  assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+  config = json.loads((out / "config.json").read_text())
+  assert config["image_token_id"] == 3 and config["nvlm_jax"]["tile_tag_format"] == "2d_grid"
+
+  ours, ours_params = nvlm_jax.load_pretrained(workdir)
+  exported, exported_params = nvlm_jax.load_pretrained(out)
+  assert exported.config.image_token_id == ours.config.image_token_id == 3
+  messages = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
+  from PIL import Image
+
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 200, 3), dtype=np.uint8))
+  a = nvlm_jax.load_processor(workdir)(messages, [image], add_generation_prompt=True)
+  b = nvlm_jax.Processor.from_pretrained(out)(messages, [image], add_generation_prompt=True)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  run = lambda model, params: model.apply({"params": params}, jnp.asarray(a["input_ids"]),
+                                          pixel_values=jnp.asarray(a["pixel_values"]),
+                                          tile_mask=jnp.asarray(a["tile_mask"]))
+  np.testing.assert_allclose(np.asarray(run(exported, exported_params)), np.asarray(run(ours, ours_params)),
+                             atol=1e-5)
+
+
+def test_config_json_image_token_id_decides_the_placeholder_of_every_loader(trainer_workdir, tmp_path):
+  """Not the tokenizer's `<|vision_pad|>` (id 3), not NVLM-D-72B's 151654: config.json's id (4 here); an id the
+  tokenizer lacks is an error naming both."""
+  import nvlm_jax
+
+  workdir = trainer_workdir
+  out = tmp_path / "hf"
+  assert run_cli("export", "--checkpoint", workdir, "--out", out, "--layout", "nvlm_d", "--quiet") == 0
+  config = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**config, "image_token_id": 4}))
+  model, _ = nvlm_jax.load_pretrained(out)
+  processor = nvlm_jax.Processor.from_pretrained(out)
+  assert model.config.image_token_id == processor.image_context_id == 4
+  assert processor.image_context_token == "<IMG_CONTEXT>"
+  (out / "config.json").write_text(json.dumps({**config, "image_token_id": 151654}))
+  with pytest.raises(ValueError, match=r"image_token_id 151654 is not in the vocabulary"):
+    nvlm_jax.Processor.from_pretrained(out)

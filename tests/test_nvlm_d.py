@@ -34,7 +34,7 @@ from test_vision import TINY_VISION, VIT_STYLES, random_params
 ATOL = 1e-4
 VOCAB = rm.TINY_TEXT["vocab_size"]
 IMAGE_TOKEN = VOCAB - 1  # the placeholder id of the tiny models
-TAG_TOKENS = 5  # `<tile_k>` is 5 text tokens for the Qwen2 tokenizer (spec e)
+TAG_TOKENS = 5  # `<tile_k>` is 5 text tokens for the Qwen2 tokenizer (docs/paper.md (e))
 
 
 def build_torch_internvl(seed: int, **text_overrides):
@@ -215,7 +215,7 @@ def test_tile_budget_gives_the_same_logits(tiny):
 
 
 # ----------------------------------------------------------------------------------------------------
-# NVLM-D-72B checkpoint layout (spec h), written with safetensors directly
+# NVLM-D-72B checkpoint layout (docs/paper.md (h)), written with safetensors directly
 
 
 def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tuple[str, int] | None = None):

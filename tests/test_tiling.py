@@ -1,8 +1,8 @@
-"""DHR tiling against an independent re-statement of the reference algorithm (spec b).
+"""DHR tiling against an independent re-statement of the reference algorithm (docs/paper.md (b)).
 
-The reference below is written from the spec's pseudo-code, keeping the original's construction (a set
-comprehension sorted by area, PIL's default resize, torchvision-style ToTensor/Normalize done in float64) so
-that the candidate order and the float tie rule arise the same way they do in the original.
+The reference below is written from the algorithm as docs/paper.md (b) states it, keeping the original's
+construction (a set comprehension sorted by area, PIL's default resize, torchvision-style ToTensor/Normalize
+done in float64) so that the candidate order and the float tie rule arise the same way they do in the original.
 """
 
 import itertools
@@ -18,7 +18,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-# ---------------------------------------------------------------- reference (spec b pseudo-code) ----------
+# ---------------------------------------------------------------- reference (docs/paper.md (b) pseudo-code) ----------
 def ref_target_ratios(min_num, max_num):
   ratios = set(
     (i, j)

@@ -11,7 +11,7 @@ from nvlm_jax.training import optimizer, trainer
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.stem for p in CONFIGS.glob("nvlm_*_*_*.py"))
 
-# spec (g): (variant, stage) -> trainable top-level modules (D; X/H also "*cross_attn*"), optimizer, data.
+# docs/paper.md (g): (variant, stage) -> trainable top-level modules (D; X/H also "*cross_attn*"), optimizer, data.
 TABLES = {
     ("d", "pretrain"): dict(lr=1e-4, min_lr=2.5e-5, warmup=500, b2=0.95, wd=0.1, clip=10.0, gbs=2048, seq=512,
                             tiles=1, steps=20_000),

@@ -1,6 +1,6 @@
 """The shared vision pathway: pixel shuffle, InternViT, projector, encode_images.
 
-Oracles: a torch transcription of spec c.1 (the three view/permute steps) for pixel shuffle, and tiny
+Oracles: a torch transcription of docs/paper.md c.1 (the three view/permute steps) for pixel shuffle, and tiny
 random transformers `InternVLVisionModel` / `InternVLForConditionalGeneration.get_image_features` in fp32.
 """
 from __future__ import annotations
@@ -101,7 +101,8 @@ def test_pixel_shuffle_rejects_bad_grids():
 
 TINY_VISION = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
                    image_size=56, patch_size=7, layer_norm_eps=1e-6, use_mean_pooling=True)
-# InternViT-6B style (ENGINEERING.md 2) and an InternViT-300M style (LayerNorm, no q/k norm, qkv bias).
+# InternViT-6B style (q/k RMSNorm over the full width, no qkv bias: docs/paper.md a.1) and an InternViT-300M
+# style (LayerNorm, no q/k norm, qkv bias).
 VIT_STYLES = {
     "6b": dict(use_qk_norm=True, norm_type="rms_norm", attention_bias=False),
     "300m": dict(use_qk_norm=False, norm_type="layer_norm", attention_bias=True),

@@ -139,7 +139,7 @@ def intern_vit_config_json(cfg: VisionConfig, dtype: str, num_dummy_heads: int =
       **_dtype_fields(dtype),
   }
   if num_dummy_heads:
-    out["num_dummy_heads"] = num_dummy_heads  # the zero heads stored after the real ones (spec a.2)
+    out["num_dummy_heads"] = num_dummy_heads  # the zero heads stored after the real ones (docs/paper.md a.2)
   return out
 
 

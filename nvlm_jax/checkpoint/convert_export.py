@@ -11,7 +11,10 @@ and vLLM's NVLM-D loader expects: 25 -> 32).
 The rule table's `to_hf` direction produces one HF tensor at a time from params read one layer slice at
 a time; each shard's header is written first and the tensors streamed in, so memory stays at about one
 tensor. The written config.json is parsed back with our importer and must give the same model config.
-Tokenizer / processor files of the checkpoint's workdir are copied along.
+The tokenizer files of the checkpoint's workdir (the trainer keeps them in WORKDIR/tokenizer/; the chat
+template is in tokenizer_config.json) are copied along, and for NVLM layouts the processor settings the run
+trained with (WORKDIR/processor.json) go into config.json under "nvlm_jax", where
+`Processor.from_pretrained` reads them.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from nvlm_jax.checkpoint import convert_configs, hf_import
 from nvlm_jax.checkpoint.convert_output import (PROVENANCE_FILE, ConvertError, Progress, atomic_output_dir,
                                                 copy_side_files, parse_size)
 from nvlm_jax.checkpoint.convert_shards import ShardedWriter, TensorEntry
-from nvlm_jax.checkpoint.convert_sources import OrbaxSource, import_overrides
+from nvlm_jax.checkpoint.convert_sources import OrbaxSource
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.text_layouts import decoder_rules
 from nvlm_jax.config import DecoderConfig, NVLMConfig
@@ -135,7 +138,7 @@ def check_config_round_trip(plan: ExportPlan, directory: Path) -> list[str]:
   scan = getattr(plan.model_config, "scan_layers", None)
   scan = plan.model_config.llm.scan_layers if scan is None else scan
   parsed = layout.build_config(cfg_json, source=str(cfg_file), dtype="float32", param_dtype="float32",
-                               scan_layers=scan, **import_overrides(layout.name, cfg_json))
+                               scan_layers=scan)
   diffs = _differences(_plain(plan.model_config), _plain(parsed))
   soft = _UNREPRESENTED.get(plan.layout, set())
   hard = [d for d in diffs if d[0] not in soft]
@@ -156,6 +159,21 @@ def _entries(plan: ExportPlan, stored_dtypes: Mapping[str, np.dtype], out_dtype)
       dtype = np.dtype(out_dtype) if out_dtype is not None else np.result_type(*(stored_dtypes[p] for p in params))
       entries += [TensorEntry(k, tuple(s), np.dtype(dtype)) for k, s in zip(rule.keys_at(layer), rule.hf_shapes)]
   return entries
+
+
+def _training_processor_settings(workdir: Path) -> dict:
+  """The Processor arguments a training run saved (WORKDIR/processor.json), without its tokenizer path."""
+  from nvlm_jax.training.processor_setup import PROCESSOR_FILE
+
+  file = Path(workdir) / PROCESSOR_FILE
+  if not file.is_file():
+    return {}
+  try:
+    settings = json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ConvertError(f"{file}: not valid JSON ({e})") from None
+  settings.pop("tokenizer", None)
+  return settings
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: str,
@@ -183,8 +201,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
   plan.table.check_target({p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in lazy.items()})
   entries = _entries(plan, {p: v.dtype for p, v in lazy.items()}, out_dtype)
 
+  config_json = dict(plan.config_json)
+  processor = _training_processor_settings(source.workdir)
+  if processor and layout in ("internvl", "nvlm_d"):
+    config_json["nvlm_jax"] = processor
+
   with atomic_output_dir(out) as tmp:
-    (tmp / "config.json").write_text(json.dumps(plan.config_json, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     side_files = copy_side_files(source.workdir, tmp)
     notes = check_config_round_trip(plan, tmp)
     for note in notes:
@@ -201,7 +224,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     summary = {
         "command": "export", "source": str(source.step_dir), "layout": layout, "dtype": config_dtype,
         "tensors": len(entries), "shards": len(writer.files), "bytes": writer.bytes_written,
-        "num_dummy_heads": plan.num_dummy_heads, "side_files": side_files, "notes": notes,
+        "num_dummy_heads": plan.num_dummy_heads, "side_files": side_files,
+        "processor_settings": config_json.get("nvlm_jax", {}), "notes": notes,
         "seconds": round(time.perf_counter() - start, 3),
     }
     (tmp / PROVENANCE_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -80,13 +80,17 @@ def _remove(directory: Path) -> None:
 
 
 def copy_side_files(source: Path, dest: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
-  """Copies the tokenizer / processor files present in `source` into `dest`; returns their names."""
-  copied = []
-  for name in names:
-    if (source / name).is_file():
-      shutil.copy2(source / name, dest / name)
-      copied.append(name)
-  return copied
+  """Copies the tokenizer / processor files present in `source` (or, for a trainer workdir, in
+  `source/tokenizer/`, which wins) into `dest`; returns their names."""
+  from nvlm_jax.training.processor_setup import TOKENIZER_SUBDIR
+
+  copied = {}
+  for directory in (Path(source), Path(source) / TOKENIZER_SUBDIR):
+    for name in names:
+      if (directory / name).is_file():
+        shutil.copy2(directory / name, dest / name)
+        copied[name] = True
+  return sorted(copied)
 
 
 class Progress:

@@ -61,15 +61,6 @@ def resolve_layout(name: str, cfg_json: Mapping[str, Any], keys, source: str) ->
   return layouts[name]
 
 
-def import_overrides(layout_name: str, cfg_json: Mapping[str, Any]) -> dict:
-  """Config fields our importer takes from a config.json that the layout's parser does not read:
-  NVLM-D's `image_token_id` (the release names the placeholder only in its tokenizer files; `export`
-  writes the field, so a model whose placeholder is not `<|vision_pad|>` survives the round trip)."""
-  if layout_name == "NVLM_D" and isinstance(cfg_json.get("image_token_id"), int):
-    return {"image_token_id": cfg_json["image_token_id"]}
-  return {}
-
-
 def majority_dtype(ckpt: SafetensorsCheckpoint) -> str:
   """The floating dtype holding most of the checkpoint's bytes (what `--dtype auto` keeps)."""
   by_dtype: dict[str, int] = {}
@@ -110,9 +101,9 @@ class HFSource:
     if dtype not in DTYPES:
       raise ConvertError(f"--dtype {dtype!r}; expected one of {DTYPES}")
     self.dtype = majority_dtype(self.ckpt) if dtype == "auto" else dtype
-    overrides = {**import_overrides(self.layout.name, self.cfg_json), **dict(config_overrides or {})}
     self.config = self.layout.build_config(self.cfg_json, source=str(self.cfg_file), dtype=self.dtype,
-                                           param_dtype=self.dtype, scan_layers=scan_layers, **overrides)
+                                           param_dtype=self.dtype, scan_layers=scan_layers,
+                                           **dict(config_overrides or {}))
     self.table = layout_rules(self.layout, self.config, self.ckpt)
     self.table.check_checkpoint(self.ckpt)  # unknown / missing keys, wrong shapes: before any read
 

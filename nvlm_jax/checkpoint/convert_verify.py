@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from nvlm_jax.checkpoint.convert_output import ConvertError
 from nvlm_jax.checkpoint.convert_import import check_float_tensors, is_float_dtype
-from nvlm_jax.checkpoint.convert_sources import HFSource, import_overrides, layout_rules, majority_dtype
+from nvlm_jax.checkpoint.convert_sources import HFSource, layout_rules, majority_dtype
 from nvlm_jax.config import DecoderConfig, NVLMConfig
 
 TRANSFORMERS_ARCHS = {"Qwen2ForCausalLM": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
@@ -105,8 +105,7 @@ def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len:
   check_float_tensors(source)
   imported, imported_params = load_pretrained(
       hf_dir, dtype=jnp.float32, scan_layers=scan, layout=source.layout.name,
-      rules=lambda c: layout_rules(source.layout, c, source.ckpt),
-      config_overrides=import_overrides(source.layout.name, source.cfg_json))
+      rules=lambda c: layout_rules(source.layout, c, source.ckpt))
   report: dict[str, Any] = {"hf_dir": str(hf_dir), "checkpoint": str(checkpoint), "layout": source.layout.name}
 
   a = traverse_util.flatten_dict(our_params, sep="/")

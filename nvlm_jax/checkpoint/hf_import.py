@@ -192,7 +192,9 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, sc
     check_attention_biases(decoder_cfg, ckpt.keys(), str(cfg_file))
   model = chosen.build_model(model_cfg)
   table = rules(model_cfg) if callable(rules) else rules
-  table = chosen.build_rules(model_cfg) if table is None else table
+  if table is None:  # NVLM-D: the ViT heads as the files store them (padded as released, or not)
+    from nvlm_jax.checkpoint.convert_sources import layout_rules
+    table = layout_rules(chosen, model_cfg, ckpt)
 
   boxed = abstract_params(model, chosen.init_args(model_cfg))
   shapes = nn.meta.unbox(boxed)

@@ -5,13 +5,13 @@ Registered import layouts (see hf_import.REGISTRY):
   `vision_tower.*`, `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`).
 - "InternVLForConditionalGeneration(in-memory names)": the same model saved with its module names
   (`model.vision_tower.*`, ..., `lm_head.weight`), as some hub repos are.
-- "NVLM_D": nvidia/NVLM-D-72B (spec h): `vision_model.*` (InternVL module names, fused qkv, ViT padded
+- "NVLM_D": nvidia/NVLM-D-72B (docs/paper.md (h)): `vision_model.*` (InternVL module names, fused qkv, ViT padded
   with zero dummy heads), `mlp1.*` (bias-free projector), `language_model.*` (Qwen2); config.json with
   `vision_config` / `llm_config`.
 - "InternVisionModel": a standalone InternViT directory (OpenGVLab/InternViT-6B-448px-V1-5 layout).
 - "InternVLVisionModel": a standalone transformers InternVL vision tower.
 
-The dummy heads of NVLM-D-72B (25 real heads stored as 32, Megatron TP=8 padding, spec a.2) are sliced
+The dummy heads of NVLM-D-72B (25 real heads stored as 32, Megatron TP=8 padding, docs/paper.md a.2) are sliced
 off at import. A nonzero dummy slice that would change the output (qkv rows, proj columns) means the padded
 model computes something a 25-head model cannot, so the import refuses and names the tensor; the dummy
 part of the q/k-norm weights cannot change the output (it scales q/k values that are zero) and is dropped.
@@ -34,9 +34,9 @@ from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheck
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf, decoder_rules
 from nvlm_jax.config import NVLMConfig, ProjectorConfig, VisionConfig
 
-# Megatron trained NVLM's ViT with tensor parallelism 8 and padded its heads to a multiple of 8 (spec a.2).
+# Megatron trained NVLM's ViT with tensor parallelism 8 and padded its heads to a multiple of 8 (docs/paper.md a.2).
 NVLM_D_VIT_HEAD_MULTIPLE = 8
-# `<|vision_pad|>`, used when the directory has no tokenizer files naming it (spec e, UNVERIFIED).
+# `<|vision_pad|>`, used when the directory has no tokenizer files naming it (docs/paper.md (e), open point 3).
 NVLM_D_DEFAULT_IMAGE_TOKEN = "<|vision_pad|>"
 NVLM_D_DEFAULT_IMAGE_TOKEN_ID = 151654
 
@@ -169,7 +169,7 @@ def _fused_qkv_rule(cfg: VisionConfig, hf_key: str, paths: tuple[str, str, str],
 def _padded_vector_rule(cfg: VisionConfig, hf_key: str, path: str, stored_heads: int) -> Rule:
   """q/k norm weight [stored_heads * hd] <-> scale [heads, head_dim]. The dummy part is dropped whatever it
   holds: it only ever scales the dummy heads' q/k, which are exactly zero (their qkv rows are checked), and
-  the norm statistic covers the real channels only (spec a.2), so it cannot change the output."""
+  the norm statistic covers the real channels only (docs/paper.md a.2), so it cannot change the output."""
   h, hd = cfg.num_heads, cfg.head_dim
   width, real = stored_heads * hd, h * hd
 
@@ -441,8 +441,9 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
                             param_dtype: str = "float32", scan_layers: bool = True, **overrides) -> NVLMConfig:
   """NVLM-D-72B config.json (`vision_config`, `llm_config`, top-level fields of NVLM_D_Config) -> NVLMConfig.
 
-  Looked up beside config.json when present: the placeholder id of `<|vision_pad|>` (tokenizer files)
-  and, if llm_config omits it, the vocabulary size (shape of the embedding in the shard headers).
+  Looked up beside config.json when present: the placeholder id of `<|vision_pad|>` (tokenizer files;
+  config.json's `image_token_id` wins) and, if llm_config omits it, the vocabulary size (shape of the
+  embedding in the shard headers).
   `ps_version` absent -> 'v2' (what Megatron trained NVLM with; NVLM_D_Config's class default is 'v1').
   """
   top, sub = _split_overrides(overrides, source)
@@ -469,7 +470,11 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
                               out_features=llm.hidden_size, num_layers=2, use_bias=False, layer_norm_eps=1e-5,
                               dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
-  image_token_id = _tokenizer_token_id(directory, NVLM_D_DEFAULT_IMAGE_TOKEN)
+  # The placeholder id: config.json's `image_token_id` (our export writes it), else `<|vision_pad|>` of the
+  # tokenizer files beside it (the release names it only there), else the release's id.
+  image_token_id = cfg.get("image_token_id")
+  if not isinstance(image_token_id, int):
+    image_token_id = _tokenizer_token_id(directory, NVLM_D_DEFAULT_IMAGE_TOKEN)
   defaults = dict(
       image_token_id=NVLM_D_DEFAULT_IMAGE_TOKEN_ID if image_token_id is None else image_token_id,
       downsample_ratio=ratio,
@@ -497,7 +502,7 @@ def internvl_hf_rules(cfg: NVLMConfig, *, in_memory_names: bool = False) -> Rule
 
 
 def nvlm_d_rules(cfg: NVLMConfig, *, stored_heads: int | None = None) -> RuleTable:
-  """NVLM-D-72B files (spec h) <-> NVLMD params; the ViT's padded heads are checked and sliced off."""
+  """NVLM-D-72B files (docs/paper.md (h)) <-> NVLMD params; the ViT's padded heads are checked and sliced off."""
   stored = nvlm_d_stored_heads(cfg.vision.num_heads) if stored_heads is None else stored_heads
   return (intern_vit_rules(cfg.vision, stored_heads=stored, prefix="vision_model.", param_prefix="vision_model",
                            name="NVLM-D vision model")

@@ -38,7 +38,7 @@ from nvlm_jax.processing.processor import (
 )
 from nvlm_jax.vision.image_io import ImageError, load_image
 
-# Megatron's tile-degradation map (spec g): tiles per image -> fewer tiles when a sample overflows.
+# Megatron's tile-degradation map (docs/paper.md (g)): tiles per image -> fewer tiles when a sample overflows.
 TILE_DEGRADATION = {12: 8, 8: 6, 6: 4, 4: 2, 2: 1, 1: 1}
 
 

@@ -2,14 +2,15 @@
 
     python -m nvlm_jax.data.inspect --synthetic 100 [--size tiny|paper] [--num 3] [--save-tiles tiles.png]
     python -m nvlm_jax.data.inspect --llava train.jsonl --image-root images/ --tokenizer ckpt_dir/
-    python -m nvlm_jax.data.inspect --array-record data/ [--split train] --batch
+    python -m nvlm_jax.data.inspect --array-record data/ [--split train] [--dataset-name NAME] --batch
 
 For each sample: the tile grid of every image (with the tag before each tile), token counts (positions,
 loss tokens, image placeholder tokens), and the decoded text with runs of image placeholders compressed
 (``<|vision_pad|>x256``) and the loss-masked targets in ``[[...]]``. Skipped samples show their reason.
 ``--save-tiles`` writes the tiles of the shown samples as one PNG: per image, the regular tiles in their
 grid and the thumbnail to the right. ``--batch`` also packs the shown samples' pipeline into one batch and
-prints the row layout. Without ``--tokenizer`` the tiny demo tokenizer is trained on the synthetic corpus.
+prints the row layout. ``--tokenizer`` takes what ``config.data.tokenizer`` takes (a training workdir, a directory
+with tokenizer.json, ``tiny_synthetic``); without it the tiny demo tokenizer is trained on the synthetic corpus.
 
 Samples pass through the same map step as training (nvlm_jax/data/encode.py), so tile degradation and every
 skip reason apply; only shuffling is off, so sample k is record k of the source.
@@ -36,21 +37,21 @@ GAP = 4  # pixels between tiles in --save-tiles
 # ---- building the processor and source ------------------------------------------------------------------
 def build_processor(args):
   from nvlm_jax.processing.processor import Processor
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer, build_tiny_tokenizer
+  from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, load_processor
 
   tiny = args.size == "tiny" and args.synthetic
   image_size = args.image_size or (56 if tiny else 448)
   patch_size = args.patch_size or (7 if tiny else 14)
   settings = dict(image_size=image_size, patch_size=patch_size, max_tiles_per_image=args.max_tiles_per_image)
-  if args.tokenizer:
+  if args.tokenizer:  # the values config.data.tokenizer takes (processor_setup.build_tokenizer)
     directory = Path(args.tokenizer)
-    if (directory / "config.json").is_file() and not (args.image_size or args.patch_size):
+    keep_settings = not (args.image_size or args.patch_size)
+    if (directory / PROCESSOR_FILE).is_file() and keep_settings:  # a training workdir: the processor it used
+      return load_processor(directory)
+    if (directory / "config.json").is_file() and keep_settings:
       return Processor.from_pretrained(directory, max_tiles_per_image=args.max_tiles_per_image)
-    return Processor(NvlmTokenizer.from_pretrained(directory), **settings)
-  from nvlm_jax.data.synthetic import corpus_texts
-
-  tokenizer = build_tiny_tokenizer(corpus_texts(500, max_tiles=max(args.max_tiles_per_image, 6)))
-  return Processor(tokenizer, **settings)
+    return Processor(build_tokenizer(args.tokenizer, max_tiles=args.max_tiles_per_image), **settings)
+  return Processor(build_tokenizer(TINY_TOKENIZER, max_tiles=args.max_tiles_per_image), **settings)
 
 
 def build_source(args, processor):
@@ -66,7 +67,7 @@ def build_source(args, processor):
     return LlavaSource(args.llava, args.image_root)
   from nvlm_jax.data.tfds_builder import ArrayRecordSource
 
-  return ArrayRecordSource(args.array_record, args.split)
+  return ArrayRecordSource(args.array_record, args.split, dataset_name=args.dataset_name)
 
 
 # ---- text rendering ---------------------------------------------------------------------------------------
@@ -189,12 +190,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   what.add_argument("--array-record", metavar="DIR", help="a dataset converted by nvlm_jax.data.tfds_builder")
   parser.add_argument("--image-root", default=None, help="LLaVA image directory (default: the file's directory)")
   parser.add_argument("--split", default="train", help="--array-record split")
+  parser.add_argument(
+    "--dataset-name", default=None, help="--array-record: the --name it was converted with (data config: dataset_name)"
+  )
   parser.add_argument("--size", default="tiny", choices=("tiny", "paper"), help="synthetic size preset")
   parser.add_argument("--seed", type=int, default=0, help="synthetic seed")
   parser.add_argument(
     "--tokenizer",
     default=None,
-    help="dir with tokenizer.json (and config.json for image settings); default: the tiny demo tokenizer",
+    help="as config.data.tokenizer: a training workdir (its tokenizer and processor settings), a checkpoint dir "
+    "with tokenizer.json (+ config.json for image settings), or 'tiny_synthetic' (the default)",
   )
   parser.add_argument("--image-size", type=int, default=0, help="tile size (default 56 for tiny synthetic, else 448)")
   parser.add_argument("--patch-size", type=int, default=0, help="ViT patch (default 7 for tiny synthetic, else 14)")

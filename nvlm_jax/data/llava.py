@@ -13,7 +13,7 @@ Accepted files: a JSON list (``.json``) or JSON Lines (``.jsonl``; one entry per
 carries the path and the pipeline decodes it (a missing file is counted there as ``missing_image``).
 
 Missing ``<image>`` mark: if an entry has exactly one image and no ``<image>`` mark anywhere, ``"<image>\\n"``
-is prepended to the first user turn (the HF ``chat()`` / Megatron convention, spec (e)). With several
+is prepended to the first user turn (the HF ``chat()`` / Megatron convention, docs/paper.md (e)). With several
 images and no marks nothing is guessed: ``validate_record`` reports ``image_count_mismatch``.
 
 Malformed entries never raise from ``__getitem__``: the record comes back with ``error`` set (reason +

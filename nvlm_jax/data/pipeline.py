@@ -50,8 +50,10 @@ workers and across checkpoint/resume.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import logging
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -395,6 +397,7 @@ class TrainIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator, *, mesh=None, process_count: int = 1):
     super().__init__(parent)
     self.mesh, self.process_count = mesh, process_count
+    atexit.register(_close_at_exit, weakref.ref(self))
 
   def __next__(self) -> dict[str, Any]:
     self._assert_not_closed()
@@ -430,6 +433,16 @@ class TrainIterator(grain.DatasetIterator):
     return out
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+  """Closes an iterator still open at interpreter exit (its worker processes, their shared memory) and lets
+  its pipeline be collected now: left to garbage collection during shutdown, grain's __del__ methods run
+  with half-torn-down modules and print tracebacks and "leaked shared_memory" warnings."""
+  it = ref()
+  if it is not None:
+    it.close()
+    it._parents = ()  # noqa: SLF001 - drops the last reference to the closed grain pipeline
+
+
 def check_processor_matches_model(processor, model_config) -> None:
   """Raises if the processor's image text would not line up with the model's image tokens."""
   problems = []
@@ -460,7 +473,7 @@ def _allow_grain_workers_outside_app_run() -> None:
 # ---- demo config ------------------------------------------------------------------------------------
 SYNTHETIC_SETTINGS = {
   # tiny: 56-224 px images, 56 px tiles (16 tokens each with the tiny ViT); paper: 448-1344 px, 448 px tiles,
-  # NVLM-D SFT decoder length 3,200 and 6 + 1 tiles (spec g, Table 11).
+  # NVLM-D SFT decoder length 3,200 and 6 + 1 tiles (docs/paper.md (g), Table 11).
   "tiny": {"seq_len": 256, "max_tiles": 7, "global_batch_size": 8, "num_samples": 100_000},
   "paper": {"seq_len": 3200, "max_tiles": 7, "global_batch_size": 128, "num_samples": 1_000_000},
 }

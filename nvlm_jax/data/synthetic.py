@@ -8,7 +8,7 @@ by the scene:
 
 * ``What is the number written in the small box?`` -> ``"407"``. The digits are ``small_text_px`` tall in
   *tile* pixels (the scale the model sees in the DHR tiles); in the thumbnail they are ``cols`` times smaller.
-* ``Which tile holds the red circle?`` -> ``"tile 3"``. Tiles are the DHR grid of spec (b) for this image
+* ``Which tile holds the red circle?`` -> ``"tile 3"``. Tiles are the DHR grid of docs/paper.md (b) for this image
   (``tiling.select_grid`` with ``tile_size``/``max_tiles``), numbered row-major from 1, i.e. exactly the
   ``<tile_k>`` tag the model sees before that tile. Only asked when the grid has >= 2 tiles, and the scene
   holds exactly one red circle, drawn wholly inside one tile. (Meaningless without tiling, e.g. pretraining.)

@@ -184,9 +184,12 @@ def find_builder_dir(path: str | os.PathLike, name: str | None = None) -> Path:
     versions = [d for d in base.glob("*.*.*") if (d / "dataset_info.json").is_file()]
     if versions:
       return max(versions, key=lambda d: tuple(int(x) if x.isdigit() else -1 for x in d.name.split(".")))
+  named = sorted({d.parent.name for d in path.glob(f"{BUILDER_NAME}/*/*.*.*") if (d / "dataset_info.json").is_file()})
   raise FileNotFoundError(
     f"no TFDS dataset (dataset_info.json) under {path}"
     + (f" named {name!r}" if name else "")
+    + (f"; it holds the named dataset(s) {named}: pick one with --dataset-name (data config: dataset_name)"
+       if named else "")
     + f"; expected {path}/{BUILDER_NAME}/[NAME/]{FEATURES_VERSION}/ as written by "
     f"`python -m nvlm_jax.data.tfds_builder --out {path}`"
   )

@@ -3,8 +3,8 @@
 `BENCHMARKS[name]` is a `Benchmark`. `build_prompt(sample)` gives ``(system_prompt, user_text)``;
 `images_for_prompt` says which images its `<image>` marks stand for; `score` turns predictions into
 per-sample scores, by default with each benchmark's official scorer (option ``scorer="megatron"``: NVLM's
-own rules). System prompts follow spec (e) / Megatron `run_text_generation.py`; the four text
-benchmarks' protocols are not published (spec UNVERIFIED 6) and are this project's choice (zero-shot,
+own rules). System prompts follow docs/paper.md (e) / Megatron `run_text_generation.py`; the four text
+benchmarks' protocols are not published (docs/paper.md, open point 6) and are this project's choice (zero-shot,
 documented in docs/evaluation.md).
 """
 

@@ -5,7 +5,7 @@
     rows = generate_answers(model, params, processor, BENCHMARKS["vqav2"], samples, batch_size=8)
     # rows[i] = {"id", "prediction", "num_prompt_tokens", "num_generated_tokens", "finished"}, in sample order
 
-How a benchmark is run (what `eval.py` does, spec (e)/(i)):
+How a benchmark is run (what `eval.py` does, docs/paper.md (e)/(i)):
   * the prompt is `Benchmark.build_prompt(sample)`: the task's system prompt (Megatron's per-task
     ones) and the user text with its `<image>` marks and answer suffix; one user turn, then the
     generation prompt `<|im_start|>assistant\\n`;
@@ -150,7 +150,8 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
   * otherwise the tokenizer found (in the dir, the workdir, workdir/tokenizer, or `tokenizer`) with
     the image settings of the model's config.
 
-  `tokenizer` (a directory or tokenizer.json) forces where the tokenizer comes from. With `model`, the
+  `tokenizer` (a directory with tokenizer.json, a training workdir, or tokenizer.json itself) forces where the
+  tokenizer comes from. With `model`, the
   processor is checked against it (placeholder and `<Image>` ids, tile size, tokens per tile).
   """
   from nvlm_jax.processing.processor import Processor
@@ -164,7 +165,8 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
 
     processor = processor_setup.load_processor(_workdir_of(path))
   else:
-    candidates = [Path(tokenizer)] if tokenizer is not None else _tokenizer_dirs(path)
+    # `tokenizer` takes what config.data.tokenizer takes: a dir with tokenizer.json or a training workdir
+    candidates = [Path(tokenizer), Path(tokenizer) / "tokenizer"] if tokenizer is not None else _tokenizer_dirs(path)
     found = next(
       (c for c in candidates if (c / TOKENIZER_FILE).is_file() or (c.is_file() and c.suffix == ".json")), None
     )

@@ -2,7 +2,7 @@
 
 The processor writes, per tile, `tokens_per_tile` copies of the placeholder id (`<|vision_pad|>` for
 NVLM-D-72B) after the tile's text tag. Here the k-th valid tile of a row fills the k-th run of
-`tokens_per_tile` placeholders of that row, in tile order (spec e; transformers' `masked_scatter` does the
+`tokens_per_tile` placeholders of that row, in tile order (docs/paper.md (e); transformers' `masked_scatter` does the
 same over the flattened batch). Everything has static shapes: the placeholder ordinal of each position is
 a cumsum, and the image embedding is a gather from [B, T * tokens_per_tile, D].
 

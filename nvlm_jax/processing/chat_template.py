@@ -1,6 +1,6 @@
 """Chat formats as NVLM trained them, rendered as text segments that know whether they are loss targets.
 
-``chatml`` is Megatron's ``qwen2p0`` recipe used for NVLM-D-72B (spec d): every turn is
+``chatml`` is Megatron's ``qwen2p0`` recipe used for NVLM-D-72B (docs/paper.md (d)): every turn is
 ``<|im_start|>{role}\\n{content}<|im_end|>\\n``, there is NO default system message (unlike the stock
 Qwen2-Instruct template; pass ``system_prompt=QWEN2_DEFAULT_SYSTEM_PROMPT`` to get that behaviour), and the
 generation prompt is ``<|im_start|>assistant\\n``. ``nvlm-yi-34b`` (the 34B ablations) is the same ChatML

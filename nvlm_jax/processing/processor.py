@@ -226,9 +226,10 @@ class Processor:
 
     Image settings come from the NVLM-D top-level keys (``force_image_size``, ``max_dynamic_patch``,
     ``min_dynamic_patch``, ``use_thumbnail``, ``dynamic_image_size``, ``downsample_ratio``,
-    ``vision_config.patch_size``) or from the transformers InternVL layout (``vision_config.image_size``,
-    ``image_token_id``, ``<img>``/``</img>``, optional ``preprocessor_config.json``). Keys under
-    ``"nvlm_jax"`` (any constructor argument, e.g. ``tile_tag_format``, ``fusion``) win over both, and
+    ``vision_config.patch_size``, ``image_token_id``) or from the transformers InternVL layout
+    (``vision_config.image_size``, ``image_token_id``, ``<img>``/``</img>``, optional
+    ``preprocessor_config.json``). Keys under ``"nvlm_jax"`` (any constructor argument, e.g. ``tile_tag_format``,
+    ``fusion``; our export writes the training run's) win over both, and
     ``overrides`` win over everything. Missing NVLM-D keys default to NVLM-D-72B's inference settings.
     """
     directory = Path(path)
@@ -658,6 +659,15 @@ def processor_settings_from_config(
     settings["max_tiles_per_image"] = int(config.get("max_dynamic_patch", 6))
     settings["min_tiles_per_image"] = int(config.get("min_dynamic_patch", 1))
     settings["use_thumbnail"] = bool(config.get("use_thumbnail", True))
+    token_id = config.get("image_token_id")  # our export writes it; the release names <|vision_pad|> only
+    if isinstance(token_id, int):
+      token = tokenizer.id_to_token(token_id)
+      if token is None:
+        raise ValueError(
+          f"{directory or ''}/config.json: image_token_id {token_id} is not in the vocabulary of "
+          f"{tokenizer.source} ({tokenizer.vocab_size} tokens)"
+        )
+      settings["image_context_token"] = token
   template = config.get("template")
   if isinstance(template, str):
     try:

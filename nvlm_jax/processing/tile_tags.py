@@ -1,4 +1,4 @@
-"""Tile tags: the plain-text markers placed before each tile's image tokens (paper Table 1, spec e).
+"""Tile tags: the plain-text markers placed before each tile's image tokens (paper Table 1, docs/paper.md (e)).
 
 NVLM's finding is that telling the decoder which tile it is looking at (a text tag before each tile's
 embeddings) helps OCR-heavy tasks; the released model uses 1-D tags. All formats here produce one tag

@@ -318,16 +318,16 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, mesh=No
     shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
                         shardings)
-  items = {"params": ocp.args.StandardRestore(target)}
-  checked = (directory / str(step) / integrity.INTEGRITY_ITEM).is_dir()  # trainer checkpoints have checksums
-  if checked:
-    items[integrity.INTEGRITY_ITEM] = ocp.args.JsonRestore()
-  with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as mngr:
-    restored = mngr.restore(step, args=ocp.args.Composite(**items))
-  if checked:
+  # The params item alone, read with a plain Checkpointer: a read-only CheckpointManager would log warnings
+  # ("Given directory is read only") on every load that tell a user nothing.
+  step_dir = directory / str(step)
+  with ocp.StandardCheckpointer() as checkpointer:
+    params = checkpointer.restore(step_dir / "params", target)
+  record_file = step_dir / integrity.INTEGRITY_ITEM / "metadata"  # trainer checkpoints have checksums
+  if record_file.is_file():
     stored = nn.meta.unbox(models.abstract_variables(models.module_for_config(saved_config), saved_config)["params"])
-    _verify_params(directory / str(step), restored["params"], stored, restored[integrity.INTEGRITY_ITEM])
-  return model, restored["params"]
+    _verify_params(step_dir, params, stored, json.loads(record_file.read_text()))
+  return model, params
 
 
 def _verify_params(step_dir: Path, params, stored, record) -> None:

@@ -2,7 +2,10 @@
 
 Keys (all overridable on the command line, e.g. `--config.optimizer.lr=1e-5`):
 
-  workdir                 checkpoints, metrics.jsonl, tensorboard/ (resumes from the latest checkpoint here)
+  workdir                 checkpoints, metrics.jsonl, tensorboard/ (resumes from the latest checkpoint here;
+                          it resumes only the run that wrote it: run_identity.py)
+  recipe                  the config's name, recorded in the workdir (train.py sets it from --config, e.g.
+                          "nvlm_x_72b_pretrain:runlocal")
   seed                    parameter init and data order
   total_steps             optimizer steps (one global batch each)
   trainable               parameter path patterns that train (optimizer.py); everything else is frozen
@@ -40,6 +43,7 @@ PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu_v5p": 459.0, "t
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.workdir = "/tmp/nvlm_train"
+  c.recipe = ""
   c.seed = 0
   c.total_steps = 1000
   c.trainable = ("*",)
@@ -94,7 +98,8 @@ def synthetic_data(c: ml_collections.ConfigDict, *, seq_len: int, max_tiles: int
 def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.ConfigDict:
   """A recipe shrunk to run on a laptop CPU in a minute (big_vision's `runlocal`): same stage (trainable
   modules, optimizer shape, tile settings), tiny model, synthetic data, few steps. Select it with
-  `--config=configs/RECIPE.py:runlocal`."""
+  `--config=configs/RECIPE.py:runlocal`. Its workdir is /tmp/nvlm_runlocal_RECIPE (every recipe's own workdir
+  is /tmp/RECIPE), so two stages never share one."""
   c.model.preset = tiny_preset
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
@@ -106,6 +111,7 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   synthetic_data(c, seq_len=256 if c.data.max_tiles > 1 else 128, max_tiles=c.data.max_tiles, global_batch_size=8)
   if processor is not None:
     c.data.processor = processor
+  c.data.worker_count = 0  # a laptop: grain worker processes would cost more to start than they save
   c.optimizer.lr, c.optimizer.min_lr = 1e-3, 1e-4
   c.optimizer.warmup_steps, c.optimizer.decay_steps = 5, 0
   c.total_steps = 20
@@ -114,7 +120,7 @@ def runlocal(c: ml_collections.ConfigDict, tiny_preset: str) -> ml_collections.C
   c.checkpoint.every_steps = 10
   c.log.every_steps = 5
   c.log.peak_tflops_per_device = 0.0
-  c.workdir = f"/tmp/nvlm_runlocal_{tiny_preset}"
+  c.workdir = f"/tmp/nvlm_runlocal_{Path(c.workdir).name}"
   return c
 
 

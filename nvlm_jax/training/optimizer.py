@@ -1,6 +1,6 @@
 """Which parameters train, and how: freezing by path pattern, AdamW, Megatron's LR schedule.
 
-NVLM trains different modules per stage (spec (g)): pretraining only the modality-alignment modules
+NVLM trains different modules per stage (docs/paper.md (g)): pretraining only the modality-alignment modules
 (D: the projector; X: the gated cross-attention layers; H: both), SFT also the LLM; the vision encoder
 is always frozen. A config lists the trainable modules as path patterns; every other parameter is
 frozen: `optax.multi_transform` gives it `optax.set_to_zero()` (hence no Adam moments) and the train

@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.training import batch as batch_lib
 from nvlm_jax.training import checkpointing, config_base, flops as flops_lib, metrics as metrics_lib, models, optimizer
+from nvlm_jax.training import run_identity
 from nvlm_jax.training.train_step import TrainState, batch_sharding, jit_train_step, make_train_step
 
 
@@ -343,6 +344,7 @@ class Trainer:
     cfg, setup = self.config, self.setup
     ckpt_cfg = cfg.checkpoint
     os.makedirs(self.workdir, exist_ok=True)
+    run_identity.claim(self.workdir, cfg, write=self.is_chief)  # refuses another run's checkpoints
     description = models.describe_model(setup.model_config)
     checkpointing.write_model_description(self.workdir, description)
     checkpointer = checkpointing.TrainCheckpointer(
@@ -373,10 +375,11 @@ class Trainer:
     if start >= total:
       self._say(f"nothing to do: the checkpoint is at step {start} >= total_steps={total} "
                 f"(raise --config.total_steps, or use a new workdir)")
-    with _MeshContext(setup):
-      t0 = time.perf_counter()
-      compiled = self.step_fn.lower(setup.abstract_state, abstract_global_batch(setup)).compile()
-      self._say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+    else:
+      with _MeshContext(setup):
+        t0 = time.perf_counter()
+        compiled = self.step_fn.lower(setup.abstract_state, abstract_global_batch(setup)).compile()
+        self._say(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
 
     history, pending = [], []
     step, window_start = start, time.perf_counter()

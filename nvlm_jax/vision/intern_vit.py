@@ -1,4 +1,4 @@
-"""InternViT, the NVLM vision encoder (spec a.1; InternViT-6B-448px-V1-5 at full size).
+"""InternViT, the NVLM vision encoder (docs/paper.md a.1; InternViT-6B-448px-V1-5 at full size).
 
     tile [N, H, W, 3] -> 14px patches -> Linear (the conv, as an einsum) -> [cls] + patches + positions
       -> num_layers x { x + ls1 * attn(norm1(x)); x + ls2 * mlp(norm2(x)) }   (no final norm)
@@ -15,7 +15,7 @@ attn/{q_norm, k_norm}/scale [heads, head_dim], attn/proj/{kernel [heads, head_di
 norm2, mlp/{fc1, fc2}/{kernel, bias}, ls2 [D]. The HF fused `qkv` is split by the importer.
 
 The 25 heads of InternViT-6B do not divide a tensor-parallel axis of 8 (Megatron padded them with 7 zero
-heads, spec a.2); our heads carry the logical name "vision_heads", which the default rules keep
+heads, docs/paper.md a.2); our heads carry the logical name "vision_heads", which the default rules keep
 unsharded, while the MLP (12800) shards over "tensor" and the model dim over "fsdp".
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Pixel shuffle: fold each k x k block of neighbouring ViT tokens into one token (spec c.1).
+"""Pixel shuffle: fold each k x k block of neighbouring ViT tokens into one token (docs/paper.md c.1).
 
 With scale 0.5 (k = 2) a 32x32 grid of 3200-wide tokens becomes 16x16 tokens of width 12800, so a
 448px tile costs 256 decoder positions instead of 1024.

@@ -1,4 +1,4 @@
-"""The vision -> LLM projector applied to pixel-shuffled ViT features (spec c.2).
+"""The vision -> LLM projector applied to pixel-shuffled ViT features (docs/paper.md c.2).
 
 Two layers (NVLM-D/H `mlp1`, transformers InternVL `multi_modal_projector`):
     LayerNorm -> Linear(in, hidden) -> GELU (exact erf) -> Linear(hidden, out)

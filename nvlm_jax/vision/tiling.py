@@ -1,4 +1,4 @@
-"""Dynamic high-resolution (DHR) tiling, bit-for-bit the NVLM / InternVL ``dynamic_preprocess`` (spec b).
+"""Dynamic high-resolution (DHR) tiling, bit-for-bit the NVLM / InternVL ``dynamic_preprocess`` (docs/paper.md (b)).
 
 An image is stretched (aspect ratio NOT preserved) to the grid of ``image_size`` tiles whose aspect ratio
 is closest to the image's, cut into row-major tiles, and, when the grid has more than one tile, followed by
@@ -24,7 +24,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Candidate grids (columns, rows) for min_tiles=1, max_tiles=6, in the reference's order: the CPython
-# iteration order of the set comprehension, stable-sorted by area (spec b step 2). Tie-breaking depends on it.
+# iteration order of the set comprehension, stable-sorted by area (docs/paper.md (b) step 2). Tie-breaking
+# depends on it.
 NVLM_TARGET_RATIOS: tuple[tuple[int, int], ...] = (
   (1, 1),
   (1, 2),
