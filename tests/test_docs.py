@@ -78,8 +78,13 @@ STAND_INS = {
 # Documented files whose contents point at others beside them (relative image paths).
 BESIDE = {"vqav2_val.jsonl": ("images",), "train.jsonl": ("images",), "TextVQA_0.5.1_val.json": ("train_images",)}
 
-MAIN_JOB = "python train.py --config.workdir=/tmp/nvlm_tiny_d --config.total_steps=4 --config.checkpoint.every_steps=2"
-RUNLOCAL_STEPS = "--config.total_steps=2 --config.checkpoint.every_steps=2"
+# A shortened run keeps its warmup inside the run (config_base.validate refuses warmup_steps > total_steps).
+SHORT_WARMUP = "--config.optimizer.warmup_steps=1"
+MAIN_JOB = (
+  "python train.py --config.workdir=/tmp/nvlm_tiny_d --config.total_steps=4 --config.checkpoint.every_steps=2 "
+  + SHORT_WARMUP
+)
+RUNLOCAL_STEPS = "--config.total_steps=2 --config.checkpoint.every_steps=2 " + SHORT_WARMUP
 SHORTENED = {
   "pip install -r requirements.txt && python train.py": (
     MAIN_JOB,
@@ -87,7 +92,8 @@ SHORTENED = {
   ),
   "python train.py": (MAIN_JOB, "300 steps (45 s quiet) run 4"),
   "python train.py --config=configs/tiny_lm.py": (
-    "python train.py --config=configs/tiny_lm.py --config.workdir=/tmp/nvlm_tiny_lm --config.total_steps=4",
+    "python train.py --config=configs/tiny_lm.py --config.workdir=/tmp/nvlm_tiny_lm --config.total_steps=4 "
+    + SHORT_WARMUP,
     "200 steps run 4",
   ),
   "python train.py --config=configs/nvlm_x_72b_pretrain.py:runlocal": (

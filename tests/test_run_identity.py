@@ -28,6 +28,7 @@ def tiny_lm_config(workdir: Path, **changes):
   c = recipe_config("tiny_lm", "fast")
   c.workdir = str(workdir)
   c.total_steps = 2
+  c.optimizer.warmup_steps = 1  # warmup must fit in the run (config_base.validate)
   c.checkpoint.every_steps = 2
   c.checkpoint.async_save = False
   c.log.tensorboard = False
