@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from nvlm_jax.layers.attention_impl import validate_impl
+
 
 def as_dtype(name: str | Any) -> jnp.dtype:
   """'bfloat16' -> jnp.bfloat16; dtypes pass through. Configs store names so they serialize."""
@@ -86,6 +88,8 @@ class DecoderConfig:
   # Causal self-attention without a cache runs in query blocks of this many rows and skips the masked
   # upper triangle (exact; see layers.attention.dot_product_attention). 0 computes the full L x L.
   causal_block_size: int = 128
+  # Attention kernel: auto | xla | blocked | cudnn | splash (nvlm_jax.layers.attention_impl; docs/training.md).
+  attention_impl: str = "auto"
   dtype: str = "float32"  # activation / compute dtype
   param_dtype: str = "float32"
 
@@ -100,6 +104,7 @@ class DecoderConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
+    validate_impl(self.attention_impl, "llm")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
@@ -132,6 +137,7 @@ class VisionConfig:
   # Implementation switches (not architecture).
   scan_layers: bool = True
   remat_policy: str = "none"
+  attention_impl: str = "auto"  # as DecoderConfig.attention_impl (the ViT's attention is full, unmasked)
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -165,6 +171,7 @@ class VisionConfig:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+    validate_impl(self.attention_impl, "vision")
     if self.norm_type not in ("rms_norm", "layer_norm"):
       raise ValueError(f"norm_type={self.norm_type!r}; expected 'rms_norm' or 'layer_norm'")
     if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:

@@ -45,7 +45,8 @@ from nvlm_jax.language.decoder import (
     maybe_remat,
     scan_layers,
 )
-from nvlm_jax.layers.attention import causal_segment_mask, dot_product_attention
+from nvlm_jax.layers.attention import CausalSegments, attend
+from nvlm_jax.layers.attention_impl import choose_attention_impl, log_choice_once
 from nvlm_jax.layers.linear import Dense
 from nvlm_jax.layers.mlp import SwiGLU
 from nvlm_jax.layers.norms import RMSNorm
@@ -97,7 +98,11 @@ class GatedCrossAttention(nn.Module):
     o_proj = Dense(x.shape[-1], ("heads", "head_dim", "embed"), contract_dims=2, name="o_proj", kernel_init=init, **kw)
     keep = has_keys[..., None]
     if kv["k"].shape[1]:  # an empty image stream (S = 0) leaves every row without keys
-      out = dot_product_attention(q, kv["k"].astype(cfg.dtype), kv["v"].astype(cfg.dtype), mask)
+      k, v = kv["k"].astype(cfg.dtype), kv["v"].astype(cfg.dtype)
+      impl = choose_attention_impl(cfg.attention_impl, jax.default_backend(), "dense", q_len=q.shape[1],
+                                   k_len=k.shape[1], head_dim=head_dim, dtype=cfg.dtype)
+      log_choice_once("gated cross-attention", cfg.attention_impl, "dense", impl)
+      out = attend(impl, q, k, v, mask)
       out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
       out = o_proj(out)
       x = x + jnp.where(keep, jnp.tanh(attn_gate).astype(cfg.dtype) * out, jnp.zeros((), cfg.dtype))
@@ -229,7 +234,7 @@ class CrossAttentionLM(CausalLM):
     fresh = cross is not None and cross.get("memory") is not None
     if cache is None:
       kwargs = _cross_kwargs(cross) if fresh else {}
-      x, _, _ = self.decoder(x, positions, causal_segment_mask(segment_ids), **kwargs)
+      x, _, _ = self.decoder(x, positions, CausalSegments(segment_ids), **kwargs)
       return x, None
     mask, valid = self._cached_mask(cache, segment_ids)
     stored = cache.get("cross")

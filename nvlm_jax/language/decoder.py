@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from nvlm_jax.config import DecoderConfig
-from nvlm_jax.layers.attention import SelfAttention, cached_mask, causal_segment_mask
+from nvlm_jax.layers.attention import CausalSegments, SelfAttention, cached_mask
 from nvlm_jax.layers.linear import Dense, Embedding
 from nvlm_jax.layers.mlp import SwiGLU
 from nvlm_jax.layers.norms import RMSNorm
@@ -41,7 +41,7 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
     rope = RotaryEmbedding(cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
     h, cache = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.kv_head_dim, rope, cfg.qkv_bias,
-                             cfg.causal_block_size, name="self_attn", **kw)(h, positions, mask, cache, cache_index)
+                             cfg.causal_block_size, cfg.attention_impl, name="self_attn", **kw)(h, positions, mask, cache, cache_index)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, name="mlp", **kw)(h)
@@ -148,7 +148,7 @@ class CausalLM(nn.Module):
     """The decoder body without the head: (hidden [B, L, D] before the final norm, cache)."""
     x, positions, segment_ids = self._decoder_inputs(input_ids, inputs_embeds, positions, segment_ids, cache)
     if cache is None:
-      x, _ = self.decoder(x, positions, causal_segment_mask(segment_ids))
+      x, _ = self.decoder(x, positions, CausalSegments(segment_ids))
       return x, None
     mask, valid = self._cached_mask(cache, segment_ids)
     x, layer_cache = self.decoder(x, positions, mask, cache["layers"], cache["index"])

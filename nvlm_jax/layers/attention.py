@@ -4,13 +4,17 @@ Masks are boolean [B, 1, Lq, Lk] (True = may attend). Masked scores get a large 
 value rather than -inf, so a query row with nothing to attend to (padding) yields a finite output
 instead of NaN; such rows are padding and never read.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+from nvlm_jax.layers.attention_impl import choose_attention_impl, cudnn_attention, log_choice_once, splash_attention
 
 from nvlm_jax.layers.linear import Dense
 from nvlm_jax.layers.rope import RotaryEmbedding, apply_rope
@@ -37,7 +41,7 @@ def dot_product_attention(q, k, v, mask, *, scale: float | None = None, causal_b
   batch, q_len, heads, head_dim = q.shape
   k_len, kv_heads = k.shape[1], k.shape[2]
   groups = heads // kv_heads
-  scale = head_dim ** -0.5 if scale is None else scale
+  scale = head_dim**-0.5 if scale is None else scale
   q = q.reshape(batch, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)  # [B, KV, G, Lq, D]
   k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
   if causal_block_size <= 0 or causal_block_size >= q_len:
@@ -52,6 +56,32 @@ def dot_product_attention(q, k, v, mask, *, scale: float | None = None, causal_b
       blocks.append(_attend_heads_first(q[:, :, :, start:end], k[:, :, :end], v[:, :, :end], block_mask, scale))
     out = jnp.concatenate(blocks, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim)
+
+
+def attend(
+  impl: str,
+  q,
+  k,
+  v,
+  mask,
+  *,
+  segment_ids=None,
+  causal: bool = False,
+  causal_block_size: int = 0,
+  scale: float | None = None,
+):
+  """Attention by the implementation `impl` (a choose_attention_impl result). `mask` is the dense boolean mask
+  (None: full attention); `segment_ids` [B, L] the packed segments behind a causal mask (splash reads those)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if impl == "xla":
+    return dot_product_attention(q, k, v, mask, scale=scale)
+  if impl == "blocked":
+    return dot_product_attention(q, k, v, mask, scale=scale, causal_block_size=causal_block_size)
+  if impl == "cudnn":
+    return cudnn_attention(q, k, v, mask, causal=causal, scale=scale)
+  if impl == "splash":
+    return splash_attention(q, k, v, segment_ids, causal=causal, scale=scale)
+  raise ValueError(f"unknown attention implementation {impl!r}")
 
 
 def _attend_heads_first(q, k, v, mask, scale: float):
@@ -74,6 +104,20 @@ def causal_segment_mask(segment_ids: jnp.ndarray) -> jnp.ndarray:
   same = segment_ids[:, :, None] == segment_ids[:, None, :]
   real = (segment_ids != 0)[:, None, :]
   return (causal[None] & same & real)[:, None]
+
+
+@flax.struct.dataclass
+class CausalSegments:
+  """The training/no-cache self-attention mask, kept as segment ids so a fused kernel can take them as is.
+
+  `dense` is causal_segment_mask (for xla, blocked and cudnn); splash reads `segment_ids` directly.
+  """
+
+  segment_ids: jnp.ndarray  # [B, L], 0 = padding
+
+  @property
+  def dense(self) -> jnp.ndarray:
+    return causal_segment_mask(self.segment_ids)
 
 
 def cached_mask(valid: jnp.ndarray, cache_index: jnp.ndarray, q_len: int) -> jnp.ndarray:
@@ -102,27 +146,47 @@ class SelfAttention(nn.Module):
   rope: RotaryEmbedding | float  # a bare float: unscaled RoPE with that base
   qkv_bias: bool = False
   causal_block_size: int = 0  # see dot_product_attention; used only without a cache (mask is then causal)
+  attention_impl: str = "auto"  # see layers.attention_impl.choose_attention_impl
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, positions, mask, cache: KVCache | None = None, cache_index=None) -> tuple[Any, KVCache | None]:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = Dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), use_bias=self.qkv_bias,
-              name="q_proj", **kw)(x)
-    k = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias,
-              name="k_proj", **kw)(x)
-    v = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias,
-              name="v_proj", **kw)(x)
+    q = Dense(
+      (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), use_bias=self.qkv_bias, name="q_proj", **kw
+    )(x)
+    k = Dense(
+      (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias, name="k_proj", **kw
+    )(x)
+    v = Dense(
+      (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), use_bias=self.qkv_bias, name="v_proj", **kw
+    )(x)
     q = apply_rope(q, positions, self.rope)
     k = apply_rope(k, positions, self.rope)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
-    block = self.causal_block_size
+    segment_ids = None
+    if isinstance(mask, CausalSegments):
+      segment_ids, mask = mask.segment_ids, mask.dense
     if cache is not None:
       cache = update_cache(cache, k, v, cache_index)
       k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-      block = 0  # queries sit at a traced offset in the cache: no static triangle to skip
-    out = dot_product_attention(q, k, v, mask, causal_block_size=block)
+      kind = "cached"  # queries sit at a traced offset in the cache: no static triangle to skip
+    else:
+      kind = "causal" if segment_ids is not None else "dense"
+    impl = choose_attention_impl(
+      self.attention_impl,
+      jax.default_backend(),
+      kind,
+      q_len=q.shape[1],
+      k_len=k.shape[1],
+      head_dim=self.head_dim,
+      dtype=self.dtype,
+    )
+    log_choice_once("decoder self-attention", self.attention_impl, kind, impl)
+    out = attend(
+      impl, q, k, v, mask, segment_ids=segment_ids, causal=kind == "causal", causal_block_size=self.causal_block_size
+    )
     out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
     out = Dense(x.shape[-1], ("heads", "head_dim", "embed"), contract_dims=2, name="o_proj", **kw)(out)
     return out, cache

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from nvlm_jax.config import VisionConfig
 from nvlm_jax.language.decoder import maybe_remat, scan_layers
-from nvlm_jax.layers.attention import dot_product_attention
+from nvlm_jax.layers.attention import attend
+from nvlm_jax.layers.attention_impl import choose_attention_impl, log_choice_once
 from nvlm_jax.layers.linear import Dense, default_kernel_init
 from nvlm_jax.layers.mlp import GeluMLP
 from nvlm_jax.layers.norms import make_norm
@@ -97,7 +98,10 @@ class VisionAttention(nn.Module):
       q = FullWidthRMSNorm(cfg.layer_norm_eps, name="q_norm", **kw)(q)
       k = FullWidthRMSNorm(cfg.layer_norm_eps, name="k_norm", **kw)(k)
     q = nn.with_logical_constraint(q, HEAD_AXES)
-    out = dot_product_attention(q, k, v, None)
+    impl = choose_attention_impl(cfg.attention_impl, jax.default_backend(), "full", q_len=q.shape[1],
+                                 k_len=k.shape[1], head_dim=cfg.head_dim, dtype=cfg.dtype)
+    log_choice_once("ViT attention", cfg.attention_impl, "full", impl)
+    out = attend(impl, q, k, v, None)
     out = nn.with_logical_constraint(out, HEAD_AXES)
     return Dense(cfg.hidden_size, ("vision_heads", "head_dim", "embed"), contract_dims=2, use_bias=True,
                  name="proj", **kw)(out)
