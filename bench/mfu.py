@@ -1,6 +1,6 @@
 """Model FLOPs utilization of our NVLM-D train step against this device's measured dense-matmul peak.
 
-    python bench/mfu.py [--hidden 1024] [--layers 4] [--seq-len 512] [--batch 1] [--peak-tflops 0]
+    python bench/mfu.py [--hidden 1024] [--layers 4] [--seq-len 512] [--batch 1] [--peak-tflops 0] [--attention-impl auto]
     # a GPU host (bf16 compute, fp32 master weights; the peak is measured in bf16 too):
     python bench/mfu.py --dtype bfloat16 --hidden 4096 --layers 8 --heads 32 --kv-heads 8 \
         --intermediate 11008 --seq-len 2048 --batch 8 --peak-n 8192
@@ -39,12 +39,13 @@ def build_model(args):
                         num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
                         intermediate_size=v["intermediate_size"], norm_type="rms_norm", qk_normalization=True,
                         qkv_bias=False, use_class_token=True, dtype=dtype, param_dtype=pdtype,
-                        scan_layers=not args.unrolled)
+                        scan_layers=not args.unrolled, attention_impl=args.attention_impl)
   llm = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
                       num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, rope_theta=1e6,
                       qkv_bias=True, max_position_embeddings=max(4096, args.seq_len), bos_token_id=1,
                       eos_token_id=2, pad_token_id=0, dtype=dtype, param_dtype=pdtype,
-                      scan_layers=not args.unrolled, remat_policy=args.remat)
+                      scan_layers=not args.unrolled, remat_policy=args.remat,
+                      attention_impl=args.attention_impl)
   projector = ProjectorConfig(in_features=4 * vision.hidden_size, hidden_size=llm.intermediate_size,
                               out_features=llm.hidden_size, num_layers=2, use_bias=False, dtype=dtype,
                               param_dtype=pdtype)
@@ -63,6 +64,7 @@ def main():
   p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--dtype", default="", help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+  p.add_argument("--attention-impl", default="auto", help="auto | xla | blocked | cudnn | splash (LLM and ViT)")
   p.add_argument("--remat", default="none", help="LLM remat policy (nvlm_jax.layers.remat.POLICIES)")
   p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak in TFLOP/s; 0 = measure it")
   p.add_argument("--peak-n", type=int, default=0, help="matmul size for the measured peak (0: 2048 on CPU, 8192 else)")
@@ -150,7 +152,7 @@ def main():
           "llm": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
                   "intermediate": args.intermediate, "vocab": args.vocab},
           "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype, "remat": args.remat,
-          "trainable": sorted(towers), "first_step_s_incl_compile": compile_s,
+          "attention_impl": args.attention_impl, "trainable": sorted(towers), "first_step_s_incl_compile": compile_s,
       },
       "flops_per_step": {"analytic": analytic, "xla_cost_analysis_unrolled": xla_flops,
                          "xla_over_analytic": None if xla_flops is None else xla_flops / analytic["total"]},
