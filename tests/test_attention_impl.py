@@ -150,3 +150,20 @@ def test_decoder_with_splash_matches_xla():
   got = CausalLM(cfg.replace(attention_impl="splash")).apply(params, ids, segment_ids=seg)
   real = np.asarray(SEGMENTS != 0)
   np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=2e-5, rtol=2e-5)
+
+
+def test_planner_attention_report_per_backend():
+  from nvlm_jax.training.plan import attention_report
+
+  cfg = DecoderConfig(
+    vocab_size=64, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1024, dtype="bfloat16"
+  )
+  report = lambda backend, seq: attention_report(cfg, batch_per_device=2, seq_len=seq, tensor=2, backend=backend)
+  [gpu] = report("gpu", 4096)
+  assert gpu["impl"] == "cudnn" and gpu["mask"] == "causal"
+  # fp32 scores + bf16 probabilities, 8 heads over tensor=2, 4 layers, halved by the blocked causal path.
+  assert gpu["estimated_bytes_saved_per_device"] == 2 * 4 * 4096 * 4096 * 6 * 4 // 2
+  [cpu] = report("cpu", 4096)
+  assert cpu["impl"] == "blocked" and cpu["estimated_bytes_saved_per_device"] == 0
+  [tpu] = report("tpu", 4000)  # not a multiple of splash's 128-row block
+  assert tpu["impl"] == "blocked" and report("tpu", 4096)[0]["impl"] == "splash"
