@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from nvlm_jax.layers.attention_impl import choose_attention_impl, cudnn_attention, log_choice_once, splash_attention
-
 from nvlm_jax.layers.linear import Dense
 from nvlm_jax.layers.rope import RotaryEmbedding, apply_rope
 
