@@ -73,8 +73,6 @@ def one_device():
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 devices (tests/conftest.py)")
   config = lm_config()
   config.mesh.update(fsdp=4, tensor=2)
   return Runner(config, jax.devices()[:8])
