@@ -23,7 +23,7 @@ def run_bench(script: str, *args: str, tmp_path: Path) -> dict:
   log = tmp_path / f"{script}.log"
   env = child_processes.child_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   command = child_processes.python(str(BENCH / script), "--repeats", "1", "--out", str(out), *args)
-  code, _ = child_processes.run(command, log, env=env, timeout_s=600)
+  code = child_processes.run(command, log, env=env, timeout_s=600)
   assert code == 0, f"{script} failed:\n{child_processes.tail(log)}"
   result = json.loads(out.read_text())
   assert result["machine"]["jax_device_kind"] and result["machine"]["cpu_cores"] >= 1  # names what it ran on

@@ -184,7 +184,7 @@ def test_planner_cli_plans_the_mesh_it_is_given(tmp_path):
     "-m", "nvlm_jax.training.plan", f"--config={config_file}", "--mesh=fsdp=2,tensor=2", "--lower_only",
     "--config.data.global_batch_size=4",
   )
-  code, _ = child_processes.run(command, log, env=child_processes.child_env(), timeout_s=600)
+  code = child_processes.run(command, log, env=child_processes.child_env(), timeout_s=600)
   assert code == 0, child_processes.tail(log)
   c = config_base.sibling_config(str(config_file), "tiny_d")
   c.mesh.update(data=1, fsdp=2, tensor=2)
@@ -196,5 +196,5 @@ def test_planner_cli_plans_the_mesh_it_is_given(tmp_path):
   assert printed[-len(without_timings(expected.getvalue())) :] == without_timings(expected.getvalue())
 
   bad = tmp_path / "bad.log"
-  code, _ = child_processes.run(command[:4] + ["--mesh=fsdp:2"], bad, env=child_processes.child_env(), timeout_s=600)
+  code = child_processes.run(command[:4] + ["--mesh=fsdp:2"], bad, env=child_processes.child_env(), timeout_s=600)
   assert code != 0 and "'fsdp:2'" in bad.read_text()
