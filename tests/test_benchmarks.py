@@ -36,22 +36,30 @@ def assert_speedup_is_reference_over_ours(speedup: dict, ours: dict, reference: 
 
 @pytest.mark.slow
 def test_train_step_bench_agrees_with_torch(tmp_path):
-  r = run_bench("train_step_vs_torch.py", "--batch", "1", "--seq-len", "128", "--sanity-steps", "2",
-                tmp_path=tmp_path)
+  r = run_bench("train_step_vs_torch.py", "--batch", "1", "--seq-len", "128", "--sanity-steps", "2", tmp_path=tmp_path)
   assert r["sanity"]["agree"], r["sanity"]
   steps = r["train_step"]
   for name in ("ours", "ours_unrolled", "reference"):
     assert steps[name]["samples_per_s"] == pytest.approx(1 / steps[name]["median_s"], rel=DIGITS)  # batch 1
   assert_speedup_is_reference_over_ours(steps["speedup_ours_vs_reference"], steps["ours"], steps["reference"])
-  assert_speedup_is_reference_over_ours(steps["speedup_ours_unrolled_vs_reference"], steps["ours_unrolled"],
-                                        steps["reference"])
+  assert_speedup_is_reference_over_ours(
+    steps["speedup_ours_unrolled_vs_reference"], steps["ours_unrolled"], steps["reference"]
+  )
 
 
 @pytest.mark.slow
 def test_generate_bench_tokens_identical_to_torch(tmp_path):
   batch, new_tokens = 2, 8
-  r = run_bench("generate_vs_torch.py", "--batch", str(batch), "--prompt-len", "96", "--new-tokens",
-                str(new_tokens), tmp_path=tmp_path)
+  r = run_bench(
+    "generate_vs_torch.py",
+    "--batch",
+    str(batch),
+    "--prompt-len",
+    "96",
+    "--new-tokens",
+    str(new_tokens),
+    tmp_path=tmp_path,
+  )
   assert r["sanity"]["identical"] and r["sanity"]["unrolled_identical"], r["sanity"]
   for name in ("ours", "ours_unrolled", "reference"):
     assert r[name]["tokens_per_s"] == pytest.approx(batch * new_tokens / r[name]["median_s"], rel=DIGITS)
@@ -60,8 +68,24 @@ def test_generate_bench_tokens_identical_to_torch(tmp_path):
 
 @pytest.mark.slow
 def test_mfu_and_fusion_benches_report_their_figures(tmp_path):
-  mfu = run_bench("mfu.py", "--hidden", "128", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                  "--intermediate", "256", "--seq-len", "128", "--peak-n", "256", tmp_path=tmp_path)
+  mfu = run_bench(
+    "mfu.py",
+    "--hidden",
+    "128",
+    "--layers",
+    "1",
+    "--heads",
+    "2",
+    "--kv-heads",
+    "1",
+    "--intermediate",
+    "256",
+    "--seq-len",
+    "128",
+    "--peak-n",
+    "256",
+    tmp_path=tmp_path,
+  )
   flops = mfu["flops_per_step"]
   assert 0.9 < flops["xla_over_analytic"] < 1.2  # the analytic count is what XLA runs
   step_s, peak = mfu["train_step"]["median_s"], mfu["peak"]["median_flops_per_s"]
@@ -74,8 +98,9 @@ def test_mfu_and_fusion_benches_report_their_figures(tmp_path):
   for v in ("x", "h"):
     ratio = fusion["ratios_vs_D"][f"{v.upper()}/D"]
     assert ratio["measured_of_medians"] == pytest.approx(steps["d"]["median_s"] / steps[v]["median_s"], rel=DIGITS)
-    assert ratio["measured_over_paper"] == pytest.approx(ratio["measured_median_of_paired"] / ratio["paper"],
-                                                         rel=DIGITS)
+    assert ratio["measured_over_paper"] == pytest.approx(
+      ratio["measured_median_of_paired"] / ratio["paper"], rel=DIGITS
+    )
   fastest_first = sorted(steps, key=lambda v: -steps[v]["samples_per_s"])
   assert fusion["ordering_fastest_first"] == [v.upper() for v in fastest_first]
   assert fusion["ordering_matches_paper"] == (fusion["ordering_fastest_first"] == fusion["paper_ordering"])

@@ -46,19 +46,21 @@ def sources(tmp_path_factory):
 
 def test_import_layout_names_the_layout_and_a_wrong_one_is_refused(sources, tmp_path, capsys):
   assert run_cli("import", "--hf-dir", sources["vit"], "--out", tmp_path / "auto", "--quiet") == 0
-  assert run_cli("import", "--hf-dir", sources["vit"], "--out", tmp_path / "named", "--layout", "internvl_vision",
-                 "--quiet") == 0
+  assert (
+    run_cli("import", "--hf-dir", sources["vit"], "--out", tmp_path / "named", "--layout", "internvl_vision", "--quiet")
+    == 0
+  )
   auto, named = stored_params(tmp_path / "auto"), stored_params(tmp_path / "named")
   assert set(auto) == set(named) and all(auto[k].tobytes() == named[k].tobytes() for k in auto)
   capsys.readouterr()
-  assert run_cli("import", "--hf-dir", sources["vit"], "--out", tmp_path / "wrong", "--layout", "qwen2",
-                 "--quiet") == 1
+  assert run_cli("import", "--hf-dir", sources["vit"], "--out", tmp_path / "wrong", "--layout", "qwen2", "--quiet") == 1
   assert "qwen2" in capsys.readouterr().err.lower() and not (tmp_path / "wrong").exists()
 
 
 def test_import_compression_none_stores_the_same_values_uncompressed(sources, tmp_path):
-  assert run_cli("import", "--hf-dir", sources["qwen2"], "--out", tmp_path / "raw", "--compression", "none",
-                 "--quiet") == 0
+  assert (
+    run_cli("import", "--hf-dir", sources["qwen2"], "--out", tmp_path / "raw", "--compression", "none", "--quiet") == 0
+  )
   zstd, raw = stored_params(sources["imported"]), stored_params(tmp_path / "raw")
   assert all(zstd[k].tobytes() == raw[k].tobytes() for k in zstd)
   # zstd (level 1) squeezes the repeated exponent bytes of small random fp32 weights
@@ -74,15 +76,19 @@ def test_import_memory_budget_bounds_the_bytes_in_flight(sources, tmp_path, monk
     seen.append(self.inflight_bytes)
 
   monkeypatch.setattr(orbax_stream.ParamWriter, "__init__", spy)
-  assert run_cli("import", "--hf-dir", sources["qwen2"], "--out", tmp_path / "small", "--memory-budget", "3KiB",
-                 "--quiet") == 0
+  assert (
+    run_cli("import", "--hf-dir", sources["qwen2"], "--out", tmp_path / "small", "--memory-budget", "3KiB", "--quiet")
+    == 0
+  )
   assert seen == [3 * 1024]
   small = stored_params(tmp_path / "small")
   reference = stored_params(sources["imported"])
   assert all(small[k].tobytes() == reference[k].tobytes() for k in reference)
   capsys.readouterr()
-  assert run_cli("import", "--hf-dir", sources["qwen2"], "--out", tmp_path / "bad", "--memory-budget", "lots",
-                 "--quiet") == 1
+  assert (
+    run_cli("import", "--hf-dir", sources["qwen2"], "--out", tmp_path / "bad", "--memory-budget", "lots", "--quiet")
+    == 1
+  )
   assert "'lots'" in capsys.readouterr().err
 
 
@@ -108,12 +114,30 @@ def test_export_step_writes_that_step_and_dtype_casts(two_steps, tmp_path):
 
   first = traverse_util.flatten_dict(jax.device_get(checkpointing.load_checkpoint(two_steps, step=1)[1]), sep="/")
   kernel = first["lm_head/kernel"]  # [hidden, vocab]: the HF weight is its transpose
-  assert run_cli("export", "--checkpoint", two_steps, "--out", tmp_path / "step1", "--layout", "qwen2", "--step", "1",
-                 "--quiet") == 0
-  assert run_cli("export", "--checkpoint", two_steps, "--out", tmp_path / "latest", "--layout", "qwen2",
-                 "--quiet") == 0
-  assert run_cli("export", "--checkpoint", two_steps, "--out", tmp_path / "bf16", "--layout", "qwen2", "--step", "1",
-                 "--dtype", "bfloat16", "--quiet") == 0
+  assert (
+    run_cli(
+      "export", "--checkpoint", two_steps, "--out", tmp_path / "step1", "--layout", "qwen2", "--step", "1", "--quiet"
+    )
+    == 0
+  )
+  assert run_cli("export", "--checkpoint", two_steps, "--out", tmp_path / "latest", "--layout", "qwen2", "--quiet") == 0
+  assert (
+    run_cli(
+      "export",
+      "--checkpoint",
+      two_steps,
+      "--out",
+      tmp_path / "bf16",
+      "--layout",
+      "qwen2",
+      "--step",
+      "1",
+      "--dtype",
+      "bfloat16",
+      "--quiet",
+    )
+    == 0
+  )
   step1, latest = hf_tensors(tmp_path / "step1"), hf_tensors(tmp_path / "latest")
   bf16 = hf_tensors(tmp_path / "bf16")
   np.testing.assert_array_equal(step1["lm_head.weight"], kernel.T)
@@ -184,8 +208,22 @@ def test_verify_seed_chooses_the_input(sources, capsys):
 
 def test_stitch_image_token_id_dtype_and_seed(sources, tmp_path):
   def stitch(name, *extra):
-    assert run_cli("stitch", "--vision", sources["vit"], "--llm", sources["imported"], "--variant", "d", "--out",
-                   tmp_path / name, "--quiet", *extra) == 0
+    assert (
+      run_cli(
+        "stitch",
+        "--vision",
+        sources["vit"],
+        "--llm",
+        sources["imported"],
+        "--variant",
+        "d",
+        "--out",
+        tmp_path / name,
+        "--quiet",
+        *extra,
+      )
+      == 0
+    )
     return stored_params(tmp_path / name)
 
   a = stitch("a", "--image-token-id", "7", "--dtype", "bfloat16", "--seed", "2")
@@ -207,8 +245,25 @@ def test_stitch_xattn_offset_places_the_block_within_each_group(sources, tmp_pat
   """--xattn-every 3 --xattn-offset 0: each block runs before LLM layer 3 g, so every LLM layer of the group
   comes after it."""
   out = tmp_path / "x"
-  assert run_cli("stitch", "--vision", sources["vit"], "--llm", sources["qwen2"], "--variant", "x", "--xattn-every",
-                 "3", "--xattn-offset", "0", "--out", out, "--quiet") == 0
+  assert (
+    run_cli(
+      "stitch",
+      "--vision",
+      sources["vit"],
+      "--llm",
+      sources["qwen2"],
+      "--variant",
+      "x",
+      "--xattn-every",
+      "3",
+      "--xattn-offset",
+      "0",
+      "--out",
+      out,
+      "--quiet",
+    )
+    == 0
+  )
   model, _ = checkpointing.load_checkpoint(out)
   assert (model.config.cross_attention.every, model.config.cross_attention.offset) == (3, 0)
   stored = stored_params(out)
@@ -216,5 +271,6 @@ def test_stitch_xattn_offset_places_the_block_within_each_group(sources, tmp_pat
   assert not any(p.startswith(groups + "layers_before/") for p in stored)
   up = hf_tensors(sources["qwen2"])
   for i in range(3):
-    np.testing.assert_array_equal(stored[groups + "layers_after/mlp/up_proj/kernel"][0, i],
-                                  up[f"model.layers.{i}.mlp.up_proj.weight"].T)
+    np.testing.assert_array_equal(
+      stored[groups + "layers_after/mlp/up_proj/kernel"][0, i], up[f"model.layers.{i}.mlp.up_proj.weight"].T
+    )

@@ -83,8 +83,16 @@ def test_temperature_zero_is_argmax():
 
 # --- through generate, on a tiny model ----------------------------------------------------------------
 
-CONFIG = DecoderConfig(vocab_size=16, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                       intermediate_size=64, eos_token_id=None, pad_token_id=None)
+CONFIG = DecoderConfig(
+  vocab_size=16,
+  hidden_size=32,
+  num_layers=1,
+  num_heads=2,
+  num_kv_heads=1,
+  intermediate_size=64,
+  eos_token_id=None,
+  pad_token_id=None,
+)
 PROMPT = np.array([[3, 7, 1, 12, 5, 9]], np.int32)
 
 
@@ -96,14 +104,16 @@ def tiny():
   return model, params
 
 
-@pytest.mark.parametrize("case", [dict(temperature=0.6, top_p=0.85), dict(temperature=1.5, top_k=6)],
-                         ids=["temperature,top_p", "temperature,top_k"])
+@pytest.mark.parametrize(
+  "case",
+  [dict(temperature=0.6, top_p=0.85), dict(temperature=1.5, top_k=6)],
+  ids=["temperature,top_p", "temperature,top_k"],
+)
 def test_generate_samples_the_first_token_from_the_model_distribution(tiny, case):
   model, params = tiny
   last = np.asarray(model.apply({"params": params}, PROMPT))[0, -1]
   rows = 6_000
-  tokens = nvlm_jax.generate(model, params, np.repeat(PROMPT, rows, 0), max_new_tokens=1, rng=jax.random.key(1),
-                             **case)
+  tokens = nvlm_jax.generate(model, params, np.repeat(PROMPT, rows, 0), max_new_tokens=1, rng=jax.random.key(1), **case)
   assert_frequencies_match(np.asarray(tokens)[:, 0], oracle(last, **case))
 
 

@@ -89,8 +89,15 @@ def write_image(path: Path, seed: int) -> Path:
 
 def greedy_alone(model, params, processor, input_ids, pixel_values, tile_mask, max_new_tokens, stop_ids):
   tokens = np.asarray(
-    generate(model, params, input_ids, pixel_values=pixel_values, tile_mask=tile_mask,
-             max_new_tokens=max_new_tokens, eos_token_id=stop_ids)
+    generate(
+      model,
+      params,
+      input_ids,
+      pixel_values=pixel_values,
+      tile_mask=tile_mask,
+      max_new_tokens=max_new_tokens,
+      eos_token_id=stop_ids,
+    )
   )[0]
   return ga.decode_answer(tokens, processor.tokenizer, stop_ids)
 
@@ -100,19 +107,40 @@ def test_chat_with_an_image_in_bf16_prints_generates_answer(trained, tokenizer_e
   _, workdir, _ = trained
   image = write_image(tmp_path / "photo.png", seed=1)
   out = io.StringIO()
-  args = ["--checkpoint", str(workdir), "--image", str(image), "--prompt", "What color is the circle?",
-          "--max-new-tokens", "5", "--dtype", "bfloat16", "--tokenizer", str(tokenizer_elsewhere)]
+  args = [
+    "--checkpoint",
+    str(workdir),
+    "--image",
+    str(image),
+    "--prompt",
+    "What color is the circle?",
+    "--max-new-tokens",
+    "5",
+    "--dtype",
+    "bfloat16",
+    "--tokenizer",
+    str(tokenizer_elsewhere),
+  ]
   assert chat.main(args, out=out) == 0
   assert_all_bf16(loaded_models[0][1])
 
   model, params = loaded_models[0]
   processor = ga.load_processor(workdir, model, tokenizer=tokenizer_elsewhere)
-  batch = processor([{"role": "user", "content": "<image>\nWhat color is the circle?"}], [Image.open(image)],
-                    add_generation_prompt=True)
+  batch = processor(
+    [{"role": "user", "content": "<image>\nWhat color is the circle?"}], [Image.open(image)], add_generation_prompt=True
+  )
   eos = processor.tokenizer.eos_id
   tokens = np.asarray(
-    generate(model, params, batch["input_ids"], attention_mask=batch["attention_mask"],
-             pixel_values=batch["pixel_values"], tile_mask=batch["tile_mask"], max_new_tokens=5, eos_token_id=eos)
+    generate(
+      model,
+      params,
+      batch["input_ids"],
+      attention_mask=batch["attention_mask"],
+      pixel_values=batch["pixel_values"],
+      tile_mask=batch["tile_mask"],
+      max_new_tokens=5,
+      eos_token_id=eos,
+    )
   )[0].tolist()
   tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
   assert out.getvalue() == processor.tokenizer.decode(tokens, skip_special_tokens=True) + "\n"
@@ -142,9 +170,25 @@ def test_eval_py_answers_each_image_question_as_generate_does(trained, tokenizer
   data = tmp_path / "vqav2.jsonl"
   write_samples(data, samples)
   out = tmp_path / "out"
-  args = ["--checkpoint", str(workdir), "--benchmark", "vqav2", "--data", str(data), "--out", str(out),
-          "--batch-size", "2", "--max-new-tokens", "3", "--dtype", "bfloat16", "--tokenizer",
-          str(tokenizer_elsewhere), "--no-progress"]
+  args = [
+    "--checkpoint",
+    str(workdir),
+    "--benchmark",
+    "vqav2",
+    "--data",
+    str(data),
+    "--out",
+    str(out),
+    "--batch-size",
+    "2",
+    "--max-new-tokens",
+    "3",
+    "--dtype",
+    "bfloat16",
+    "--tokenizer",
+    str(tokenizer_elsewhere),
+    "--no-progress",
+  ]
   eval_cli = _load_eval_module()
   assert eval_cli.main(args) == 0
   assert_all_bf16(loaded_models[0][1])
@@ -158,8 +202,9 @@ def test_eval_py_answers_each_image_question_as_generate_does(trained, tokenizer
   for row, sample in zip(rows, load_samples(data)):
     encoded = ga.encode_prompt(processor, BENCHMARKS["vqav2"], sample)
     arrays = processor.collate([encoded], padding_side="left")
-    answer = greedy_alone(model, params, processor, arrays["input_ids"], arrays["pixel_values"], arrays["tile_mask"],
-                          3, stop_ids)
+    answer = greedy_alone(
+      model, params, processor, arrays["input_ids"], arrays["pixel_values"], arrays["tile_mask"], 3, stop_ids
+    )
     assert row["id"] == sample["id"] and row["prediction"] == answer.text
 
   empty = tmp_path / "no_tokenizer"

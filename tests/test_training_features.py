@@ -132,7 +132,9 @@ def step_jaxpr(runner: Runner) -> str:
     return str(step.trace(runner.setup.abstract_state, trainer.abstract_global_batch(runner.setup)).jaxpr)
 
 
-@pytest.mark.parametrize("policy, saved", [("full", "nothing_saveable"), ("dots", "DotsSaveable(only_if_no_batch_dims=False)")])
+@pytest.mark.parametrize(
+  "policy, saved", [("full", "nothing_saveable"), ("dots", "DotsSaveable(only_if_no_batch_dims=False)")]
+)
 def test_remat_policy_is_in_the_step_and_changes_no_loss_or_update(reference, policy, saved):
   config = lm_config()
   config.model.remat = {"llm": policy}
@@ -144,8 +146,11 @@ def test_remat_policy_is_in_the_step_and_changes_no_loss_or_update(reference, po
   state_0, hist_0 = reference.run(lm_batches(), 2)
   for key in ("loss", "grad_norm"):
     np.testing.assert_allclose([float(m[key]) for m in hist_r], [float(m[key]) for m in hist_0], rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(state_r.params),
-               jax.device_get(state_0.params))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    jax.device_get(state_r.params),
+    jax.device_get(state_0.params),
+  )
 
 
 # --- bf16 compute, fp32 master weights ----------------------------------------------------------------
@@ -181,7 +186,11 @@ def test_planner_cli_plans_the_mesh_it_is_given(tmp_path):
   config_file = child_processes.REPO / "configs" / "tiny_d.py"
   log = tmp_path / "plan.log"
   command = child_processes.python(
-    "-m", "nvlm_jax.training.plan", f"--config={config_file}", "--mesh=fsdp=2,tensor=2", "--lower_only",
+    "-m",
+    "nvlm_jax.training.plan",
+    f"--config={config_file}",
+    "--mesh=fsdp=2,tensor=2",
+    "--lower_only",
     "--config.data.global_batch_size=4",
   )
   code = child_processes.run(command, log, env=child_processes.child_env(), timeout_s=600)

@@ -6,6 +6,7 @@ Each process reads only its own rows of every global batch (process_index / proc
 factory), the trainer assembles global arrays with `jax.make_array_from_process_local_data`, and both
 processes write the checkpoints together.
 """
+
 import contextlib
 import json
 import os
@@ -23,11 +24,22 @@ STEPS = 6
 
 
 def command(workdir: Path, cpu_devices: int, *extra: str) -> list[str]:
-  return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_lm.py"),
-          f"--config.workdir={workdir}", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=3",
-          "--config.log.every_steps=1", "--config.log.tensorboard=False", "--config.optimizer.warmup_steps=2",
-          "--config.mesh.fsdp=2",
-          "--config.mesh.tensor=2", f"--config.distributed.num_cpu_devices={cpu_devices}", *extra]
+  return [
+    sys.executable,
+    str(REPO / "train.py"),
+    "--config",
+    str(REPO / "configs" / "tiny_lm.py"),
+    f"--config.workdir={workdir}",
+    f"--config.total_steps={STEPS}",
+    "--config.checkpoint.every_steps=3",
+    "--config.log.every_steps=1",
+    "--config.log.tensorboard=False",
+    "--config.optimizer.warmup_steps=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    f"--config.distributed.num_cpu_devices={cpu_devices}",
+    *extra,
+  ]
 
 
 def env() -> dict:
@@ -39,6 +51,7 @@ def reference_run(workdir: Path) -> list[dict]:
   import importlib.util
   import jax
   from nvlm_jax.training import trainer
+
   spec = importlib.util.spec_from_file_location("tiny_lm", REPO / "configs" / "tiny_lm.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -63,10 +76,22 @@ def test_two_processes_match_one_process(tmp_path):
   multi_dir = tmp_path / "two_processes"
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   with contextlib.ExitStack() as children:  # both are stopped and reaped however the test ends
-    procs = [children.enter_context(child_processes.running(
-        command(multi_dir, 2, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-        logs[i], env=env())) for i in range(2)]
+    procs = [
+      children.enter_context(
+        child_processes.running(
+          command(
+            multi_dir,
+            2,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+          ),
+          logs[i],
+          env=env(),
+        )
+      )
+      for i in range(2)
+    ]
     reference = [h["loss"] for h in reference_run(tmp_path / "one_process")]
     for i, p in enumerate(procs):
       assert child_processes.wait(p, logs[i], timeout_s=600) == 0, f"process {i}:\n" + child_processes.tail(logs[i])
