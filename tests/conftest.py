@@ -25,13 +25,13 @@ os.environ["XLA_FLAGS"] = _with_device_count(os.environ.get("XLA_FLAGS", ""), DE
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
+import jax
 
 try:
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", DEVICES)
   _devices = jax.devices()
-except Exception as e:  # noqa: BLE001 -- any failure here means the environment is wrong; say so once
+except Exception as e:
   raise pytest.UsageError(f"tests/conftest.py could not give JAX {DEVICES} CPU devices: {e!r}") from e
 if len(_devices) != DEVICES or {d.platform for d in _devices} != {"cpu"}:
   raise pytest.UsageError(

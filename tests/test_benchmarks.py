@@ -10,9 +10,8 @@ same JSON reports, so a wrong formula fails even though the timings themselves v
 import json
 from pathlib import Path
 
-import pytest
-
 import child_processes
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 DIGITS = 2e-3  # the scripts round every float to 4 significant digits

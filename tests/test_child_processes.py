@@ -4,9 +4,8 @@ import os
 import sys
 import time
 
-import pytest
-
 import child_processes
+import pytest
 
 SLEEPER = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(600)"]
 
@@ -20,9 +19,11 @@ def gone(pid: int) -> bool:
 
 
 def test_a_failing_block_stops_and_reaps_its_child(tmp_path):
-  with pytest.raises(RuntimeError, match="the test failed"):
-    with child_processes.running(SLEEPER, tmp_path / "sleeper.log") as proc:
-      raise RuntimeError("the test failed")
+  with (
+    pytest.raises(RuntimeError, match="the test failed"),
+    child_processes.running(SLEEPER, tmp_path / "s.log") as proc,
+  ):
+    raise RuntimeError("the test failed")
   assert proc.returncode is not None and gone(proc.pid)  # reaped: not even a zombie keeps the pid
 
 

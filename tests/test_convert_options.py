@@ -14,13 +14,14 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-
 import reference_models as rm
-from nvlm_jax import convert
-from nvlm_jax.checkpoint import orbax_stream, safetensors_io as sio
-from nvlm_jax.training import checkpointing
 from test_convert import hf_tensors, stored_params
 from test_vision import build_torch_vit
+
+from nvlm_jax import convert
+from nvlm_jax.checkpoint import orbax_stream
+from nvlm_jax.checkpoint import safetensors_io as sio
+from nvlm_jax.training import checkpointing
 
 
 def run_cli(*args) -> int:
@@ -98,8 +99,9 @@ def test_import_memory_budget_bounds_the_bytes_in_flight(sources, tmp_path, monk
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory):
   """A trainer workdir of the tiny LM (Qwen2 layout) with checkpoints at steps 1 and 2."""
-  from nvlm_jax.training import trainer
   from test_training import lm_batches, lm_config
+
+  from nvlm_jax.training import trainer
 
   workdir = tmp_path_factory.mktemp("two_steps")
   config = lm_config(total_steps=2, workdir=str(workdir))

@@ -52,12 +52,12 @@ def assert_frequencies_match(tokens: np.ndarray, expected: np.ndarray):
 
 
 CASES = [
-  dict(temperature=1.0),
-  dict(temperature=0.5),
-  dict(temperature=2.0),
-  dict(temperature=1.0, top_k=3),
-  dict(temperature=1.0, top_p=0.8),
-  dict(temperature=0.7, top_k=5, top_p=0.9),
+  {"temperature": 1.0},
+  {"temperature": 0.5},
+  {"temperature": 2.0},
+  {"temperature": 1.0, "top_k": 3},
+  {"temperature": 1.0, "top_p": 0.8},
+  {"temperature": 0.7, "top_k": 5, "top_p": 0.9},
 ]
 
 
@@ -106,7 +106,7 @@ def tiny():
 
 @pytest.mark.parametrize(
   "case",
-  [dict(temperature=0.6, top_p=0.85), dict(temperature=1.5, top_k=6)],
+  [{"temperature": 0.6, "top_p": 0.85}, {"temperature": 1.5, "top_k": 6}],
   ids=["temperature,top_p", "temperature,top_k"],
 )
 def test_generate_samples_the_first_token_from_the_model_distribution(tiny, case):

@@ -9,13 +9,13 @@ One tiny text-only LM (tests/test_training.py's), one trained workdir shared by 
 import io
 import re
 
+import child_processes
 import jax
 import numpy as np
 import pytest
+from test_training import BATCH, SEQ, Runner, lm_batches, lm_config
 
-import child_processes
 from nvlm_jax.training import config_base, trainer
-from test_training import BATCH, SEQ, VOCAB, Runner, lm_batches, lm_config
 
 STEPS = 5
 

@@ -13,11 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+import child_processes
 import numpy as np
 import portpicker
 import pytest
-
-import child_processes
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -49,7 +48,9 @@ def env() -> dict:
 def reference_run(workdir: Path) -> list[dict]:
   """The same training in this process, one process with 4 devices."""
   import importlib.util
+
   import jax
+
   from nvlm_jax.training import trainer
 
   spec = importlib.util.spec_from_file_location("tiny_lm", REPO / "configs" / "tiny_lm.py")
