@@ -1,6 +1,6 @@
 """Each documented `python -m nvlm_jax.convert` option does what docs/checkpoints.md says (beyond the round trips
 of tests/test_convert.py): import --layout / --compression / --memory-budget, export --step / --dtype,
-inspect --all, verify --atol / --seed / --no-transformers, stitch --image-token-id / --dtype / --seed / --xattn-offset.
+inspect --all, verify --atol / --seed / --tiles / --no-transformers, stitch --image-token-id / --dtype / --seed / --xattn-offset.
 
 Each test compares against something computed independently of the option's code path: the tensors of the source
 files, a perturbed copy of them, a checkpoint's own step, or the same command without the option.
@@ -241,6 +241,32 @@ def test_stitch_image_token_id_dtype_and_seed(sources, tmp_path):
   np.testing.assert_array_equal(a[f"language_model/{path}"], llm[path].astype(ml_dtypes.bfloat16))
   fresh = "projector/linear_1/kernel"
   assert not np.array_equal(b[fresh], c[fresh])  # seeds 1 and 2
+
+
+def test_verify_tiles_sets_the_image_tiles_of_the_nvlm_input(sources, tmp_path, capsys):
+  assert (
+    run_cli(
+      "stitch",
+      "--vision",
+      sources["vit"],
+      "--llm",
+      sources["imported"],
+      "--variant",
+      "d",
+      "--out",
+      tmp_path / "d",
+      "--quiet",
+    )
+    == 0
+  )
+  assert (
+    run_cli("export", "--checkpoint", tmp_path / "d", "--out", tmp_path / "hf", "--layout", "nvlm_d", "--quiet") == 0
+  )
+  common = ("--hf-dir", tmp_path / "hf", "--checkpoint", tmp_path / "d", "--seq-len", "24", "--atol", "1e-4")
+  code, three = verify_report(capsys, *common, "--tiles", "3")
+  assert code == 0 and three["inputs"]["pixel_values"][1] == 3
+  code, text_only = verify_report(capsys, *common, "--tiles", "0")
+  assert code == 0 and "pixel_values" not in text_only["inputs"]
 
 
 def test_stitch_xattn_offset_places_the_block_within_each_group(sources, tmp_path):
