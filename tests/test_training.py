@@ -324,7 +324,6 @@ def test_nvlm_d_pretraining_trains_only_the_projector():
   assert moment_paths and not any("vision_model" in p or "language_model" in p for p in moment_paths)
 
 
-@pytest.mark.slow
 def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable_model(tmp_path):
   """configs/tiny_d.py end to end (few steps): nvlm_jax.data.pipeline batches, processor saved, checkpoint loads."""
   import importlib.util
