@@ -1,4 +1,5 @@
-"""NVLM-X and NVLM-H through the user's workflow: train (configs/tiny_x.py, tiny_h.py on the data pipeline),
+"""NVLM-X and NVLM-H through the user's workflow: train (configs/tiny_x.py, tiny_h.py and a paper recipe's
+`:runlocal` variant, on the data pipeline),
 then chat (NVLM-X) and eval.py (NVLM-H) on the trained workdir with --dtype bfloat16 and --tokenizer.
 
 Training runs a few steps only (the loss must fall); the checkpoint is shared by the chat and eval tests of the
@@ -29,23 +30,25 @@ STEPS = 6
 
 
 def load_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  """configs/NAME.py, or configs/RECIPE.py:ARG for 'RECIPE:ARG' (a paper recipe's `runlocal` variant)."""
+  file, _, arg = name.partition(":")
+  spec = importlib.util.spec_from_file_location(file, ROOT / "configs" / f"{file}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg or None)
 
 
-@pytest.fixture(scope="module", params=["x", "h"])
+@pytest.fixture(scope="module", params=["tiny_x", "tiny_h", "nvlm_h_72b_sft:runlocal"])
 def trained(request, tmp_path_factory):
-  """(variant, workdir, losses) of configs/tiny_{x,h}.py trained STEPS steps at a small batch."""
-  c = load_config(f"tiny_{request.param}")
-  workdir = tmp_path_factory.mktemp(f"tiny_{request.param}")
+  """(variant, workdir, losses) of a tiny X/H config trained STEPS steps at a small batch."""
+  c = load_config(request.param)
+  workdir = tmp_path_factory.mktemp(request.param.replace(":", "_"))
   c.update(workdir=str(workdir), total_steps=STEPS, compiler_options={"xla_backend_optimization_level": 0})
   c.data.update(global_batch_size=4, seq_len=160, max_tiles=3, read_threads=1, batch_prefetch=1)
   c.optimizer.update(lr=3e-3, warmup_steps=1)
   c.log.update(every_steps=1, tensorboard=False)
   history = trainer.Trainer(c, devices=jax.devices()[:1]).run()
-  return request.param, workdir, [h["loss"] for h in history]
+  return c.model.preset[-1], workdir, [h["loss"] for h in history]
 
 
 def test_tiny_config_trains_and_the_loss_falls(trained):
@@ -102,7 +105,7 @@ def greedy_alone(model, params, processor, input_ids, pixel_values, tile_mask, m
   return ga.decode_answer(tokens, processor.tokenizer, stop_ids)
 
 
-@pytest.mark.parametrize("trained", ["x"], indirect=True)  # X here, H in the eval test: each path once
+@pytest.mark.parametrize("trained", ["tiny_x"], indirect=True)  # X here, H in the eval test: each path once
 def test_chat_with_an_image_in_bf16_prints_generates_answer(trained, tokenizer_elsewhere, tmp_path, loaded_models):
   _, workdir, _ = trained
   image = write_image(tmp_path / "photo.png", seed=1)
@@ -158,7 +161,7 @@ def _load_eval_module():
   return module
 
 
-@pytest.mark.parametrize("trained", ["h"], indirect=True)
+@pytest.mark.parametrize("trained", ["tiny_h"], indirect=True)
 def test_eval_py_answers_each_image_question_as_generate_does(trained, tokenizer_elsewhere, tmp_path, loaded_models):
   _, workdir, _ = trained
   samples = [
