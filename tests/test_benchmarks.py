@@ -46,7 +46,6 @@ def test_train_step_bench_agrees_with_torch(tmp_path):
   )
 
 
-@pytest.mark.slow
 def test_generate_bench_tokens_identical_to_torch(tmp_path):
   batch, new_tokens = 2, 8
   r = run_bench(

@@ -360,7 +360,6 @@ def test_processor_outputs_for_d_x_h(tokenizer):
     Processor(tokenizer, image_size=56, patch_size=7, fusion="h", tile_tag_format="none")
 
 
-@pytest.mark.slow  # two generate() compiles on processor-made prompts
 def test_generate_from_processor_prompts(tokenizer):
   """The whole path: Processor(fusion=x|h) -> generate(): batched, left-aligned, with a 2+1-tile and a 1x1
   image, equals recomputing the full sequence for each row."""

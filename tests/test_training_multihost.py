@@ -16,7 +16,6 @@ from pathlib import Path
 import child_processes
 import numpy as np
 import portpicker
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -71,7 +70,6 @@ def losses(workdir: Path) -> list[float]:
   return [r["loss"] for r in rows]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   port = portpicker.pick_unused_port()
   multi_dir = tmp_path / "two_processes"
