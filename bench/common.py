@@ -355,7 +355,9 @@ def random_init(model, seed: int = 0, std: float = 0.02):
 
 def enable_compilation_cache(directory: str = "/tmp/nvlm_jax_bench_cache") -> None:
   """Persistent XLA compilation cache: a second run of a benchmark skips most compilation (which no
-  figure includes, but which dominates the wall time on a busy 2-core host)."""
+  figure includes, but which dominates the wall time on a busy 2-core host). JAX_COMPILATION_CACHE_DIR, when
+  set, names the directory instead (the tests give each run its own)."""
   import jax
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -188,7 +188,7 @@ def test_bf16_to_fp32_import_is_exact(hf, tmp_path):
 # verify and inspect
 
 
-@pytest.mark.parametrize("layout", ["qwen2", pytest.param("internvl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["qwen2", "internvl"])
 def test_verify_against_importer_and_transformers_on_exported_files(imported, tmp_path, capsys, layout):
   """verify on the *exported* directory: our config.json writers must satisfy transformers too."""
   exported = tmp_path / "exported"
@@ -417,7 +417,6 @@ def test_stitch_checks_the_towers_and_the_variant(hf, imported, tmp_path, capsys
   assert_nothing_written(tmp_path, "out")
 
 
-@pytest.mark.slow  # compiles the NVLM-X init and forward
 def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   import jax.numpy as jnp
   from flax import traverse_util

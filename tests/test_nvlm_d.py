@@ -359,7 +359,6 @@ def test_full_size_parameter_counts():
   assert param_count(get_preset("nvlm_d_34b")) == 40_334_383_488
 
 
-@pytest.mark.slow  # two compiles, one of them over 8 virtual devices on a 2-core host
 def test_sharded_forward_equals_single_device(tiny):
   """fsdp x tensor mesh of 8 virtual devices: every vision/projector param carries logical axes the
   rules table can place, and the sharded model computes the same logits."""

@@ -262,7 +262,6 @@ def test_kv_cache_matches_full_recompute(tiny):
   assert (tokens[0] != tokens[1]).any()  # the rows really differ
 
 
-@pytest.mark.slow  # one backward compile + 8 steps (~25 s on 2 cores)
 def test_gradients_reach_the_gates_then_the_weights_and_training_lowers_the_loss():
   """X pretraining recipe at toy scale: only cross_attn + projector train. At init (gates 0) only the gates
   get gradient; once they move, so do the cross-attention weights; an image-dependent answer is learned."""
@@ -361,7 +360,6 @@ def test_processor_outputs_for_d_x_h(tokenizer):
     Processor(tokenizer, image_size=56, patch_size=7, fusion="h", tile_tag_format="none")
 
 
-@pytest.mark.slow  # two generate() compiles on processor-made prompts
 def test_generate_from_processor_prompts(tokenizer):
   """The whole path: Processor(fusion=x|h) -> generate(): batched, left-aligned, with a 2+1-tile and a 1x1
   image, equals recomputing the full sequence for each row."""
@@ -417,7 +415,6 @@ def test_config_checks_and_presets():
   assert type(models.module_for_config(cfg)) is NVLMH
 
 
-@pytest.mark.slow  # compiles the unrolled model
 def test_unrolled_decoder_computes_the_same_and_params_round_trip():
   """scan_layers=False (names layers_{i} / cross_attn_{g}) gives the same logits; the LLM <-> X/H param
   reshape is exact both ways."""
@@ -465,7 +462,6 @@ def test_every_param_has_logical_axes_the_rules_can_place():
     assert shardings["cross_attn"]["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
 
 
-@pytest.mark.slow  # one compile over 4 virtual devices
 def test_sharded_forward_equals_single_device(tiny):
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -504,7 +500,6 @@ def projector_params(p) -> int:
   return 2 * p.in_features + sum(a * b for a, b in widths)
 
 
-@pytest.mark.slow  # traces four full-size models (no allocation)
 def test_full_size_parameter_counts():
   d_counts = {"72b": 78_863_416_704, "34b": 40_334_383_488}  # tests/test_nvlm_d.py
   for size in ("72b", "34b"):
@@ -517,7 +512,6 @@ def test_full_size_parameter_counts():
                        + 10 * block_params(cfg.llm))
 
 
-@pytest.mark.slow  # torch reference models + orbax round trip
 def test_build_from_released_parts_save_and_load(tmp_path):
   """A tiny Qwen2 dir + a tiny InternViT dir (transformers layouts) -> NVLM-X/H: LLM params unchanged,
   gates zero, text logits equal the torch Qwen2's; orbax save -> load_checkpoint gives the same params."""

@@ -73,8 +73,6 @@ def one_device():
 
 @pytest.fixture(scope="module")
 def eight_devices():
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 devices (tests/conftest.py)")
   config = lm_config()
   config.mesh.update(fsdp=4, tensor=2)
   return Runner(config, jax.devices()[:8])
@@ -326,7 +324,6 @@ def test_nvlm_d_pretraining_trains_only_the_projector():
   assert moment_paths and not any("vision_model" in p or "language_model" in p for p in moment_paths)
 
 
-@pytest.mark.slow
 def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable_model(tmp_path):
   """configs/tiny_d.py end to end (few steps): nvlm_jax.data.pipeline batches, processor saved, checkpoint loads."""
   import importlib.util

@@ -149,8 +149,11 @@ def trainable_towers_from_labels(labels, model_config) -> set[str]:
           if label == TRAINABLE}
 
 
-def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_flops_per_device: float) -> float:
-  """Model FLOPs utilization in [0, 1]: achieved FLOP/s over the devices' peak."""
+def mfu(flops_per_step: float, step_seconds: float, mesh_devices: int, peak_flops_per_device: float) -> float:
+  """Model FLOPs utilization in [0, 1]: achieved FLOP/s over the peak of the devices that ran the step.
+
+  `mesh_devices` is the size of the step's mesh, not `jax.device_count()`: a mesh may use fewer devices than
+  exist, and the idle ones must not dilute the figure."""
   if step_seconds <= 0 or peak_flops_per_device <= 0:
     return 0.0
-  return flops_per_step / step_seconds / (num_devices * peak_flops_per_device)
+  return flops_per_step / step_seconds / (mesh_devices * peak_flops_per_device)

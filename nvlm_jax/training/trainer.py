@@ -470,7 +470,7 @@ class Trainer:
       if flops is not None:
         row["tflops_per_step"] = flops / 1e12
         if peak:
-          row["mfu"] = flops_lib.mfu(flops, step_time, jax.device_count(), peak)
+          row["mfu"] = flops_lib.mfu(flops, step_time, self.setup.mesh.devices.size, peak)
       writer.write(step, row)
       rows.append({"step": step, **row})
     writer.flush(durable)
