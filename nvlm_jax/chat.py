@@ -46,7 +46,8 @@ class IncrementalDecoder:
     self._read = 0  # tokens up to here have been emitted
 
   def _decode(self, ids: Sequence[int]) -> str:
-    return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+    # A padded embedding row past the tokenizer reads as U+FFFD rather than ending the conversation.
+    return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, unknown=REPLACEMENT_CHAR)
 
   def push(self, token_id: int) -> str:
     """Adds one token; returns the text it completes (possibly "")."""

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from nvlm_jax.evaluation.benchmarks import Benchmark, images_for_prompt
+from nvlm_jax.processing.tokenizer import UNKNOWN_TOKEN_TEXT
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -253,12 +254,14 @@ class Answer:
 
 
 def decode_answer(tokens: Sequence[int], tokenizer, stop_ids: Sequence[int]) -> Answer:
-  """The text before the first stop id, special tokens dropped, whitespace stripped."""
+  """The text before the first stop id, special tokens dropped, whitespace stripped. An id past the
+  tokenizer (a padded embedding row) reads as U+FFFD: the answer scores wrong instead of ending the run."""
   tokens = [int(t) for t in tokens]
   stops = {int(s) for s in stop_ids}
   end = next((k for k, t in enumerate(tokens) if t in stops), None)
   kept = tokens if end is None else tokens[:end]
-  return Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
+  return Answer(tokenizer.decode(kept, skip_special_tokens=True, unknown=UNKNOWN_TOKEN_TEXT).strip(), len(kept),
+                end is not None)
 
 
 def sort_by_length(lengths: Sequence[int]) -> list[int]:
