@@ -123,6 +123,10 @@ SHORTENED = {
   ),
 }
 CANNOT_RUN = {
+  (
+    "python train.py --config=configs/nvlm_d_72b_sft.py --config.data.sources.ShareGPT.path=/data/sft/sharegpt.jsonl "
+    "--config.data.sources.ChartQA.path=/data/sft/chartqa.json --config.data.sources.ChartQA.image_root=/data/chartqa"
+  ): ("a 72B recipe on the SFT blend's data sets; test_recipe_fidelity.py parses these flags and opens the sources"),
   "pip install -r requirements-dev.txt && python -m pytest -q": (
     "the whole test suite, this test included (and pip would change the environment)"
   ),

@@ -20,6 +20,13 @@ class RunIdentityError(RuntimeError):
   """The workdir holds checkpoints of a different run."""
 
 
+def recipe_name(config_flag: str) -> str:
+  """The recipe a --config flag names: 'configs/nvlm_x_72b_pretrain.py:runlocal' -> 'nvlm_x_72b_pretrain:runlocal'."""
+  path, _, arg = config_flag.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return f"{name}:{arg}" if arg else name
+
+
 def identity_of(config) -> dict:
   """{recipe, model, trainable} of a training config (`recipe`: what train.py was given, e.g.
   "nvlm_x_72b_pretrain:runlocal"; "" when the config was built in code)."""
