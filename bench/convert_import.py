@@ -47,7 +47,7 @@ if mode == "convert":
   code = nvlm_jax.convert.main(sys.argv[1:])
 else:  # naive: everything in memory, then orbax
   import orbax.checkpoint as ocp, jax.numpy as jnp
-  _, params = nvlm_jax.checkpoint.hf_import.load_pretrained(sys.argv[1], dtype=jnp.bfloat16)
+  _, params = nvlm_jax.models.load_pretrained(sys.argv[1], dtype=jnp.bfloat16)
   with ocp.CheckpointManager(sys.argv[2], options=ocp.CheckpointManagerOptions(create=True,
                              enable_async_checkpointing=False)) as m:
     m.save(0, args=ocp.args.StandardSave(params))

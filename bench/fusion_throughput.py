@@ -125,7 +125,7 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from nvlm_jax.fusion.build import model_for_config
+  from nvlm_jax.models import module_for_config
   from nvlm_jax.training.flops import train_step_flops, trainable_towers_from_labels
 
   common.setup_jax_fp32()
@@ -136,7 +136,7 @@ def main():
   steps, setup = {}, {}
   for variant, cfg in cfgs.items():
     t0 = time.perf_counter()
-    model = model_for_config(cfg)
+    model = module_for_config(cfg)
     params = common.random_init(model, seed=0)
     per_tile = cfg.tokens_per_tile
     ids = stream(variant, batch=args.batch, text_len=text_len, tiles=tiles, per_tile=per_tile,

@@ -240,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, out: TextIO | None = None, read: Callable[[str], str] = input) -> int:
   args = build_parser().parse_args(argv)
   out = out if out is not None else sys.stdout
-  from nvlm_jax.evaluation.generate_answers import load_model, load_processor
+  from nvlm_jax import models
+  from nvlm_jax.evaluation.generate_answers import load_processor
 
-  model, params = load_model(args.checkpoint, dtype=args.dtype)
+  model, params = models.load_model(args.checkpoint, dtype=args.dtype)
   processor = load_processor(args.checkpoint, model, tokenizer=args.tokenizer)
   session = ChatSession(
     model,

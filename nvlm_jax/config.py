@@ -7,15 +7,6 @@ those files name or build one of these model configs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import jax.numpy as jnp
-
-
-def as_dtype(name: str | Any) -> jnp.dtype:
-  """'bfloat16' -> jnp.bfloat16; dtypes pass through. Configs store names so they serialize."""
-  return jnp.dtype(name)
-
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 

@@ -14,6 +14,7 @@ import optax
 import pytest
 from PIL import Image
 
+from nvlm_jax import models
 from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
 from nvlm_jax.fusion import build
 from nvlm_jax.fusion.cross_attention_inputs import check_tile_layout, cross_attention_inputs, tile_layout
@@ -409,7 +410,6 @@ def test_config_checks_and_presets():
     cfg.replace(cross_attention=CrossAttentionConfig())
   with pytest.raises(ValueError, match="NVLMX needs an NVLMConfig with variant 'x'"):
     NVLMX(get_preset("tiny_nvlm_h")).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  from nvlm_jax.training import models  # the trainer's JSON description round-trips the nested config
   cfg = config_for("h")
   assert models.config_from_description(models.describe_model(cfg)) == cfg
   assert type(models.module_for_config(cfg)) is NVLMH
@@ -463,7 +463,8 @@ def test_every_param_has_logical_axes_the_rules_can_place():
 
 
 def test_sharded_forward_equals_single_device(tiny):
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from nvlm_jax import sharding
   if jax.device_count() < 8:
@@ -482,7 +483,7 @@ def test_sharded_forward_equals_single_device(tiny):
 
 
 def param_count(cfg) -> int:
-  model = build.model_for_config(cfg)
+  model = models.module_for_config(cfg)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
@@ -515,10 +516,10 @@ def test_full_size_parameter_counts():
 def test_build_from_released_parts_save_and_load(tmp_path):
   """A tiny Qwen2 dir + a tiny InternViT dir (transformers layouts) -> NVLM-X/H: LLM params unchanged,
   gates zero, text logits equal the torch Qwen2's; orbax save -> load_checkpoint gives the same params."""
+  import reference_models as rm
   import torch
   import transformers
 
-  import reference_models as rm
   from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
   from nvlm_jax.training import checkpointing
 

@@ -13,9 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nvlm_jax.checkpoint import hf_import
+from nvlm_jax.checkpoint.convert_export import plan_export
 from nvlm_jax.checkpoint.convert_output import ConvertError
+from nvlm_jax.checkpoint.convert_sources import HFSource, OrbaxSource
 from nvlm_jax.checkpoint.mapping import Rule, RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
+from nvlm_jax.config import DecoderConfig, NVLMConfig, VisionConfig
 
 # What each rule factory does to the tensor, keyed by the factory that built the rule's `to_flax`.
 _TRANSFORMS = {
@@ -85,8 +90,6 @@ def _human(nbytes: int) -> str:
 
 
 def inspect_hf(path: Path, layout: str = "auto") -> dict[str, Any]:
-  from nvlm_jax.checkpoint import hf_import
-  from nvlm_jax.checkpoint.convert_sources import HFSource
 
   ckpt = SafetensorsCheckpoint(path)
   report: dict[str, Any] = {
@@ -110,9 +113,6 @@ def inspect_hf(path: Path, layout: str = "auto") -> dict[str, Any]:
 
 
 def inspect_orbax(path: Path) -> dict[str, Any]:
-  from nvlm_jax.checkpoint.convert_export import plan_export
-  from nvlm_jax.checkpoint.convert_sources import OrbaxSource
-  from nvlm_jax.config import DecoderConfig, NVLMConfig, VisionConfig
 
   source = OrbaxSource(path)
   arrays = source.reader.arrays
@@ -138,7 +138,6 @@ def inspect_orbax(path: Path) -> dict[str, Any]:
     except ConvertError as e:
       report["layout_error"] = str(e)
   elif isinstance(cfg, VisionConfig):
-    from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
     report["export_layout"] = "intern_vit (InternVisionModel names)"
     report["mapping"] = mapping_rows(intern_vit_rules(cfg))
   return report

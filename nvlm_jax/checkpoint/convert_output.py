@@ -43,14 +43,20 @@ def _raise_on_sigterm(signum, frame):
   raise SystemExit(128 + signum)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
-  """Yields an empty temporary directory beside `target`; renames it to `target` on success and
-  removes it on any failure. Refuses a target that already exists."""
+def refuse_existing(target: str | os.PathLike) -> Path:
+  """The absolute output path; OutputExistsError if something is there already (checked before any work)."""
   target = Path(target).absolute()
   if target.exists() or target.is_symlink():
     raise OutputExistsError(f"{target}: already exists; converting into an existing directory is refused "
                             "(remove it or choose another output path)")
+  return target
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
+  """Yields an empty temporary directory beside `target`; renames it to `target` on success and
+  removes it on any failure. Refuses a target that already exists."""
+  target = refuse_existing(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARKER}{os.getpid()}-", dir=target.parent))
   umask = os.umask(0)

@@ -19,11 +19,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from nvlm_jax import models
 from nvlm_jax.checkpoint import hf_import, orbax_stream
+from nvlm_jax.checkpoint.convert_output import ConvertError
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError
-from nvlm_jax.checkpoint.convert_output import ConvertError
 
 # Short names accepted by `--layout` -> registered import layouts (hf_import.REGISTRY).
 LAYOUT_ALIASES = {
@@ -151,7 +152,7 @@ class OrbaxSource:
   """One of our orbax checkpoints (a workdir, its checkpoints/ dir or one step dir)."""
 
   def __init__(self, path: str | os.PathLike, step: int | None = None):
-    from nvlm_jax.training import checkpointing, models
+    from nvlm_jax.training import checkpointing
 
     try:
       directory, self.step = checkpointing._resolve(path, step)
@@ -209,12 +210,11 @@ def is_scanned_path(path: str) -> bool:
 
 def open_source(path: str | os.PathLike, **hf_kwargs):
   """HFSource for a Hugging Face directory, OrbaxSource for one of ours."""
-  from nvlm_jax.training import checkpointing
 
-  if checkpointing.is_training_checkpoint(path):
+  kind = models.checkpoint_format(path)
+  if kind == models.OURS:
     return OrbaxSource(path)
-  if Path(path).is_dir() and (Path(path) / hf_import.CONFIG_FILE).is_file():
+  if kind == models.HF:
     return HFSource(path, **hf_kwargs)
   raise ConvertError(f"{path}: neither a Hugging Face checkpoint directory (config.json + safetensors) nor an "
                      "nvlm_jax checkpoint (checkpoints/<step>/params)")
-

@@ -16,7 +16,6 @@ initially computes exactly the LLM on text). Adding a variant is one entry in VA
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import time
@@ -28,11 +27,20 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from nvlm_jax import models
 from nvlm_jax.checkpoint import orbax_stream
-from nvlm_jax.checkpoint.convert_import import stream_into, write_provenance
-from nvlm_jax.checkpoint.convert_output import ConvertError, Progress, atomic_output_dir, copy_side_files
+from nvlm_jax.checkpoint.convert_import import parse_mesh, stream_into, write_provenance
+from nvlm_jax.checkpoint.convert_output import (
+  ConvertError,
+  Progress,
+  atomic_output_dir,
+  copy_side_files,
+  refuse_existing,
+)
 from nvlm_jax.checkpoint.convert_sources import DTYPES, HFSource, WorkItem, open_source
+from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.fusion import build as fusion_build
 
 VISION_PREFIX, LLM_PREFIX = "vision_model", "language_model"
 IMAGE_TOKEN = "<|vision_pad|>"
@@ -60,14 +68,12 @@ class StitchVariant:
     model (None: unchanged). map_shapes turns {path: full shape} into the new model's {path: shape};
     map_piece moves one written piece (path, layer index).
   check_fresh(fresh params by path): raises if the new modules are not initialized as the variant needs.
-  module: the variant's model module (stitch refuses the variant while it does not exist).
   """
 
   name: str
   build_config: Callable[[VisionConfig, DecoderConfig, StitchOptions], NVLMConfig]
   llm_layout: Callable[[NVLMConfig], tuple[Callable, PieceMap] | None] = lambda cfg: None
   check_fresh: Callable[[Mapping[str, np.ndarray]], None] | None = None
-  module: str | None = None
 
 
 def _mlp1(vision: VisionConfig, llm: DecoderConfig, ratio: float, num_layers: int = 2) -> ProjectorConfig:
@@ -88,7 +94,6 @@ def cross_attention_config(variant: str):
   """NVLM-X / NVLM-H config from the towers (fusion/build.py: X one-layer projector, H mlp1; gated
   cross-attention blocks every num_layers / 10 LLM layers unless --xattn-every says otherwise)."""
   def build(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
-    from nvlm_jax.fusion import build as fusion_build
     return fusion_build.build_config(variant, llm, vision, image_token_id=opts.image_token_id,
                                      cross_attention=opts.cross_attention,
                                      image_start_token_ids=opts.image_start_token_ids,
@@ -155,11 +160,9 @@ def gates_are_zero(fresh: Mapping[str, np.ndarray]) -> None:
 
 
 VARIANTS: dict[str, StitchVariant] = {
-    "d": StitchVariant("d", nvlm_d_config, module="nvlm_jax.fusion.nvlm_d"),
-    "x": StitchVariant("x", cross_attention_config("x"), cross_attention_layout, gates_are_zero,
-                       "nvlm_jax.fusion.nvlm_x"),
-    "h": StitchVariant("h", cross_attention_config("h"), cross_attention_layout, gates_are_zero,
-                       "nvlm_jax.fusion.nvlm_h"),
+    "d": StitchVariant("d", nvlm_d_config),
+    "x": StitchVariant("x", cross_attention_config("x"), cross_attention_layout, gates_are_zero),
+    "h": StitchVariant("h", cross_attention_config("h"), cross_attention_layout, gates_are_zero),
 }
 
 
@@ -226,12 +229,10 @@ def _tokenizer_ids(directory: Path) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from the LLM's tokenizer files, where it has them."""
   ids: dict[str, Any] = {}
   try:
-    from nvlm_jax.fusion import build as fusion_build
     ids.update(fusion_build.tokenizer_ids(directory))
   except (ImportError, OSError, ValueError, KeyError):
     pass
   if "image_token_id" not in ids:
-    from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
     try:
       token_id = _tokenizer_token_id(directory, IMAGE_TOKEN)
     except (OSError, ValueError, KeyError):
@@ -248,7 +249,6 @@ def _with_dtype(cfg, dtype: str):
 def fresh_params(model: nn.Module, model_cfg, paths: list[str], seed: int) -> dict[str, np.ndarray]:
   """The model's own init of `paths` only: jit returns just those, so XLA removes the rest of the
   init (the towers' random weights, the dummy forward) and never allocates it."""
-  from nvlm_jax.training import models
 
   init = models.init_fn(model, model_cfg)
 
@@ -270,20 +270,11 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
   vocab_size, one past the vocabulary: the models never look placeholders up). xattn_every /
   xattn_offset (X/H): cross-attention block placement (default: 10 blocks, config.CrossAttentionConfig).
   """
-  from nvlm_jax.checkpoint.convert_import import parse_mesh
-  from nvlm_jax.training import models
 
   start = time.perf_counter()
-  out = Path(out).absolute()
-  if out.exists():
-    from nvlm_jax.checkpoint.convert_output import OutputExistsError
-    raise OutputExistsError(f"{out}: already exists; converting into an existing directory is refused "
-                            "(remove it or choose another output path)")
+  out = refuse_existing(out)
   if variant not in VARIANTS:
     raise ConvertError(f"--variant {variant!r}; expected one of {sorted(VARIANTS)}")
-  if not available_variants()[variant]:
-    raise ConvertError(f"--variant {variant}: NVLM-{variant.upper()} is not available yet ({VARIANTS[variant].module} "
-                       "does not exist in this tree)")
   if dtype not in DTYPES:
     raise ConvertError(f"--dtype {dtype!r}; expected one of {DTYPES}")
   if variant == "d" and (xattn_every or xattn_offset is not None):
@@ -356,8 +347,3 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
     write_provenance(tmp, summary)
   summary["out"] = str(out)
   return summary
-
-
-def available_variants() -> dict[str, bool]:
-  """Which variants' model modules exist in this tree."""
-  return {name: v.module is None or importlib.util.find_spec(v.module) is not None for name, v in VARIANTS.items()}

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError
+from nvlm_jax.sharding import LOGICAL_AXIS_RULES
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
@@ -156,7 +157,6 @@ def param_specs(boxed_params: Any, dtype: str | None = None, *, mesh_shape: Mapp
   import flax.linen as nn
   from flax import traverse_util
 
-  from nvlm_jax.sharding import LOGICAL_AXIS_RULES
 
   rules = LOGICAL_AXIS_RULES if rules is None else rules
   shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed_params), sep="/")

@@ -33,6 +33,8 @@ from nvlm_jax.checkpoint.mapping import LAYER, Rule, RuleTable, bias, linear, pe
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf, decoder_rules
 from nvlm_jax.config import NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.fusion.nvlm_d import NVLMD
+from nvlm_jax.vision.intern_vit import InternViT
 
 # Megatron trained NVLM's ViT with tensor parallelism 8 and padded its heads to a multiple of 8 (docs/paper.md a.2).
 NVLM_D_VIT_HEAD_MULTIPLE = 8
@@ -205,7 +207,7 @@ def intern_vit_rules(cfg: VisionConfig, *, stored_heads: int | None = None, pref
                      param_prefix: str = "", name: str = "InternViT") -> RuleTable:
   """InternVL / NVLM module names (`embeddings.class_embedding`, `encoder.layers.N.attn.qkv`, `ls1`,
   `norm1`, ...) <-> `InternViT` params. stored_heads: heads as stored (NVLM-D: 32 for 25 real heads)."""
-  d, h, hd, p = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.patch_size
+  d, h, p = cfg.hidden_size, cfg.num_heads, cfg.patch_size
   stored = h if stored_heads is None else stored_heads
   if stored < h:
     raise ValueError(f"stored_heads={stored} is fewer than the model's {h} heads")
@@ -516,12 +518,10 @@ def nvlm_d_rules(cfg: NVLMConfig, *, stored_heads: int | None = None) -> RuleTab
 
 
 def _nvlmd(cfg: NVLMConfig):
-  from nvlm_jax.fusion.nvlm_d import NVLMD
   return NVLMD(cfg)
 
 
 def _vit(cfg: VisionConfig):
-  from nvlm_jax.vision.intern_vit import InternViT
   return InternViT(cfg)
 
 

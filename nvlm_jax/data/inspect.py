@@ -37,7 +37,7 @@ GAP = 4  # pixels between tiles in --save-tiles
 # ---- building the processor and source ------------------------------------------------------------------
 def build_processor(args):
   from nvlm_jax.processing.processor import Processor
-  from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, load_processor
+  from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, read_run_processor
 
   tiny = args.size == "tiny" and args.synthetic
   image_size = args.image_size or (56 if tiny else 448)
@@ -47,7 +47,7 @@ def build_processor(args):
     directory = Path(args.tokenizer)
     keep_settings = not (args.image_size or args.patch_size)
     if (directory / PROCESSOR_FILE).is_file() and keep_settings:  # a training workdir: the processor it used
-      return load_processor(directory)
+      return read_run_processor(directory)
     if (directory / "config.json").is_file() and keep_settings:
       return Processor.from_pretrained(directory, max_tiles_per_image=args.max_tiles_per_image)
     return Processor(build_tokenizer(args.tokenizer, max_tiles=args.max_tiles_per_image), **settings)

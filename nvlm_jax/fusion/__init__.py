@@ -8,7 +8,6 @@ _LAZY = {
     "NVLMD": "nvlm_jax.fusion.nvlm_d",
     "NVLMX": "nvlm_jax.fusion.nvlm_x",
     "NVLMH": "nvlm_jax.fusion.nvlm_h",
-    "model_for_config": "nvlm_jax.fusion.build",
     "build_from_released_parts": "nvlm_jax.fusion.build",
 }
 

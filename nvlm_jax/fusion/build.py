@@ -32,7 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.language.decoder import CausalLM
+from nvlm_jax.processing.tokenizer import NvlmTokenizer
+from nvlm_jax.vision.intern_vit import InternViT
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +45,10 @@ DEFAULT_IMAGE_CONTEXT_TOKEN = "<|vision_pad|>"
 DEFAULT_IMAGE_START = "<Image>"
 
 
-def model_for_config(config: NVLMConfig) -> nn.Module:
-  """NVLMD / NVLMX / NVLMH for config.variant."""
-  if config.variant == "d":
-    from nvlm_jax.fusion.nvlm_d import NVLMD
-    return NVLMD(config)
-  if config.variant == "x":
-    from nvlm_jax.fusion.nvlm_x import NVLMX
-    return NVLMX(config)
-  from nvlm_jax.fusion.nvlm_h import NVLMH
-  return NVLMH(config)
+def _module(config: NVLMConfig) -> nn.Module:
+  from nvlm_jax import models  # the registry imports fusion/; this builder sits above both (convert stitch)
+
+  return models.module_for_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -138,7 +136,7 @@ def _merge(*trees: Mapping[str, Any]) -> dict:
 def init_params(config: NVLMConfig, rng: jax.Array, *, only_new: bool = False) -> dict:
   """Random params of the whole model (or, with only_new, just the projector and the cross-attention
   blocks; the rest of the init is dead code that XLA drops, so a 72B LLM is never materialized)."""
-  model = model_for_config(config)
+  model = _module(config)
   ids = jnp.zeros((1, 8), jnp.int32)
 
   def init(rng):
@@ -153,7 +151,7 @@ def assemble_params(config: NVLMConfig, llm_params: Mapping[str, Any], vision_pa
   """Full X/H params from the LLM's, the ViT's and the new modules' (`init_params(only_new=True)`)."""
   lm = llm_to_cross_attention_params(llm_params, config)
   params = _merge({"vision_model": dict(vision_params), "language_model": lm}, new_params)
-  expected = jax.eval_shape(lambda: nn.meta.unbox(model_for_config(config).init(
+  expected = jax.eval_shape(lambda: nn.meta.unbox(_module(config).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
   _check_tree(params, expected)
   return params
@@ -196,7 +194,6 @@ def projector_config(variant: str, vision: VisionConfig, llm: DecoderConfig, dow
 def tokenizer_ids(directory: str | os.PathLike, *, image_context_token: str = DEFAULT_IMAGE_CONTEXT_TOKEN,
                   image_start: str = DEFAULT_IMAGE_START) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from a directory's tokenizer files ({} if it has none)."""
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer
   if not (Path(directory) / "tokenizer.json").is_file():
     return {}
   tok = NvlmTokenizer.from_pretrained(directory)
@@ -232,9 +229,7 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   must match the Processor the model will be fed by. nvlm_fields: other NVLMConfig fields (max_tiles, ...).
   With a `mesh`, every parameter is loaded / created directly on its sharding.
   """
-  from nvlm_jax.checkpoint.hf_import import load_pretrained
-  from nvlm_jax.language.decoder import CausalLM
-  from nvlm_jax.vision.intern_vit import InternViT
+  from nvlm_jax.models import load_pretrained
 
   param_dtype = param_dtype or dtype
   llm_model, llm_params = load_pretrained(llm_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers,
@@ -259,14 +254,13 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   config = build_config(variant, llm_model.config, vit_model.config, image_token_id=image_token_id,
                         cross_attention=cross_attention, image_start_token_ids=image_start_token_ids,
                         **nvlm_fields)
-  model = model_for_config(config)
+  model = _module(config)
   new = init_params(config, jax.random.key(seed), only_new=True)
   if projector_params is not None:
     new = {**new, "projector": jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), dict(projector_params))}
   if mesh is None:
     params = assemble_params(config, llm_params, vit_params, new)
   else:
-    from nvlm_jax import sharding as sharding_lib
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     shardings = sharding_lib.shardings_for(boxed, mesh)
     params = jax.jit(lambda l, v, n: assemble_params(config, l, v, n), out_shardings=shardings)(
@@ -283,7 +277,9 @@ def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Ma
                     step: int = 0) -> Path:
   """Writes params + model description as a trainer workdir; returns the step directory."""
   import orbax.checkpoint as ocp
-  from nvlm_jax.training import checkpointing, models
+
+  from nvlm_jax import models
+  from nvlm_jax.training import checkpointing
 
   directory = Path(directory).absolute()
   description = models.describe_model(config)
@@ -303,6 +299,6 @@ def load_checkpoint(directory: str | os.PathLike, **kwargs) -> tuple[nn.Module, 
   return checkpointing.load_checkpoint(directory, **kwargs)
 
 
-__all__ = ["model_for_config", "llm_to_cross_attention_params", "llm_params_from_cross_attention", "init_params",
+__all__ = ["llm_to_cross_attention_params", "llm_params_from_cross_attention", "init_params",
            "assemble_params", "default_cross_attention", "projector_config", "tokenizer_ids", "build_config",
            "build_from_released_parts", "save_checkpoint", "load_checkpoint", "NEW_MODULES"]

@@ -42,13 +42,13 @@ from nvlm_jax.language.decoder import (
     CausalLM,
     DecoderLayer,
     keep_last,
-    maybe_remat,
-    scan_layers,
 )
 from nvlm_jax.layers.attention import causal_segment_mask, dot_product_attention
 from nvlm_jax.layers.linear import Dense
 from nvlm_jax.layers.mlp import SwiGLU
 from nvlm_jax.layers.norms import RMSNorm
+from nvlm_jax.layers.remat import maybe_remat
+from nvlm_jax.layers.scan import scan_layers
 
 CrossInputs = dict[str, Any]  # see CrossAttentionLM.hidden_states
 # Logical name of the scanned group axis. Inside a group the LLM layers keep CausalLM's "layers" axis, so a

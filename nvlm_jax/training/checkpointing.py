@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.training import checkpoint_integrity as integrity
-from nvlm_jax.training import models
 
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_DESCRIPTION_FILE = "nvlm_model.json"

@@ -43,15 +43,12 @@ GIB = 1024 ** 3
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  mesh = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    if "=" not in part:
-      raise app.UsageError(f"--mesh entry {part!r}: expected axis=size, e.g. fsdp=64,tensor=8")
-    axis, size = part.split("=", 1)
-    if axis not in ("data", "fsdp", "tensor"):
-      raise app.UsageError(f"--mesh axis {axis!r}: expected data, fsdp or tensor")
-    mesh[axis] = int(size)
-  return mesh
+  from nvlm_jax import sharding  # imports jax, which this module loads only after the flags (see main)
+
+  try:
+    return sharding.parse_mesh(text)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def sharded_bytes(tree) -> int:

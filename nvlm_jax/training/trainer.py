@@ -24,12 +24,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, config_base, flops as flops_lib, metrics as metrics_lib, models, optimizer
-from nvlm_jax.training import run_identity
+from nvlm_jax.training import checkpointing, config_base, optimizer, run_identity
+from nvlm_jax.training import flops as flops_lib
+from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.train_step import TrainState, batch_sharding, jit_train_step, make_train_step
 
 
@@ -86,7 +89,8 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
     mesh = sharding_lib.create_mesh(dict(config.mesh), devices)
   except ValueError as e:
     raise ValueError(f"config.mesh: {e}") from None
-  rules = sharding_lib.LOGICAL_AXIS_RULES
+  rules = sharding_lib.checked_rules(config.get("sharding_rules", sharding_lib.LOGICAL_AXIS_RULES),
+                                     "config.sharding_rules")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = int(config.data.get("num_microbatches", 1))
   if config.data.global_batch_size % (shards * micro):
