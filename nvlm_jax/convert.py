@@ -107,24 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
   if args.command == "import":
-    from nvlm_jax.checkpoint.convert_import import import_checkpoint
-    from nvlm_jax.checkpoint.convert_output import parse_size
+    from nvlm_jax.checkpoint.convert_import import import_checkpoint  # lazy: the chosen command's code only
+    from nvlm_jax.checkpoint.convert_output import parse_size  # lazy: the chosen command's code only
     summary = import_checkpoint(args.hf_dir, args.out, dtype=args.dtype, mesh=args.mesh, layout=args.layout,
                                 scan_layers=args.scan_layers, compression=args.compression, progress=not args.quiet,
                                 inflight_bytes=parse_size(args.memory_budget))
     print(json.dumps(summary, indent=2))
   elif args.command == "export":
-    from nvlm_jax.checkpoint.convert_export import export_checkpoint
+    from nvlm_jax.checkpoint.convert_export import export_checkpoint  # lazy: the chosen command's code only
     summary = export_checkpoint(args.checkpoint, args.out, layout=args.layout, max_shard_size=args.max_shard_size,
                                 pad_dummy_heads=args.pad_dummy_heads, dtype=args.dtype, step=args.step,
                                 progress=not args.quiet)
     print(json.dumps(summary, indent=2))
   elif args.command == "inspect":
-    from nvlm_jax.checkpoint.convert_inspect import format_report, inspect_path
+    from nvlm_jax.checkpoint.convert_inspect import format_report, inspect_path  # lazy: the chosen command's code only
     report = inspect_path(args.path, layout=args.layout)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report, show_all=args.all))
   elif args.command == "verify":
-    from nvlm_jax.checkpoint.convert_verify import verify
+    from nvlm_jax.checkpoint.convert_verify import verify  # lazy: the chosen command's code only
     report = verify(args.hf_dir, args.checkpoint, seq_len=args.seq_len, tiles=args.tiles, seed=args.seed,
                     atol=args.atol, layout=args.layout, use_transformers=args.use_transformers)
     for key in ("param_max_abs_diff", "vs_importer_max_abs_diff", "vs_transformers_max_abs_diff", "vs_transformers"):
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
       print(f"error: a logit difference exceeds --atol {args.atol}", file=sys.stderr)
       return 1
   elif args.command == "stitch":
-    from nvlm_jax.checkpoint.convert_stitch import stitch_checkpoint
+    from nvlm_jax.checkpoint.convert_stitch import stitch_checkpoint  # lazy: the chosen command's code only
     summary = stitch_checkpoint(args.vision, args.llm, args.out, variant=args.variant, dtype=args.dtype,
                                 image_token_id=args.image_token_id, xattn_every=args.xattn_every,
                                 xattn_offset=args.xattn_offset, mesh=args.mesh, seed=args.seed,
@@ -160,9 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   if args.command in ("import", "export", "stitch"):
     limit_malloc_arenas()
-  from nvlm_jax.checkpoint.convert_output import ConvertError
-  from nvlm_jax.checkpoint.safetensors_io import CheckpointError
-  from nvlm_jax.checkpoint.text_layouts import ConfigError
+  from nvlm_jax.checkpoint.convert_output import ConvertError  # the error types; --help stays free of jax
+  from nvlm_jax.checkpoint.safetensors_io import CheckpointError  # see above
+  from nvlm_jax.checkpoint.text_layouts import ConfigError  # see above
   try:
     return run(args)
   except (ConvertError, CheckpointError, ConfigError, FileNotFoundError) as e:

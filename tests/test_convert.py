@@ -452,7 +452,7 @@ def trainer_workdir(tmp_path_factory) -> Path:
   import ml_collections
 
   from nvlm_jax import presets
-  from nvlm_jax.fusion import build
+  from nvlm_jax.checkpoint import from_parts as build
   from nvlm_jax.training import processor_setup
 
   directory = tmp_path_factory.mktemp("run")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from nvlm_jax import models
 from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
-from nvlm_jax.fusion import build
+from nvlm_jax.checkpoint import from_parts as build
 from nvlm_jax.fusion.cross_attention_inputs import check_tile_layout, cross_attention_inputs, tile_layout
 from nvlm_jax.fusion.nvlm_h import NVLMH
 from nvlm_jax.fusion.nvlm_x import NVLMX

@@ -380,9 +380,9 @@ def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable
 
 
 def test_init_from_a_params_only_checkpoint_starts_from_those_parameters(tmp_path, one_device):
-  """A stitched model saved with nvlm_jax.fusion.build.save_checkpoint (params + description, no optimizer
+  """A stitched model saved with nvlm_jax.checkpoint.from_parts.save_checkpoint (params + description, no optimizer
   state) is a valid `checkpoint.init_from`; training then starts from exactly those parameters."""
-  from nvlm_jax.fusion.build import save_checkpoint
+  from nvlm_jax.checkpoint.from_parts import save_checkpoint
   save_checkpoint(tmp_path / "stitched", one_device.setup.model_config, one_device.initial.params)
   config = lm_config(total_steps=2, workdir=str(tmp_path / "run"))
   config.checkpoint.init_from = str(tmp_path / "stitched")

@@ -46,6 +46,7 @@ from nvlm_jax.checkpoint.convert_sources import OrbaxSource
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.text_layouts import decoder_rules
 from nvlm_jax.config import DecoderConfig, NVLMConfig
+from nvlm_jax.training.processor_setup import PROCESSOR_FILE
 
 EXPORT_LAYOUTS = ("qwen2", "llama", "internvl", "nvlm_d")
 EXPORT_DTYPES = ("auto", "bfloat16", "float32", "float16")
@@ -169,7 +170,6 @@ def _entries(plan: ExportPlan, stored_dtypes: Mapping[str, np.dtype], out_dtype)
 
 def _training_processor_settings(workdir: Path) -> dict:
   """The Processor arguments a training run saved (WORKDIR/processor.json), without its tokenizer path."""
-  from nvlm_jax.training.processor_setup import PROCESSOR_FILE
 
   file = Path(workdir) / PROCESSOR_FILE
   if not file.is_file():

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from nvlm_jax import models
 from nvlm_jax.checkpoint import hf_import
 from nvlm_jax.checkpoint.convert_export import plan_export
 from nvlm_jax.checkpoint.convert_output import ConvertError
@@ -144,12 +145,10 @@ def inspect_orbax(path: Path) -> dict[str, Any]:
 
 
 def inspect_path(path: str | os.PathLike, layout: str = "auto") -> dict[str, Any]:
-  from nvlm_jax.training import checkpointing
-
   path = Path(path)
   if not path.exists():
     raise ConvertError(f"{path}: does not exist")
-  if checkpointing.is_training_checkpoint(path):
+  if models.checkpoint_format(path) == models.OURS:
     return inspect_orbax(path)
   return inspect_hf(path, layout)
 

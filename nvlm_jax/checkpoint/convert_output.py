@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from nvlm_jax.training.processor_setup import TOKENIZER_SUBDIR
+
 TMP_MARKER = ".convert-tmp-"
 PROVENANCE_FILE = "nvlm_convert.json"
 
@@ -88,7 +90,6 @@ def _remove(directory: Path) -> None:
 def copy_side_files(source: Path, dest: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
   """Copies the tokenizer / processor files present in `source` (or, for a trainer workdir, in
   `source/tokenizer/`, which wins) into `dest`; returns their names."""
-  from nvlm_jax.training.processor_setup import TOKENIZER_SUBDIR
 
   copied = {}
   for directory in (Path(source), Path(source) / TOKENIZER_SUBDIR):

@@ -20,11 +20,12 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from nvlm_jax import models
-from nvlm_jax.checkpoint import hf_import, orbax_stream
+from nvlm_jax.checkpoint import hf_import, orbax_stream, vision_layouts
 from nvlm_jax.checkpoint.convert_output import ConvertError
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError
+from nvlm_jax.training import checkpointing
 
 # Short names accepted by `--layout` -> registered import layouts (hf_import.REGISTRY).
 LAYOUT_ALIASES = {
@@ -79,7 +80,6 @@ def layout_rules(layout: hf_import.Layout, model_cfg, ckpt: SafetensorsCheckpoin
   """The layout's rule table; for NVLM-D, with the ViT heads as the files store them (padded with
   zero dummy heads as released, or unpadded as `export` writes without --pad-dummy-heads)."""
   if layout.name == "NVLM_D" and ckpt is not None:
-    from nvlm_jax.checkpoint import vision_layouts
     key = "vision_model.encoder.layers.0.attn.qkv.weight"
     if key in ckpt:
       rows, hd = ckpt[key].shape[0], model_cfg.vision.head_dim
@@ -152,7 +152,6 @@ class OrbaxSource:
   """One of our orbax checkpoints (a workdir, its checkpoints/ dir or one step dir)."""
 
   def __init__(self, path: str | os.PathLike, step: int | None = None):
-    from nvlm_jax.training import checkpointing
 
     try:
       directory, self.step = checkpointing._resolve(path, step)

@@ -40,7 +40,7 @@ from nvlm_jax.checkpoint.convert_output import (
 from nvlm_jax.checkpoint.convert_sources import DTYPES, HFSource, WorkItem, open_source
 from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
-from nvlm_jax.fusion import build as fusion_build
+from nvlm_jax.checkpoint import from_parts
 
 VISION_PREFIX, LLM_PREFIX = "vision_model", "language_model"
 IMAGE_TOKEN = "<|vision_pad|>"
@@ -91,10 +91,10 @@ def nvlm_d_config(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions)
 
 
 def cross_attention_config(variant: str):
-  """NVLM-X / NVLM-H config from the towers (fusion/build.py: X one-layer projector, H mlp1; gated
+  """NVLM-X / NVLM-H config from the towers (checkpoint/from_parts.py: X one-layer projector, H mlp1; gated
   cross-attention blocks every num_layers / 10 LLM layers unless --xattn-every says otherwise)."""
   def build(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
-    return fusion_build.build_config(variant, llm, vision, image_token_id=opts.image_token_id,
+    return from_parts.build_config(variant, llm, vision, image_token_id=opts.image_token_id,
                                      cross_attention=opts.cross_attention,
                                      image_start_token_ids=opts.image_start_token_ids,
                                      downsample_ratio=opts.downsample_ratio, max_tiles=opts.max_tiles,
@@ -109,7 +109,7 @@ _GROUPS = "language_model/decoder/groups/"
 def cross_attention_layout(cfg: NVLMConfig):
   """Scanned X/H models regroup the LLM's stacked layers around the cross-attention blocks: LLM layer
   i = g * every + j -> groups/layers_before[g, j] (j < offset) or groups/layers_after[g, j - offset]
-  (fusion/build.py llm_to_cross_attention_params, one layer at a time). Unrolled: names unchanged."""
+  (checkpoint/from_parts.py llm_to_cross_attention_params, one layer at a time). Unrolled: names unchanged."""
   if not cfg.llm.scan_layers:
     return None
   xc = cfg.cross_attention
@@ -229,7 +229,7 @@ def _tokenizer_ids(directory: Path) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from the LLM's tokenizer files, where it has them."""
   ids: dict[str, Any] = {}
   try:
-    ids.update(fusion_build.tokenizer_ids(directory))
+    ids.update(from_parts.tokenizer_ids(directory))
   except (ImportError, OSError, ValueError, KeyError):
     pass
   if "image_token_id" not in ids:

@@ -29,6 +29,7 @@ from nvlm_jax.checkpoint.convert_output import ConvertError
 from nvlm_jax.checkpoint.convert_sources import HFSource, OrbaxSource, layout_rules, majority_dtype
 from nvlm_jax.config import DecoderConfig, NVLMConfig
 from nvlm_jax.models import load_pretrained
+from nvlm_jax.training.checkpointing import load_checkpoint
 
 TRANSFORMERS_ARCHS = {"Qwen2ForCausalLM": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
                       "InternVLForConditionalGeneration": "AutoModelForImageTextToText"}
@@ -94,7 +95,6 @@ def _stored_dtypes(checkpoint) -> dict[str, str]:
 def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len: int = 64, tiles: int = 2,
            seed: int = 0, atol: float = 1e-3, layout: str = "auto", use_transformers: bool = True) -> dict[str, Any]:
   """Compares the three models; `ok` is False when a difference exceeds `atol`."""
-  from nvlm_jax.training.checkpointing import load_checkpoint
 
   hf_dir = Path(hf_dir)
   ours, our_params = load_checkpoint(checkpoint, dtype="float32", param_dtype="float32")

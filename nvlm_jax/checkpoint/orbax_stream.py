@@ -38,6 +38,7 @@ import tensorstore as ts
 
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError
 from nvlm_jax.sharding import LOGICAL_AXIS_RULES
+from nvlm_jax.training import checkpointing
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
@@ -350,7 +351,6 @@ def write_tree_metadata(directory: Path, shapes: Mapping[str, Sequence[int]]) ->
 def start_checkpoint(workdir: Path, description: Mapping[str, Any], step: int = 0) -> Path:
   """Creates WORKDIR/checkpoints/<step>/ with its `model` item (written by orbax) and
   WORKDIR/nvlm_model.json; returns the directory the params item goes into."""
-  from nvlm_jax.training import checkpointing
 
   directory = workdir / checkpointing.CHECKPOINT_SUBDIR
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)

@@ -28,6 +28,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nvlm_jax.data.encode import EncodeRecord
+from nvlm_jax.data.llava import LlavaSource
+from nvlm_jax.data.packing import PackedBatchIterator
+from nvlm_jax.data.synthetic import SyntheticSource
+from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tile_tags import tile_tags
 from nvlm_jax.vision.tiling import TileGrid
 
@@ -36,7 +40,7 @@ GAP = 4  # pixels between tiles in --save-tiles
 
 # ---- building the processor and source ------------------------------------------------------------------
 def build_processor(args):
-  from nvlm_jax.processing.processor import Processor
+  # upward, allowed in tests/test_structure.py: a training workdir's processor
   from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, read_run_processor
 
   tiny = args.size == "tiny" and args.synthetic
@@ -56,16 +60,14 @@ def build_processor(args):
 
 def build_source(args, processor):
   if args.synthetic:
-    from nvlm_jax.data.synthetic import SyntheticSource
 
     return SyntheticSource(
       args.synthetic, args.seed, size=args.size, tile_size=processor.image_size, max_tiles=processor.max_tiles_per_image
     )
   if args.llava:
-    from nvlm_jax.data.llava import LlavaSource
 
     return LlavaSource(args.llava, args.image_root)
-  from nvlm_jax.data.tfds_builder import ArrayRecordSource
+  from nvlm_jax.data.tfds_builder import ArrayRecordSource  # tensorflow_datasets loads only for ArrayRecord sources
 
   return ArrayRecordSource(args.array_record, args.split, dataset_name=args.dataset_name)
 
@@ -240,7 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       )
 
   if args.batch:
-    from nvlm_jax.data.packing import PackedBatchIterator
     import grain
 
     kept = grain.MapDataset.source(examples).to_iter_dataset()

@@ -39,6 +39,7 @@ from pathlib import Path
 import ml_collections
 
 from nvlm_jax import sharding
+from nvlm_jax.training import optimizer
 
 # Dense bf16 peak of common accelerators, TFLOP/s per device (for `log.peak_tflops_per_device`).
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu_v5p": 459.0, "tpu_v5e": 197.0, "cpu": 0.0}
@@ -143,7 +144,6 @@ def missing_config_file(flag) -> str | None:
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every setting that cannot work (each named with its value), before anything
   is built or compiled: a bad value must not surface as a crash deep in orbax or a silent no-op run."""
-  from nvlm_jax.training import optimizer
 
   problems = []
 

@@ -64,7 +64,7 @@ def sharded_bytes(tree) -> int:
 
 def _xla_flops(config, devices=None) -> float:
   """cost_analysis() FLOPs of the compiled step for `config` (per device)."""
-  from nvlm_jax.training import trainer
+  from nvlm_jax.training import trainer  # lazy: main() sets up jax first
   setup = trainer.build_setup(config, devices=devices)
   with trainer._MeshContext(setup):
     compiled = trainer.jitted_train_step(setup).lower(setup.abstract_state,
@@ -116,7 +116,7 @@ def extrapolated_flops(config, model_config, devices=None) -> float:
 
 def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", out=None, devices=None) -> dict:
   """Lowers (and compiles) the train step for `config` on `devices` (default: all); returns the figures."""
-  from nvlm_jax.training import optimizer, trainer
+  from nvlm_jax.training import optimizer, trainer  # lazy: main() sets up jax first
 
   say = lambda *a: print(*a, file=out or sys.stdout, flush=True)
   t0 = time.perf_counter()
@@ -178,7 +178,7 @@ def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", o
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from nvlm_jax.training.config_base import missing_config_file
+  from nvlm_jax.training.config_base import missing_config_file  # lazy: main() sets up jax first
 
   if problem := missing_config_file(flags.FLAGS["config"]):
     raise app.UsageError(problem)

@@ -32,10 +32,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
 from nvlm_jax.language.decoder import CausalLM
+from nvlm_jax.models import load_pretrained
 from nvlm_jax.processing.tokenizer import NvlmTokenizer
+from nvlm_jax.training import checkpointing
 from nvlm_jax.vision.intern_vit import InternViT
 
 log = logging.getLogger(__name__)
@@ -43,12 +46,6 @@ log = logging.getLogger(__name__)
 NEW_MODULES = ("projector", "cross_attn")  # what build_from_released_parts initializes
 DEFAULT_IMAGE_CONTEXT_TOKEN = "<|vision_pad|>"
 DEFAULT_IMAGE_START = "<Image>"
-
-
-def _module(config: NVLMConfig) -> nn.Module:
-  from nvlm_jax import models  # the registry imports fusion/; this builder sits above both (convert stitch)
-
-  return models.module_for_config(config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -136,7 +133,7 @@ def _merge(*trees: Mapping[str, Any]) -> dict:
 def init_params(config: NVLMConfig, rng: jax.Array, *, only_new: bool = False) -> dict:
   """Random params of the whole model (or, with only_new, just the projector and the cross-attention
   blocks; the rest of the init is dead code that XLA drops, so a 72B LLM is never materialized)."""
-  model = _module(config)
+  model = models.module_for_config(config)
   ids = jnp.zeros((1, 8), jnp.int32)
 
   def init(rng):
@@ -151,7 +148,7 @@ def assemble_params(config: NVLMConfig, llm_params: Mapping[str, Any], vision_pa
   """Full X/H params from the LLM's, the ViT's and the new modules' (`init_params(only_new=True)`)."""
   lm = llm_to_cross_attention_params(llm_params, config)
   params = _merge({"vision_model": dict(vision_params), "language_model": lm}, new_params)
-  expected = jax.eval_shape(lambda: nn.meta.unbox(_module(config).init(
+  expected = jax.eval_shape(lambda: nn.meta.unbox(models.module_for_config(config).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
   _check_tree(params, expected)
   return params
@@ -229,7 +226,6 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   must match the Processor the model will be fed by. nvlm_fields: other NVLMConfig fields (max_tiles, ...).
   With a `mesh`, every parameter is loaded / created directly on its sharding.
   """
-  from nvlm_jax.models import load_pretrained
 
   param_dtype = param_dtype or dtype
   llm_model, llm_params = load_pretrained(llm_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers,
@@ -254,7 +250,7 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   config = build_config(variant, llm_model.config, vit_model.config, image_token_id=image_token_id,
                         cross_attention=cross_attention, image_start_token_ids=image_start_token_ids,
                         **nvlm_fields)
-  model = _module(config)
+  model = models.module_for_config(config)
   new = init_params(config, jax.random.key(seed), only_new=True)
   if projector_params is not None:
     new = {**new, "projector": jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), dict(projector_params))}
@@ -278,8 +274,6 @@ def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Ma
   """Writes params + model description as a trainer workdir; returns the step directory."""
   import orbax.checkpoint as ocp
 
-  from nvlm_jax import models
-  from nvlm_jax.training import checkpointing
 
   directory = Path(directory).absolute()
   description = models.describe_model(config)
@@ -295,7 +289,6 @@ def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Ma
 def load_checkpoint(directory: str | os.PathLike, **kwargs) -> tuple[nn.Module, dict]:
   """(model, params) of a directory written by save_checkpoint (or by the trainer); kwargs as
   nvlm_jax.training.checkpointing.load_checkpoint (step, mesh, dtype, param_dtype)."""
-  from nvlm_jax.training import checkpointing
   return checkpointing.load_checkpoint(directory, **kwargs)
 
 
