@@ -15,9 +15,10 @@ import pytest
 from PIL import Image
 
 from nvlm_jax import models
-from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
 from nvlm_jax.checkpoint import from_parts as build
+from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
 from nvlm_jax.fusion.cross_attention_inputs import check_tile_layout, cross_attention_inputs, tile_layout
+from nvlm_jax.fusion.gated_cross_attention import merge_layer_groups, split_layer_groups
 from nvlm_jax.fusion.nvlm_h import NVLMH
 from nvlm_jax.fusion.nvlm_x import NVLMX
 from nvlm_jax.generation import generate
@@ -559,3 +560,19 @@ def test_build_from_released_parts_save_and_load(tmp_path):
     kernel = on_mesh["language_model"]["decoder"]["groups"]["cross_attn"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(kernel), np.asarray(gates["mlp"]["up_proj"]["kernel"]))
+
+
+@pytest.mark.parametrize("layers,every,offset", [(8, 4, 3), (8, 4, 0), (6, 2, 1), (6, 3, None), (12, 12, 11)])
+def test_one_layer_group_rule_serves_cache_params_and_streaming(layers, every, offset):
+  """split_layer_groups (KV cache, in-memory params) and layer_slot (streamed stitch) place LLM layer i at the same
+  (stack, group, index), computed here from i = g * every + j directly; merge_layer_groups undoes the split."""
+  xc = CrossAttentionConfig(every=every, offset=offset)
+  stacked = {"k": np.random.default_rng(0).normal(size=(layers, 2, 3)).astype(np.float32)}
+  grouped = split_layer_groups(stacked, xc, layers)
+  first_after = every - 1 if offset is None else offset
+  for i in range(layers):
+    g, j = divmod(i, every)
+    name, index = ("layers_before", j) if j < first_after else ("layers_after", j - first_after)
+    assert xc.layer_slot(i) == (name, g, index)
+    np.testing.assert_array_equal(np.asarray(grouped[name]["k"][g, index]), stacked["k"][i])
+  np.testing.assert_array_equal(np.asarray(merge_layer_groups(grouped, xc, layers)["k"]), stacked["k"])

@@ -76,17 +76,10 @@ class StitchVariant:
   check_fresh: Callable[[Mapping[str, np.ndarray]], None] | None = None
 
 
-def _mlp1(vision: VisionConfig, llm: DecoderConfig, ratio: float, num_layers: int = 2) -> ProjectorConfig:
-  factor = int(round(1 / ratio)) ** 2
-  return ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.intermediate_size,
-                         out_features=llm.hidden_size, num_layers=num_layers, use_bias=False, layer_norm_eps=1e-5,
-                         dtype=llm.dtype, param_dtype=llm.param_dtype)
-
-
 def nvlm_d_config(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
   """NVLM-D: mlp1 (LayerNorm -> Linear(4 Dv, llm intermediate) -> GELU -> Linear(., llm hidden), no bias)."""
-  return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm, opts.downsample_ratio), llm=llm,
-                    image_token_id=opts.image_token_id, downsample_ratio=opts.downsample_ratio,
+  return NVLMConfig(variant="d", vision=vision, projector=ProjectorConfig.mlp1(vision, llm, opts.downsample_ratio),
+                    llm=llm, image_token_id=opts.image_token_id, downsample_ratio=opts.downsample_ratio,
                     max_tiles=opts.max_tiles, use_thumbnail=opts.use_thumbnail)
 
 
@@ -109,12 +102,11 @@ _GROUPS = "language_model/decoder/groups/"
 def cross_attention_layout(cfg: NVLMConfig):
   """Scanned X/H models regroup the LLM's stacked layers around the cross-attention blocks: LLM layer
   i = g * every + j -> groups/layers_before[g, j] (j < offset) or groups/layers_after[g, j - offset]
-  (checkpoint/from_parts.py llm_to_cross_attention_params, one layer at a time). Unrolled: names unchanged."""
+  (CrossAttentionConfig.group_parts / layer_slot, one layer at a time). Unrolled: names unchanged."""
   if not cfg.llm.scan_layers:
     return None
   xc = cfg.cross_attention
-  every, offset = xc.every, xc.resolved_offset
-  groups = xc.num_blocks(cfg.llm.num_layers)
+  every, groups = xc.every, xc.num_blocks(cfg.llm.num_layers)
 
   def map_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
     out = {}
@@ -126,20 +118,15 @@ def cross_attention_layout(cfg: NVLMConfig):
         raise ConvertError(f"stitch: {path} stacks {shape[0]} LLM layers; {groups} blocks x {every} need "
                            f"{groups * every}")
       rest = path[len(_LLM_LAYERS):]
-      if offset:
-        out[f"{_GROUPS}layers_before/{rest}"] = (groups, offset, *shape[1:])
-      if every - offset:
-        out[f"{_GROUPS}layers_after/{rest}"] = (groups, every - offset, *shape[1:])
+      for name, (lo, hi) in xc.group_parts().items():
+        out[f"{_GROUPS}{name}/{rest}"] = (groups, hi - lo, *shape[1:])
     return out
 
   def map_piece(path: str, index):
     if not path.startswith(_LLM_LAYERS):
       return path, index
-    g, j = divmod(int(index), every)
-    rest = path[len(_LLM_LAYERS):]
-    if j < offset:
-      return f"{_GROUPS}layers_before/{rest}", (g, j)
-    return f"{_GROUPS}layers_after/{rest}", (g, j - offset)
+    name, g, j = xc.layer_slot(index)
+    return f"{_GROUPS}{name}/{path[len(_LLM_LAYERS):]}", (g, j)
 
   return map_shapes, map_piece
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.fusion.gated_cross_attention import merge_layer_groups, split_layer_groups
 from nvlm_jax.language.decoder import CausalLM
 from nvlm_jax.models import load_pretrained
 from nvlm_jax.processing.tokenizer import NvlmTokenizer
@@ -78,19 +79,10 @@ def llm_to_cross_attention_params(llm_params: Mapping[str, Any], config: NVLMCon
     raise ValueError(f"LLM params are not scanned as config.llm.scan_layers=True expects (decoder has "
                      f"{sorted(decoder)[:3]}...)")
   stacked = decoder["layers"]
-
-  def split(x):
+  for x in jax.tree.leaves(stacked):
     if x.shape[0] != groups * every:
       raise ValueError(f"LLM layer stack of {x.shape[0]} layers; the config expects {groups * every}")
-    return x.reshape((groups, every) + x.shape[1:])
-
-  grouped = jax.tree.map(split, stacked)
-  group_params = {}
-  if offset:
-    group_params["layers_before"] = jax.tree.map(lambda x: x[:, :offset], grouped)
-  if every - offset:
-    group_params["layers_after"] = jax.tree.map(lambda x: x[:, offset:], grouped)
-  out["decoder"] = {"groups": group_params}
+  out["decoder"] = {"groups": split_layer_groups(stacked, config.cross_attention, config.llm.num_layers)}
   return out
 
 
@@ -102,9 +94,7 @@ def llm_params_from_cross_attention(lm_params: Mapping[str, Any], config: NVLMCo
   if not config.llm.scan_layers:
     out["decoder"] = {k: v for k, v in decoder.items() if not k.startswith("cross_attn_")}
     return out
-  parts = [decoder["groups"][n] for n in ("layers_before", "layers_after") if n in decoder["groups"]]
-  merged = jax.tree.map(lambda *p: jnp.concatenate(p, axis=1), *parts)
-  out["decoder"] = {"layers": jax.tree.map(lambda x: x.reshape((groups * every,) + x.shape[2:]), merged)}
+  out["decoder"] = {"layers": merge_layer_groups(decoder["groups"], config.cross_attention, config.llm.num_layers)}
   return out
 
 
@@ -178,16 +168,6 @@ def default_cross_attention(llm: DecoderConfig, blocks: int = 10) -> CrossAttent
   return CrossAttentionConfig(every=every, offset=every - 1)
 
 
-def projector_config(variant: str, vision: VisionConfig, llm: DecoderConfig, downsample_ratio: float = 0.5,
-                     param_dtype: str | None = None) -> ProjectorConfig:
-  """X: LayerNorm -> Linear(4*Dv, D); H (and D): mlp1 LayerNorm -> Linear(4*Dv, I) -> GELU -> Linear(I, D)."""
-  factor = int(round(1 / downsample_ratio)) ** 2
-  return ProjectorConfig(in_features=vision.hidden_size * factor,
-                         hidden_size=llm.hidden_size if variant == "x" else llm.intermediate_size,
-                         out_features=llm.hidden_size, num_layers=1 if variant == "x" else 2, use_bias=False,
-                         dtype=llm.dtype, param_dtype=param_dtype or llm.param_dtype)
-
-
 def tokenizer_ids(directory: str | os.PathLike, *, image_context_token: str = DEFAULT_IMAGE_CONTEXT_TOKEN,
                   image_start: str = DEFAULT_IMAGE_START) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from a directory's tokenizer files ({} if it has none)."""
@@ -206,7 +186,7 @@ def build_config(variant: str, llm: DecoderConfig, vision: VisionConfig, *, imag
   if variant not in ("x", "h"):
     raise ValueError(f"variant must be 'x' or 'h', got {variant!r}")
   ratio = nvlm_fields.get("downsample_ratio", 0.5)
-  return NVLMConfig(variant=variant, vision=vision, projector=projector_config(variant, vision, llm, ratio),
+  return NVLMConfig(variant=variant, vision=vision, projector=ProjectorConfig.for_variant(variant, vision, llm, ratio),
                     llm=llm, image_token_id=int(image_token_id),
                     cross_attention=cross_attention or default_cross_attention(llm),
                     image_start_token_ids=tuple(int(i) for i in image_start_token_ids), **nvlm_fields)
@@ -293,5 +273,5 @@ def load_checkpoint(directory: str | os.PathLike, **kwargs) -> tuple[nn.Module, 
 
 
 __all__ = ["llm_to_cross_attention_params", "llm_params_from_cross_attention", "init_params",
-           "assemble_params", "default_cross_attention", "projector_config", "tokenizer_ids", "build_config",
+           "assemble_params", "default_cross_attention", "tokenizer_ids", "build_config",
            "build_from_released_parts", "save_checkpoint", "load_checkpoint", "NEW_MODULES"]

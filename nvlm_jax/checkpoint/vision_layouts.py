@@ -405,10 +405,7 @@ def nvlm_config_from_internvl_hf(cfg: Mapping[str, Any], *, source: str = "confi
   text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
   llm = decoder_config_from_hf(text, source=f"{source}: text_config", **{**impl, **sub["llm"]})
   ratio = float(cfg.get("downsample_ratio", 0.5))
-  factor = int(round(1 / ratio)) ** 2
-  projector = ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.hidden_size,
-                              out_features=llm.hidden_size, num_layers=2, use_bias=True, layer_norm_eps=1e-5,
-                              dtype=dtype, param_dtype=param_dtype)
+  projector = ProjectorConfig.internvl_hf(vision, llm, ratio, dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
   top = {"image_token_id": _field(cfg, "image_token_id", source), "downsample_ratio": ratio,
          "ps_version": "v2", **top}
@@ -467,10 +464,7 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
                         "shape could be read beside it") from None
   llm = decoder_config_from_hf(llm_json, source=f"{source}: llm_config", **{**impl, **sub["llm"]})
   ratio = float(cfg.get("downsample_ratio", 0.5))
-  factor = int(round(1 / ratio)) ** 2
-  projector = ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.intermediate_size,
-                              out_features=llm.hidden_size, num_layers=2, use_bias=False, layer_norm_eps=1e-5,
-                              dtype=dtype, param_dtype=param_dtype)
+  projector = ProjectorConfig.mlp1(vision, llm, ratio, dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
   # The placeholder id: config.json's `image_token_id` (our export writes it), else `<|vision_pad|>` of the
   # tokenizer files beside it (the release names it only there), else the release's id.
