@@ -204,9 +204,8 @@ class ProjectorConfig:
   def one_layer(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
                 dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
     """NVLM-X: LayerNorm -> Linear(4 Dv, LLM hidden), no bias."""
-    return cls(in_features=vision.hidden_size * _shuffle_factor(downsample_ratio), hidden_size=llm.hidden_size,
-               out_features=llm.hidden_size, num_layers=1, use_bias=False, dtype=dtype or llm.dtype,
-               param_dtype=param_dtype or llm.param_dtype)
+    return dataclasses.replace(cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
+                               hidden_size=llm.hidden_size, num_layers=1)
 
   @classmethod
   def internvl_hf(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
