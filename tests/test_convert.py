@@ -30,7 +30,7 @@ from test_vision import build_torch_vit
 from nvlm_jax import convert
 from nvlm_jax.checkpoint import orbax_stream
 from nvlm_jax.checkpoint import safetensors_io as sio
-from nvlm_jax.checkpoint.convert_output import TMP_MARKER
+from nvlm_jax.checkpoint.convert.output import TMP_MARKER
 from nvlm_jax.training import checkpointing
 
 NVLM_D_KEY = "vision_model.encoder.layers.1.attn.qkv.weight"

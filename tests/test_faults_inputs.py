@@ -15,8 +15,8 @@ import pytest
 
 from nvlm_jax import convert
 from nvlm_jax.checkpoint import safetensors_io as sio
-from nvlm_jax.checkpoint.convert_output import ConvertError
-from nvlm_jax.checkpoint.convert_verify import verify
+from nvlm_jax.checkpoint.convert.output import ConvertError
+from nvlm_jax.checkpoint.convert.verify import verify
 from nvlm_jax.data.llava import LlavaFormatError, LlavaSource
 from nvlm_jax.evaluation.predictions import PredictionsError, read_predictions
 from nvlm_jax.processing.processor import Processor

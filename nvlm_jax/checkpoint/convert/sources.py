@@ -21,7 +21,7 @@ import numpy as np
 
 from nvlm_jax import models
 from nvlm_jax.checkpoint import hf_import, orbax_stream, vision_layouts
-from nvlm_jax.checkpoint.convert_output import ConvertError
+from nvlm_jax.checkpoint.convert.output import ConvertError
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError

@@ -28,19 +28,18 @@ import numpy as np
 from flax import traverse_util
 
 from nvlm_jax import models
-from nvlm_jax.checkpoint import orbax_stream
-from nvlm_jax.checkpoint.convert_import import parse_mesh, stream_into, write_provenance
-from nvlm_jax.checkpoint.convert_output import (
+from nvlm_jax.checkpoint import from_parts, orbax_stream
+from nvlm_jax.checkpoint.convert.importer import parse_mesh, stream_into, write_provenance
+from nvlm_jax.checkpoint.convert.output import (
   ConvertError,
   Progress,
   atomic_output_dir,
   copy_side_files,
   refuse_existing,
 )
-from nvlm_jax.checkpoint.convert_sources import DTYPES, HFSource, WorkItem, open_source
+from nvlm_jax.checkpoint.convert.sources import DTYPES, HFSource, WorkItem, open_source
 from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
-from nvlm_jax.checkpoint import from_parts
 
 VISION_PREFIX, LLM_PREFIX = "vision_model", "language_model"
 IMAGE_TOKEN = "<|vision_pad|>"

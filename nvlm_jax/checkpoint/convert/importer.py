@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from nvlm_jax import models
 from nvlm_jax.checkpoint import orbax_stream
-from nvlm_jax.checkpoint.convert_output import (
+from nvlm_jax.checkpoint.convert.output import (
   PROVENANCE_FILE,
   ConvertError,
   Progress,
@@ -32,7 +32,7 @@ from nvlm_jax.checkpoint.convert_output import (
   copy_side_files,
   refuse_existing,
 )
-from nvlm_jax.checkpoint.convert_sources import HFSource, WorkItem
+from nvlm_jax.checkpoint.convert.sources import HFSource, WorkItem
 from nvlm_jax.sharding import parse_mesh as parse_mesh_text
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from nvlm_jax.checkpoint import convert_configs, hf_import, vision_layouts
-from nvlm_jax.checkpoint.convert_output import (
+from nvlm_jax.checkpoint import hf_import, vision_layouts
+from nvlm_jax.checkpoint.convert import configs as convert_configs
+from nvlm_jax.checkpoint.convert.output import (
   PROVENANCE_FILE,
   ConvertError,
   Progress,
@@ -41,8 +42,8 @@ from nvlm_jax.checkpoint.convert_output import (
   parse_size,
   refuse_existing,
 )
-from nvlm_jax.checkpoint.convert_shards import ShardedWriter, TensorEntry
-from nvlm_jax.checkpoint.convert_sources import OrbaxSource
+from nvlm_jax.checkpoint.convert.shards import ShardedWriter, TensorEntry
+from nvlm_jax.checkpoint.convert.sources import OrbaxSource
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.text_layouts import decoder_rules
 from nvlm_jax.config import DecoderConfig, NVLMConfig

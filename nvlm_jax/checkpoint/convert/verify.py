@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from nvlm_jax.checkpoint.convert_import import check_float_tensors, is_float_dtype
-from nvlm_jax.checkpoint.convert_output import ConvertError
-from nvlm_jax.checkpoint.convert_sources import HFSource, OrbaxSource, layout_rules, majority_dtype
+from nvlm_jax.checkpoint.convert.importer import check_float_tensors, is_float_dtype
+from nvlm_jax.checkpoint.convert.output import ConvertError
+from nvlm_jax.checkpoint.convert.sources import HFSource, OrbaxSource, layout_rules, majority_dtype
 from nvlm_jax.config import DecoderConfig, NVLMConfig
 from nvlm_jax.models import load_pretrained
 from nvlm_jax.training.checkpointing import load_checkpoint

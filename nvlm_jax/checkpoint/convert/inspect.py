@@ -15,9 +15,9 @@ from typing import Any
 
 from nvlm_jax import models
 from nvlm_jax.checkpoint import hf_import
-from nvlm_jax.checkpoint.convert_export import plan_export
-from nvlm_jax.checkpoint.convert_output import ConvertError
-from nvlm_jax.checkpoint.convert_sources import HFSource, OrbaxSource
+from nvlm_jax.checkpoint.convert.export import plan_export
+from nvlm_jax.checkpoint.convert.output import ConvertError
+from nvlm_jax.checkpoint.convert.sources import HFSource, OrbaxSource
 from nvlm_jax.checkpoint.mapping import Rule, RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
