@@ -188,7 +188,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, param_dtype:
   model = chosen.build_model(model_cfg)
   table = rules(model_cfg) if callable(rules) else rules
   if table is None:  # NVLM-D: the ViT heads as the files store them (padded as released, or not)
-    from nvlm_jax.checkpoint.convert.sources import layout_rules  # convert_sources imports this module
+    from nvlm_jax.checkpoint.convert.sources import layout_rules  # convert.sources imports this module
     table = layout_rules(chosen, model_cfg, ckpt)
 
   boxed = abstract_params(model, chosen.init_args(model_cfg))

@@ -2,7 +2,7 @@
 
 A source knows its model config and yields `WorkItem`s; running an item reads what it needs
 (memory-mapped safetensors, or orbax chunk rows), transforms it and returns (param path, layer, array)
-pieces for `orbax_stream.ParamWriter`. Only the items in flight (convert_import.stream_into bounds
+pieces for `orbax_stream.ParamWriter`. Only the items in flight (importer.stream_into bounds
 them) hold memory.
 
 - `HFSource`: a Hugging Face safetensors directory, through the layout's RuleTable `to_flax` rules.
