@@ -149,6 +149,7 @@ CANNOT_RUN = {
 SYNOPSES = {
   ("docs/evaluation.md", "python -m nvlm_jax.evaluation.converters BENCH --in PATH [PATH ...]"),
   ("docs/evaluation.md", "python -m nvlm_jax.evaluation.runner --benchmark NAME --predictions P.jsonl"),
+  ("docs/data.md", "python train.py --config=configs/nvlm_d_72b_sft.py \\"),  # how SFT paths are set (placeholders)
 }
 
 

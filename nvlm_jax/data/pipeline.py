@@ -143,7 +143,7 @@ def _source_label(spec: Mapping, kind: str) -> str:
 def make_blend(data_config: Any, processor=None, *, seed: int = 0) -> BlendedSource:
   """The weighted blend of ``data_config.sources`` (names made unique: ``name``, ``name_1``, ...).
 
-  ``sources`` is a list of specs, or a mapping name -> spec (e.g. configs/sft_blend.py, whose paths are
+  ``sources`` is a list of specs, or a mapping name -> spec (for example configs/sft_blend.py, whose paths are
   set on the command line by name); a source of weight 0 is left out unopened."""
   specs = _get(data_config, "sources", [])
   if hasattr(specs, "to_dict"):
