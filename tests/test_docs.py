@@ -329,7 +329,8 @@ class StandIns:
 
   def _intern_vit_hf(self) -> Path:
     """The tiny workdir's ViT in the remote-code InternVisionModel layout (InternViT-6B-448px-V1-5's)."""
-    from nvlm_jax.checkpoint import convert_configs, safetensors_io
+    from nvlm_jax.checkpoint.convert import configs as convert_configs
+    from nvlm_jax.checkpoint import safetensors_io
     from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
     from nvlm_jax.training.checkpointing import load_checkpoint
 

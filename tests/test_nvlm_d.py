@@ -15,21 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_models as rm
 import safetensors.torch
 import torch
 import transformers
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_vision import TINY_VISION, VIT_STYLES, random_params
 
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import reference_models as rm
 from nvlm_jax import sharding
 from nvlm_jax.checkpoint import vision_layouts
-from nvlm_jax.checkpoint.hf_import import load_pretrained
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.config import NVLMConfig, ProjectorConfig
 from nvlm_jax.fusion.nvlm_d import NVLMD, merge_image_features
+from nvlm_jax.models import load_pretrained
 from nvlm_jax.presets import PRESETS, get_preset
-from test_vision import TINY_VISION, VIT_STYLES, random_params
 
 ATOL = 1e-4
 VOCAB = rm.TINY_TEXT["vocab_size"]

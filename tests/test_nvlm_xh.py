@@ -14,9 +14,11 @@ import optax
 import pytest
 from PIL import Image
 
+from nvlm_jax import models
+from nvlm_jax.checkpoint import from_parts as build
 from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
-from nvlm_jax.fusion import build
 from nvlm_jax.fusion.cross_attention_inputs import check_tile_layout, cross_attention_inputs, tile_layout
+from nvlm_jax.fusion.gated_cross_attention import merge_layer_groups, split_layer_groups
 from nvlm_jax.fusion.nvlm_h import NVLMH
 from nvlm_jax.fusion.nvlm_x import NVLMX
 from nvlm_jax.generation import generate
@@ -409,7 +411,6 @@ def test_config_checks_and_presets():
     cfg.replace(cross_attention=CrossAttentionConfig())
   with pytest.raises(ValueError, match="NVLMX needs an NVLMConfig with variant 'x'"):
     NVLMX(get_preset("tiny_nvlm_h")).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  from nvlm_jax.training import models  # the trainer's JSON description round-trips the nested config
   cfg = config_for("h")
   assert models.config_from_description(models.describe_model(cfg)) == cfg
   assert type(models.module_for_config(cfg)) is NVLMH
@@ -463,7 +464,8 @@ def test_every_param_has_logical_axes_the_rules_can_place():
 
 
 def test_sharded_forward_equals_single_device(tiny):
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from nvlm_jax import sharding
   if jax.device_count() < 8:
@@ -482,7 +484,7 @@ def test_sharded_forward_equals_single_device(tiny):
 
 
 def param_count(cfg) -> int:
-  model = build.model_for_config(cfg)
+  model = models.module_for_config(cfg)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
@@ -515,10 +517,10 @@ def test_full_size_parameter_counts():
 def test_build_from_released_parts_save_and_load(tmp_path):
   """A tiny Qwen2 dir + a tiny InternViT dir (transformers layouts) -> NVLM-X/H: LLM params unchanged,
   gates zero, text logits equal the torch Qwen2's; orbax save -> load_checkpoint gives the same params."""
+  import reference_models as rm
   import torch
   import transformers
 
-  import reference_models as rm
   from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
   from nvlm_jax.training import checkpointing
 
@@ -558,3 +560,19 @@ def test_build_from_released_parts_save_and_load(tmp_path):
     kernel = on_mesh["language_model"]["decoder"]["groups"]["cross_attn"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(kernel), np.asarray(gates["mlp"]["up_proj"]["kernel"]))
+
+
+@pytest.mark.parametrize("layers,every,offset", [(8, 4, 3), (8, 4, 0), (6, 2, 1), (6, 3, None), (12, 12, 11)])
+def test_one_layer_group_rule_serves_cache_params_and_streaming(layers, every, offset):
+  """split_layer_groups (KV cache, in-memory params) and layer_slot (streamed stitch) place LLM layer i at the same
+  (stack, group, index), computed here from i = g * every + j directly; merge_layer_groups undoes the split."""
+  xc = CrossAttentionConfig(every=every, offset=offset)
+  stacked = {"k": np.random.default_rng(0).normal(size=(layers, 2, 3)).astype(np.float32)}
+  grouped = split_layer_groups(stacked, xc, layers)
+  first_after = every - 1 if offset is None else offset
+  for i in range(layers):
+    g, j = divmod(i, every)
+    name, index = ("layers_before", j) if j < first_after else ("layers_after", j - first_after)
+    assert xc.layer_slot(i) == (name, g, index)
+    np.testing.assert_array_equal(np.asarray(grouped[name]["k"][g, index]), stacked["k"][i])
+  np.testing.assert_array_equal(np.asarray(merge_layer_groups(grouped, xc, layers)["k"]), stacked["k"])

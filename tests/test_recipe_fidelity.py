@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_training_configs import RECIPES, load
 
 from nvlm_jax.data import pipeline
 from nvlm_jax.processing.tile_tags import YI_GLOBAL_TILE_TAG
 from nvlm_jax.training import processor_setup
-from test_training_configs import RECIPES, load
 
 SFT_RECIPES = [r for r in RECIPES if r.endswith("_sft")]
 TEXT_ONLY_SFT = (
@@ -83,7 +83,7 @@ def test_a_missing_path_names_its_source_and_zero_weights_are_left_out(tmp_path)
 def test_runlocal_sft_builds_its_processor_on_the_synthetic_data(name):
   """The runlocal variant swaps the blend for the synthetic set; a Yi-format recipe gets a BOS for the tiny
   tokenizer, so its prompts start with one."""
-  from nvlm_jax.training import models
+  from nvlm_jax import models
 
   c = load(name, "runlocal")
   assert [s["kind"] for s in c.data.sources] == ["synthetic"]

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import nvlm_jax
+from nvlm_jax import models
 from nvlm_jax.config import DecoderConfig
 from nvlm_jax.generation import SamplingConfig, sample_token
-from nvlm_jax.training import models
 
 LOGITS = np.array([2.0, 1.6, 1.1, 0.4, -0.3, -1.2, -2.0, 0.9], np.float32)
 DRAWS = 40_000

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nvlm_jax import chat
+from nvlm_jax import chat, models
 from nvlm_jax.evaluation import BENCHMARKS, load_samples, read_predictions, write_samples
 from nvlm_jax.evaluation import generate_answers as ga
 from nvlm_jax.generation import generate
@@ -56,7 +56,7 @@ def test_tiny_config_trains_and_the_loss_falls(trained):
   assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), losses
   assert losses[0] > 5.0  # ~log(512) at init
   assert np.mean(losses[-2:]) < losses[0] - 0.5, losses
-  model, _ = ga.load_model(workdir)
+  model, _ = models.load_model(workdir)
   assert type(model).__name__ == f"NVLM{variant.upper()}"
 
 
@@ -74,9 +74,9 @@ def tokenizer_elsewhere(trained, tmp_path):
 
 @pytest.fixture()
 def loaded_models(monkeypatch):
-  """Every (model, params) the commands load through generate_answers.load_model, in order."""
-  loaded, load_model = [], ga.load_model
-  monkeypatch.setattr(ga, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
+  """Every (model, params) the commands load through nvlm_jax.models.load_model, in order."""
+  loaded, load_model = [], models.load_model
+  monkeypatch.setattr(models, "load_model", lambda *a, **k: loaded.append(load_model(*a, **k)) or loaded[-1])
   return loaded
 
 

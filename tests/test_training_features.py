@@ -41,7 +41,7 @@ def run_from(runner: Runner, params, steps: int):
 
 
 def test_init_from_starts_from_the_saved_parameters_not_a_fresh_init(tmp_path, reference):
-  from nvlm_jax.fusion.build import save_checkpoint
+  from nvlm_jax.checkpoint.from_parts import save_checkpoint
 
   rng = np.random.default_rng(0)
   perturbed = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape).astype(a.dtype), reference.initial.params)

@@ -33,6 +33,7 @@ import dataclasses
 from typing import Iterable
 
 from nvlm_jax.config import DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.training.optimizer import TRAINABLE, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +145,6 @@ def tower_of(path: str, model_config) -> str:
 def trainable_towers_from_labels(labels, model_config) -> set[str]:
   """Towers that hold at least one trainable parameter."""
   import jax
-  from nvlm_jax.training.optimizer import TRAINABLE, path_str
   return {tower_of(path_str(p), model_config) for p, label in jax.tree_util.tree_leaves_with_path(labels)
           if label == TRAINABLE}
 

@@ -13,6 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from nvlm_jax.training.checkpointing import CHECKPOINT_SUBDIR
+
 RUN_FILE = "run.json"
 
 
@@ -35,7 +37,6 @@ def identity_of(config) -> dict:
 
 
 def _has_checkpoints(workdir: Path) -> bool:
-  from nvlm_jax.training.checkpointing import CHECKPOINT_SUBDIR
 
   directory = workdir / CHECKPOINT_SUBDIR
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
