@@ -38,16 +38,12 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def _parse_mesh(text: str) -> dict[str, int]:
   """'fsdp=2,tensor=4' -> {'fsdp': 2, 'tensor': 4} (axes data, fsdp, tensor; one may be -1)."""
-  shape = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    key, sep, value = part.partition("=")
-    if not sep or key not in ("data", "fsdp", "tensor"):
-      raise argparse.ArgumentTypeError(f"--mesh {text!r}: expected AXIS=N pairs with AXIS in data, fsdp, tensor")
-    try:
-      shape[key] = int(value)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"--mesh {text!r}: {value!r} is not an integer") from None
-  return shape
+  from nvlm_jax.sharding import parse_mesh  # imports jax: only when --mesh is given
+
+  try:
+    return parse_mesh(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,8 +135,9 @@ def _make_mesh(shape: dict[str, int], batch_size: int):
 
 
 def generate_and_score(args) -> dict:
-  from nvlm_jax.evaluation import get_benchmark, load_samples, merge_predictions, score_predictions, write_predictions
+  from nvlm_jax import models
   from nvlm_jax.evaluation import generate_answers as ga
+  from nvlm_jax.evaluation import get_benchmark, load_samples, merge_predictions, score_predictions, write_predictions
 
   if not args.data:
     raise SystemExit("eval.py: --checkpoint needs --data (a samples JSONL)")
@@ -156,7 +153,7 @@ def generate_and_score(args) -> dict:
 
   mesh = _make_mesh(args.mesh, args.batch_size) if args.mesh else None
   t0 = time.perf_counter()
-  model, params = ga.load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
+  model, params = models.load_model(args.checkpoint, dtype=args.dtype, mesh=mesh)
   processor = ga.load_processor(args.checkpoint, model, tokenizer=args.tokenizer)
   load_s = time.perf_counter() - t0
   _say(

@@ -35,23 +35,16 @@ def main(argv):
   initialize_from_config(config.distributed)
 
   import jax
+  from nvlm_jax.training.run_identity import RunIdentityError, recipe_name
   from nvlm_jax.training.trainer import train
   with config.unlocked():
     config.recipe = config.get("recipe") or recipe_name(config_flags.get_config_filename(flags.FLAGS["config"]))
   if jax.process_index() == 0:
     print(f"recipe {config.recipe}, workdir {os.path.abspath(_WORKDIR.value or config.workdir)}", flush=True)
-  from nvlm_jax.training.run_identity import RunIdentityError
   try:
     train(config, workdir=_WORKDIR.value)
   except RunIdentityError as e:
     raise SystemExit(f"error: {e}") from None
-
-
-def recipe_name(config_flag: str) -> str:
-  """'configs/nvlm_x_72b_pretrain.py:runlocal' -> 'nvlm_x_72b_pretrain:runlocal'."""
-  path, _, arg = config_flag.partition(":")
-  name = os.path.splitext(os.path.basename(path))[0]
-  return f"{name}:{arg}" if arg else name
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ def reference_and_ours(torch_threads: int):
 
 def load_same_weights(torch_model, directory: str | None = None, **load_kwargs):
   """save_pretrained -> nvlm_jax.load_pretrained: (our model, params) with the reference's weights."""
-  from nvlm_jax.checkpoint.hf_import import load_pretrained
+  from nvlm_jax.models import load_pretrained
   with tempfile.TemporaryDirectory() as tmp:
     target = Path(directory or tmp)
     torch_model.save_pretrained(target)
@@ -312,7 +312,7 @@ def our_train_step(model, params, trainable=("projector", "language_model"), opt
   import jax.numpy as jnp
   import ml_collections
 
-  from nvlm_jax.training import models
+  from nvlm_jax import models
   from nvlm_jax.training.optimizer import make_optimizer, trainable_labels, weight_decay_mask
   from nvlm_jax.training.train_step import make_train_step, new_train_state
 
@@ -335,6 +335,7 @@ def random_init(model, seed: int = 0, std: float = 0.02):
   import jax
   import jax.numpy as jnp
   import numpy as np
+
   from nvlm_jax.training.optimizer import path_str
 
   shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
@@ -355,7 +356,9 @@ def random_init(model, seed: int = 0, std: float = 0.02):
 
 def enable_compilation_cache(directory: str = "/tmp/nvlm_jax_bench_cache") -> None:
   """Persistent XLA compilation cache: a second run of a benchmark skips most compilation (which no
-  figure includes, but which dominates the wall time on a busy 2-core host)."""
+  figure includes, but which dominates the wall time on a busy 2-core host). JAX_COMPILATION_CACHE_DIR, when
+  set, names the directory instead (the tests give each run its own)."""
   import jax
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

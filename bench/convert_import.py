@@ -36,7 +36,7 @@ import json, resource, sys, time
 import jax
 sys.argv = ["convert"] + json.loads(sys.argv[1])
 mode = sys.argv.pop(1)
-import nvlm_jax.convert, nvlm_jax.checkpoint.convert_import, nvlm_jax.checkpoint.hf_import, orbax.checkpoint
+import nvlm_jax.convert, nvlm_jax.checkpoint.convert.importer, nvlm_jax.checkpoint.hf_import, orbax.checkpoint
 jax.devices()
 import psutil
 before = psutil.Process().memory_info().rss
@@ -47,7 +47,7 @@ if mode == "convert":
   code = nvlm_jax.convert.main(sys.argv[1:])
 else:  # naive: everything in memory, then orbax
   import orbax.checkpoint as ocp, jax.numpy as jnp
-  _, params = nvlm_jax.checkpoint.hf_import.load_pretrained(sys.argv[1], dtype=jnp.bfloat16)
+  _, params = nvlm_jax.models.load_pretrained(sys.argv[1], dtype=jnp.bfloat16)
   with ocp.CheckpointManager(sys.argv[2], options=ocp.CheckpointManagerOptions(create=True,
                              enable_async_checkpointing=False)) as m:
     m.save(0, args=ocp.args.StandardSave(params))
@@ -81,7 +81,7 @@ def write_checkpoint(directory: Path, args, layers: int) -> dict:
   import ml_dtypes
   import numpy as np
 
-  from nvlm_jax.checkpoint.convert_shards import ShardedWriter, TensorEntry
+  from nvlm_jax.checkpoint.convert.shards import ShardedWriter, TensorEntry
 
   directory.mkdir(parents=True)
   shapes = qwen2_shapes(layers, args.hidden, args.vocab, args.heads, args.kv_heads, args.ffn)

@@ -35,8 +35,7 @@ TAG = 5  # tag tokens per tile in the synthetic stream (< max_tag_tokens = 8)
 
 
 def configs(args):
-  from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, VisionConfig
-  from nvlm_jax.fusion.build import projector_config
+  from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
   grid = 2 * int(round((256 // args.scale) ** 0.5))  # patches per side: 64 tokens per tile at scale 4
   vision = VisionConfig(image_size=14 * grid, patch_size=14, hidden_size=256, num_layers=4, num_heads=4,
                         intermediate_size=1024, norm_type="rms_norm", qk_normalization=True, qkv_bias=False,
@@ -52,7 +51,8 @@ def configs(args):
     extra = {}
     if variant in ("x", "h"):
       extra["cross_attention"] = CrossAttentionConfig(every=args.every, offset=args.every - 1, max_tag_tokens=8)
-    out[variant] = NVLMConfig(variant=variant, vision=vision, projector=projector_config(variant, vision, llm),
+    projector = ProjectorConfig.for_variant(variant, vision, llm)
+    out[variant] = NVLMConfig(variant=variant, vision=vision, projector=projector,
                               llm=llm, image_token_id=image_token_id, max_tiles=6, **extra)
   return out
 
@@ -125,7 +125,7 @@ def main():
   import jax
   import jax.numpy as jnp
 
-  from nvlm_jax.fusion.build import model_for_config
+  from nvlm_jax.models import module_for_config
   from nvlm_jax.training.flops import train_step_flops, trainable_towers_from_labels
 
   common.setup_jax_fp32()
@@ -136,7 +136,7 @@ def main():
   steps, setup = {}, {}
   for variant, cfg in cfgs.items():
     t0 = time.perf_counter()
-    model = model_for_config(cfg)
+    model = module_for_config(cfg)
     params = common.random_init(model, seed=0)
     per_tile = cfg.tokens_per_tile
     ids = stream(variant, batch=args.batch, text_len=text_len, tiles=tiles, per_tile=per_tile,

@@ -53,6 +53,6 @@ def get_config(arg=None):
   for name in source_names():
     spec = {"kind": "llava", "path": "", "weight": 1.0}
     if name in sum(MULTIMODAL_SFT.values(), ()):
-      spec["image_root"] = None  # None: the directory of `path`
+      spec["image_root"] = ""  # "": the directory of `path` (a string, so the command line can set it)
     sources[name] = spec
   return ml_collections.ConfigDict({"sources": sources})

@@ -9,7 +9,7 @@ offline on the synthetic corpus; its placeholder id reaches the model config fro
 Recipe: NVLM's SFT stage at toy scale: ViT frozen, projector + LLM trained, AdamW with warmup + cosine;
 6 + 1 DHR tiles, 1-D tile tags. Leaves a checkpoint in the workdir that
 `nvlm_jax.training.load_checkpoint` (and `nvlm_jax.load_pretrained`) can load, and the tokenizer +
-processor settings next to it (`nvlm_jax.training.load_processor`).
+processor settings next to it (`nvlm_jax.load_processor`).
 """
 from nvlm_jax.training.config_base import base_config
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 from nvlm_jax.lazy_exports import lazy_exports
 
 _LAZY = {
-    "load_pretrained": "nvlm_jax.checkpoint.hf_import",
+    "load_pretrained": "nvlm_jax.models",
     "generate": "nvlm_jax.generation",
     "stream_generate": "nvlm_jax.generation",
     "Processor": "nvlm_jax.processing.processor",
-    "load_processor": "nvlm_jax.training.processor_setup",
+    "load_processor": "nvlm_jax.evaluation.generate_answers",
     "get_preset": "nvlm_jax.presets",
 }
 

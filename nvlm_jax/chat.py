@@ -46,7 +46,8 @@ class IncrementalDecoder:
     self._read = 0  # tokens up to here have been emitted
 
   def _decode(self, ids: Sequence[int]) -> str:
-    return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+    # A padded embedding row past the tokenizer reads as U+FFFD rather than ending the conversation.
+    return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, unknown=REPLACEMENT_CHAR)
 
   def push(self, token_id: int) -> str:
     """Adds one token; returns the text it completes (possibly "")."""
@@ -105,7 +106,7 @@ class ChatSession:
     top_p: float | None = None,
     seed: int = 0,
   ):
-    from nvlm_jax.evaluation.generate_answers import eos_ids, is_multimodal
+    from nvlm_jax.evaluation.generate_answers import eos_ids, is_multimodal  # lazy: jax loads once a chat starts
 
     self.model, self.params, self.processor = model, params, processor
     self.images = list(images)
@@ -137,7 +138,7 @@ class ChatSession:
     """Streams the token ids (EOS excluded) of the answer to `text` as the next user turn (not recorded)."""
     import jax
 
-    from nvlm_jax.generation import stream_generate
+    from nvlm_jax.generation import stream_generate  # lazy: jax loads once a chat starts
 
     batch = self.prompt_arrays(self.messages + [self.user_turn(text)])
     rng = jax.random.key(self.seed + self._turn) if self.temperature > 0 else None
@@ -240,9 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, out: TextIO | None = None, read: Callable[[str], str] = input) -> int:
   args = build_parser().parse_args(argv)
   out = out if out is not None else sys.stdout
-  from nvlm_jax.evaluation.generate_answers import load_model, load_processor
+  from nvlm_jax import models  # lazy: jax loads once a chat starts
+  from nvlm_jax.evaluation.generate_answers import load_processor  # lazy: jax loads once a chat starts
 
-  model, params = load_model(args.checkpoint, dtype=args.dtype)
+  model, params = models.load_model(args.checkpoint, dtype=args.dtype)
   processor = load_processor(args.checkpoint, model, tokenizer=args.tokenizer)
   session = ChatSession(
     model,

@@ -7,16 +7,8 @@ those files name or build one of these model configs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import jax.numpy as jnp
 
 from nvlm_jax.layers.attention_impl import validate_impl
-
-
-def as_dtype(name: str | Any) -> jnp.dtype:
-  """'bfloat16' -> jnp.bfloat16; dtypes pass through. Configs store names so they serialize."""
-  return jnp.dtype(name)
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -179,6 +171,11 @@ class VisionConfig:
                        f"(valid: {-(self.num_layers + 1)}..{self.num_layers})")
 
 
+def _shuffle_factor(downsample_ratio: float) -> int:
+  """Tokens merged into one by pixel shuffle (0.5 -> 4), i.e. the projector's input width per ViT width."""
+  return int(round(1 / downsample_ratio)) ** 2
+
+
 @dataclasses.dataclass(frozen=True)
 class ProjectorConfig:
   """Vision -> LLM projector on pixel-shuffled features (in_features = vision hidden * 4).
@@ -201,6 +198,35 @@ class ProjectorConfig:
 
   def replace(self, **changes) -> "ProjectorConfig":
     return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def mlp1(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
+           dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
+    """NVLM-D / NVLM-H `mlp1`: LayerNorm -> Linear(4 Dv, LLM intermediate) -> GELU -> Linear(., LLM hidden), no bias.
+    dtypes default to the LLM's."""
+    return cls(in_features=vision.hidden_size * _shuffle_factor(downsample_ratio), hidden_size=llm.intermediate_size,
+               out_features=llm.hidden_size, num_layers=2, use_bias=False, dtype=dtype or llm.dtype,
+               param_dtype=param_dtype or llm.param_dtype)
+
+  @classmethod
+  def one_layer(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
+                dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
+    """NVLM-X: LayerNorm -> Linear(4 Dv, LLM hidden), no bias."""
+    return dataclasses.replace(cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
+                               hidden_size=llm.hidden_size, num_layers=1)
+
+  @classmethod
+  def internvl_hf(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
+                  dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
+    """transformers InternVL `multi_modal_projector`: as mlp1 but hidden = LLM hidden size, with biases."""
+    return dataclasses.replace(cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
+                               hidden_size=llm.hidden_size, use_bias=True)
+
+  @classmethod
+  def for_variant(cls, variant: str, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5,
+                  **dtypes) -> "ProjectorConfig":
+    """The projector each NVLM variant starts from: X one layer, D and H mlp1."""
+    return (cls.one_layer if variant == "x" else cls.mlp1)(vision, llm, downsample_ratio, **dtypes)
 
   def __post_init__(self):
     if self.num_layers not in (1, 2):
@@ -250,6 +276,18 @@ class CrossAttentionConfig:
   def positions(self, num_layers: int) -> tuple[int, ...]:
     """LLM layer indices before which the blocks run (num_layers = after the last layer)."""
     return tuple(g * self.every + self.resolved_offset for g in range(self.num_blocks(num_layers)))
+
+  def group_parts(self) -> dict[str, tuple[int, int]]:
+    """The one regrouping rule of the LLM's layers around the blocks (KV cache, params, streamed stitch): in a
+    group of `every` layers, layers [lo, hi) form the scanned stack named here (empty stacks omitted)."""
+    parts = {"layers_before": (0, self.resolved_offset), "layers_after": (self.resolved_offset, self.every)}
+    return {name: (lo, hi) for name, (lo, hi) in parts.items() if hi > lo}
+
+  def layer_slot(self, layer: int) -> tuple[str, int, int]:
+    """LLM layer i -> (stack name, group g, index in that stack): i = g * every + j (see group_parts)."""
+    g, j = divmod(int(layer), self.every)
+    name, (lo, _) = next((n, r) for n, r in self.group_parts().items() if r[0] <= j < r[1])
+    return name, g, j - lo
 
   def heads(self, llm: "DecoderConfig") -> tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim), defaulting to the LLM's."""

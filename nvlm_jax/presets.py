@@ -18,7 +18,7 @@ Values the sources leave open, and what we chose:
   LLM layers (8 at 72B, 6 at 34B), each just before the last LLM layer of its group (offset every - 1);
   heads and FFN width of the LLM; projector one layer for X (12800 -> 8192 / 7168), `mlp1` for H.
   Placeholder ids as NVLM-D's; `image_start_token_ids` (the ids of `<Image>`) depend on the tokenizer and
-  are left empty here: `nvlm_jax.fusion.build` fills them from the tokenizer files.
+  are left empty here: `nvlm_jax.checkpoint.from_parts` fills them from the tokenizer files.
 """
 from __future__ import annotations
 
@@ -53,31 +53,25 @@ def nous_hermes_2_yi_34b() -> DecoderConfig:
                        eos_token_id=7, dtype="bfloat16", param_dtype="bfloat16")
 
 
-def _mlp1(vision: VisionConfig, llm: DecoderConfig, ratio: float = 0.5) -> ProjectorConfig:
-  """NVLM-D `mlp1`: LayerNorm -> Linear(4*Dv, llm intermediate) -> GELU -> Linear(., llm hidden), no bias."""
-  factor = int(round(1 / ratio)) ** 2
-  return ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.intermediate_size,
-                         out_features=llm.hidden_size, num_layers=2, use_bias=False, layer_norm_eps=1e-5,
-                         dtype=llm.dtype, param_dtype=llm.param_dtype)
-
-
 def nvlm_d_72b() -> NVLMConfig:
   """NVLM-D-72B: InternViT-6B + mlp1 12800 -> 29568 -> 8192 + Qwen2-72B-Instruct, with the dynamic NTK RoPE
   scaling (factor 3) of the released `llm_config` (identical to plain RoPE up to 32,768 tokens)."""
   vision = internvit_6b_448px_v1_5()
   llm = qwen2_72b_instruct().replace(rope_scaling=RopeScaling("dynamic", factor=3.0))
-  return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=151654)
+  return NVLMConfig(variant="d", vision=vision, projector=ProjectorConfig.mlp1(vision, llm), llm=llm,
+                    image_token_id=151654)
 
 
 def nvlm_d_34b() -> NVLMConfig:
   """NVLM-D-34B: InternViT-6B + mlp1 12800 -> 20480 -> 7168 + Nous-Hermes-2-Yi-34B."""
   vision, llm = internvit_6b_448px_v1_5(), nous_hermes_2_yi_34b()
-  return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=64000)
+  return NVLMConfig(variant="d", vision=vision, projector=ProjectorConfig.mlp1(vision, llm), llm=llm,
+                    image_token_id=64000)
 
 
 def _one_layer_projector(vision: VisionConfig, llm: DecoderConfig, ratio: float = 0.5) -> ProjectorConfig:
   """NVLM-X's "one-layer MLP" (paper 4.5): LayerNorm -> Linear(4*Dv, llm hidden), no bias."""
-  return dataclasses.replace(_mlp1(vision, llm, ratio), num_layers=1, hidden_size=llm.hidden_size)
+  return dataclasses.replace(ProjectorConfig.mlp1(vision, llm, ratio), num_layers=1, hidden_size=llm.hidden_size)
 
 
 def _cross_attention(every: int) -> CrossAttentionConfig:
@@ -95,7 +89,8 @@ def nvlm_x_72b() -> NVLMConfig:
 def nvlm_h_72b() -> NVLMConfig:
   """NVLM-H-72B: InternViT-6B + mlp1 12800 -> 29568 -> 8192 + Qwen2-72B-Instruct + 10 gated blocks."""
   vision, llm = internvit_6b_448px_v1_5(), qwen2_72b_instruct()
-  return NVLMConfig(variant="h", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=151654,
+  return NVLMConfig(variant="h", vision=vision, projector=ProjectorConfig.mlp1(vision, llm), llm=llm,
+                    image_token_id=151654,
                     cross_attention=_cross_attention(8))
 
 
@@ -110,7 +105,8 @@ def nvlm_x_34b() -> NVLMConfig:
 def nvlm_h_34b() -> NVLMConfig:
   """NVLM-H-34B: InternViT-6B + mlp1 12800 -> 20480 -> 7168 + Nous-Hermes-2-Yi-34B + 10 gated blocks."""
   vision, llm = internvit_6b_448px_v1_5(), nous_hermes_2_yi_34b()
-  return NVLMConfig(variant="h", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=64000,
+  return NVLMConfig(variant="h", vision=vision, projector=ProjectorConfig.mlp1(vision, llm), llm=llm,
+                    image_token_id=64000,
                     cross_attention=_cross_attention(6))
 
 
@@ -131,7 +127,8 @@ def tiny_llm() -> DecoderConfig:
 def tiny_nvlm_d() -> NVLMConfig:
   """tiny_vit + 2-layer projector (128 -> 96 -> 64) + tiny_llm; placeholder id 255, 16 tokens per tile."""
   vision, llm = tiny_vit(), tiny_llm()
-  return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=255)
+  return NVLMConfig(variant="d", vision=vision, projector=ProjectorConfig.mlp1(vision, llm), llm=llm,
+                    image_token_id=255)
 
 
 def tiny_nvlm_x() -> NVLMConfig:
@@ -145,7 +142,8 @@ def tiny_nvlm_x() -> NVLMConfig:
 def tiny_nvlm_h() -> NVLMConfig:
   """tiny_nvlm_x's shapes with the 2-layer projector (128 -> 96 -> 64) and variant 'h'."""
   vision, llm = tiny_vit(), tiny_llm().replace(num_layers=4)
-  return NVLMConfig(variant="h", vision=vision, projector=_mlp1(vision, llm), llm=llm, image_token_id=255,
+  return NVLMConfig(variant="h", vision=vision, projector=ProjectorConfig.mlp1(vision, llm), llm=llm,
+                    image_token_id=255,
                     cross_attention=_cross_attention(2))
 
 

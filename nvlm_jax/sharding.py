@@ -44,6 +44,41 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def checked_rules(rules, where: str = "sharding rules") -> tuple[tuple[str, Any], ...]:
+  """A logical-axis rules table as tuples, each entry (logical name, mesh axis | tuple of mesh axes | None);
+  ValueError names the entry that is not."""
+  out = []
+  for i, rule in enumerate(rules):
+    rule = tuple(rule) if isinstance(rule, (list, tuple)) else (rule,)
+    target = rule[1] if len(rule) == 2 else "?"
+    axes = target if isinstance(target, (list, tuple)) else () if target is None else (target,)
+    if len(rule) != 2 or not isinstance(rule[0], str) or any(a not in MESH_AXES for a in axes):
+      raise ValueError(f"{where}[{i}] = {rule!r}: expected (logical axis name, mesh axis or tuple of mesh axes "
+                       f"or None) with mesh axes in {MESH_AXES}")
+    out.append((rule[0], tuple(axes) if isinstance(target, (list, tuple)) else target))
+  return tuple(out)
+
+
+def parse_mesh(text: str, *, allow_rest: bool = True) -> dict[str, int]:
+  """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2}, for every command's --mesh; ValueError names the bad entry.
+
+  allow_rest: one size may be -1 (create_mesh gives that axis the remaining devices).
+  """
+  mesh = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, sep, size = (x.strip() for x in part.partition("="))
+    try:
+      value = int(size)
+    except ValueError:
+      value = 0
+    if not sep or name not in MESH_AXES or not (value >= 1 or (allow_rest and value == -1)):
+      sizes = "a positive integer" + (" or -1 (the remaining devices)" if allow_rest else "")
+      raise ValueError(f"--mesh {text!r}: entry {part!r}: expected AXIS=SIZE with AXIS in {', '.join(MESH_AXES)} "
+                       f"and SIZE {sizes}, e.g. fsdp=4,tensor=2")
+    mesh[name] = value
+  return mesh
+
+
 def create_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a (data, fsdp, tensor) mesh; one entry may be -1 to take the remaining devices.
 
@@ -96,10 +131,6 @@ def check_divisible(shapes: Any, shardings: Any, logical_specs: Any) -> None:
         raise ValueError(f"mesh {dict(sharding.mesh.shape)}: parameter {name} {tuple(shape.shape)} has "
                          f"dimension {dim} (logical axis {logical_name!r}) of size {size}, which mesh axes {split} "
                          f"cannot split into {parts} equal parts; choose mesh sizes that divide it")
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES):

@@ -14,17 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-
 import reference_models as rm
+import torch
+from test_vision import random_params
+
 from nvlm_jax import chat, presets
 from nvlm_jax.config import DecoderConfig
-from nvlm_jax.evaluation.generate_answers import load_model, load_processor
+from nvlm_jax.evaluation.generate_answers import load_processor
 from nvlm_jax.fusion.nvlm_d import NVLMD
 from nvlm_jax.generation import generate, stream_generate
 from nvlm_jax.language.decoder import CausalLM
+from nvlm_jax.models import load_model
 from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
-from test_vision import random_params
 
 MULTIBYTE_TEXT = "naïve café — 東京 🙂 done"
 

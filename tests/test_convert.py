@@ -22,15 +22,16 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
-
 import reference_models as rm
-from nvlm_jax import convert
-from nvlm_jax.checkpoint import orbax_stream, safetensors_io as sio
-from nvlm_jax.checkpoint.convert_output import TMP_MARKER
-from nvlm_jax.training import checkpointing
+import torch
 from test_nvlm_d import build_torch_internvl, write_nvlm_d_checkpoint
 from test_vision import build_torch_vit
+
+from nvlm_jax import convert
+from nvlm_jax.checkpoint import orbax_stream
+from nvlm_jax.checkpoint import safetensors_io as sio
+from nvlm_jax.checkpoint.convert.output import TMP_MARKER
+from nvlm_jax.training import checkpointing
 
 NVLM_D_KEY = "vision_model.encoder.layers.1.attn.qkv.weight"
 
@@ -159,7 +160,7 @@ def test_unrolled_layers_round_trip(hf, tmp_path):
 
 
 def test_import_restores_onto_a_mesh_with_shard_aligned_chunks(hf, tmp_path):
-  from nvlm_jax.checkpoint.hf_import import load_pretrained
+  from nvlm_jax.models import load_pretrained
   from nvlm_jax.sharding import create_mesh
 
   out = tmp_path / "meshed"
@@ -188,7 +189,7 @@ def test_bf16_to_fp32_import_is_exact(hf, tmp_path):
 # verify and inspect
 
 
-@pytest.mark.parametrize("layout", ["qwen2", pytest.param("internvl", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["qwen2", "internvl"])
 def test_verify_against_importer_and_transformers_on_exported_files(imported, tmp_path, capsys, layout):
   """verify on the *exported* directory: our config.json writers must satisfy transformers too."""
   exported = tmp_path / "exported"
@@ -417,7 +418,6 @@ def test_stitch_checks_the_towers_and_the_variant(hf, imported, tmp_path, capsys
   assert_nothing_written(tmp_path, "out")
 
 
-@pytest.mark.slow  # compiles the NVLM-X init and forward
 def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   import jax.numpy as jnp
   from flax import traverse_util
@@ -452,7 +452,7 @@ def trainer_workdir(tmp_path_factory) -> Path:
   import ml_collections
 
   from nvlm_jax import presets
-  from nvlm_jax.fusion import build
+  from nvlm_jax.checkpoint import from_parts as build
   from nvlm_jax.training import processor_setup
 
   directory = tmp_path_factory.mktemp("run")

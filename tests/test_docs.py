@@ -123,6 +123,10 @@ SHORTENED = {
   ),
 }
 CANNOT_RUN = {
+  (
+    "python train.py --config=configs/nvlm_d_72b_sft.py --config.data.sources.ShareGPT.path=/data/sft/sharegpt.jsonl "
+    "--config.data.sources.ChartQA.path=/data/sft/chartqa.json --config.data.sources.ChartQA.image_root=/data/chartqa"
+  ): ("a 72B recipe on the SFT blend's data sets; test_recipe_fidelity.py parses these flags and opens the sources"),
   "pip install -r requirements-dev.txt && python -m pytest -q": (
     "the whole test suite, this test included (and pip would change the environment)"
   ),
@@ -325,7 +329,8 @@ class StandIns:
 
   def _intern_vit_hf(self) -> Path:
     """The tiny workdir's ViT in the remote-code InternVisionModel layout (InternViT-6B-448px-V1-5's)."""
-    from nvlm_jax.checkpoint import convert_configs, safetensors_io
+    from nvlm_jax.checkpoint.convert import configs as convert_configs
+    from nvlm_jax.checkpoint import safetensors_io
     from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
     from nvlm_jax.training.checkpointing import load_checkpoint
 
@@ -557,7 +562,8 @@ def test_the_repository_refers_to_nothing_outside_it():
   bad = []
   patterns = (r"\.\./shared|nvlm_spec|ENGINEERING\.md", r"\bspec \(?[a-j](\.\d)?\)?(?=[\s,;.)/])", r"\bspec UNVERIFIED")
   for path in sorted(REPO.rglob("*")):
-    if path.suffix not in (".py", ".md") or ".git" in path.parts or path.name == "test_docs.py":
+    hidden = any(part.startswith(".") for part in path.relative_to(REPO).parts)  # .git, virtualenvs, scratch
+    if path.suffix not in (".py", ".md") or hidden or path.name == "test_docs.py":
       continue
     for n, line in enumerate(path.read_text().split("\n"), 1):
       if any(re.search(p, line) for p in patterns):

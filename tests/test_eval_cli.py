@@ -16,10 +16,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import reference_models as rm
 import torch
 from PIL import Image
 
-import reference_models as rm
+from nvlm_jax import models
 from nvlm_jax.evaluation import BENCHMARKS, load_samples, read_predictions, write_samples
 from nvlm_jax.evaluation import generate_answers as ga
 from nvlm_jax.generation import generate
@@ -223,7 +224,7 @@ def test_eval_batches_in_any_order_give_each_sample_its_own_greedy_answer(text_c
   assert summary["num_unfinished"] == 5 and summary["checkpoint"] == str(text_checkpoint)
 
   # Each answer is what the sample generates alone (a batch of one).
-  model, params = ga.load_model(text_checkpoint)
+  model, params = models.load_model(text_checkpoint)
   processor = ga.load_processor(text_checkpoint, model)
   samples = load_samples(data)
   for row, sample in zip(rows, samples):

@@ -15,13 +15,13 @@ import pytest
 
 from nvlm_jax import convert
 from nvlm_jax.checkpoint import safetensors_io as sio
-from nvlm_jax.checkpoint.convert_output import ConvertError
-from nvlm_jax.checkpoint.convert_verify import verify
+from nvlm_jax.checkpoint.convert.output import ConvertError
+from nvlm_jax.checkpoint.convert.verify import verify
 from nvlm_jax.data.llava import LlavaFormatError, LlavaSource
 from nvlm_jax.evaluation.predictions import PredictionsError, read_predictions
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import NvlmTokenizer, build_tiny_tokenizer
-from nvlm_jax.training.processor_setup import load_processor
+from nvlm_jax.training.processor_setup import read_run_processor as load_processor
 
 BAD_KEY = "model.layers.1.mlp.up_proj.weight"
 
@@ -126,3 +126,16 @@ def test_decode_names_an_id_outside_the_vocabulary(processor):
     rf"vocabulary \(ids 0\.\.{size - 1}\)",
   ):
     processor.decode(np.concatenate([ids, [size + 7, size]]))
+
+
+def test_generated_answers_read_an_id_outside_the_vocabulary_as_a_replacement(processor):
+  """Eval (and chat) decode what a model generated: an id of a padded embedding row must not end the run."""
+  from nvlm_jax.evaluation.generate_answers import decode_answer
+
+  tokenizer = processor.tokenizer
+  size = tokenizer.backend.get_vocab_size(with_added_tokens=True)
+  hello, world = tokenizer.encode("hello"), tokenizer.encode(" world")
+  ids = [*hello, size + 3, *world]
+  assert tokenizer.decode(ids, unknown="?") == "hello? world"
+  answer = decode_answer([*ids, tokenizer.eos_id, size], tokenizer, stop_ids=[tokenizer.eos_id])
+  assert answer.text == "hello\ufffd world" and answer.finished and answer.num_generated_tokens == len(ids)

@@ -15,21 +15,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_models as rm
 import safetensors.torch
 import torch
 import transformers
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_vision import TINY_VISION, VIT_STYLES, random_params
 
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import reference_models as rm
 from nvlm_jax import sharding
 from nvlm_jax.checkpoint import vision_layouts
-from nvlm_jax.checkpoint.hf_import import load_pretrained
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.config import NVLMConfig, ProjectorConfig
 from nvlm_jax.fusion.nvlm_d import NVLMD, merge_image_features
+from nvlm_jax.models import load_pretrained
 from nvlm_jax.presets import PRESETS, get_preset
-from test_vision import TINY_VISION, VIT_STYLES, random_params
 
 ATOL = 1e-4
 VOCAB = rm.TINY_TEXT["vocab_size"]
@@ -359,7 +359,6 @@ def test_full_size_parameter_counts():
   assert param_count(get_preset("nvlm_d_34b")) == 40_334_383_488
 
 
-@pytest.mark.slow  # two compiles, one of them over 8 virtual devices on a 2-core host
 def test_sharded_forward_equals_single_device(tiny):
   """fsdp x tensor mesh of 8 virtual devices: every vision/projector param carries logical axes the
   rules table can place, and the sharded model computes the same logits."""

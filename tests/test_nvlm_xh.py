@@ -14,9 +14,11 @@ import optax
 import pytest
 from PIL import Image
 
+from nvlm_jax import models
+from nvlm_jax.checkpoint import from_parts as build
 from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
-from nvlm_jax.fusion import build
 from nvlm_jax.fusion.cross_attention_inputs import check_tile_layout, cross_attention_inputs, tile_layout
+from nvlm_jax.fusion.gated_cross_attention import merge_layer_groups, split_layer_groups
 from nvlm_jax.fusion.nvlm_h import NVLMH
 from nvlm_jax.fusion.nvlm_x import NVLMX
 from nvlm_jax.generation import generate
@@ -262,7 +264,6 @@ def test_kv_cache_matches_full_recompute(tiny):
   assert (tokens[0] != tokens[1]).any()  # the rows really differ
 
 
-@pytest.mark.slow  # one backward compile + 8 steps (~25 s on 2 cores)
 def test_gradients_reach_the_gates_then_the_weights_and_training_lowers_the_loss():
   """X pretraining recipe at toy scale: only cross_attn + projector train. At init (gates 0) only the gates
   get gradient; once they move, so do the cross-attention weights; an image-dependent answer is learned."""
@@ -361,7 +362,6 @@ def test_processor_outputs_for_d_x_h(tokenizer):
     Processor(tokenizer, image_size=56, patch_size=7, fusion="h", tile_tag_format="none")
 
 
-@pytest.mark.slow  # two generate() compiles on processor-made prompts
 def test_generate_from_processor_prompts(tokenizer):
   """The whole path: Processor(fusion=x|h) -> generate(): batched, left-aligned, with a 2+1-tile and a 1x1
   image, equals recomputing the full sequence for each row."""
@@ -411,13 +411,11 @@ def test_config_checks_and_presets():
     cfg.replace(cross_attention=CrossAttentionConfig())
   with pytest.raises(ValueError, match="NVLMX needs an NVLMConfig with variant 'x'"):
     NVLMX(get_preset("tiny_nvlm_h")).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-  from nvlm_jax.training import models  # the trainer's JSON description round-trips the nested config
   cfg = config_for("h")
   assert models.config_from_description(models.describe_model(cfg)) == cfg
   assert type(models.module_for_config(cfg)) is NVLMH
 
 
-@pytest.mark.slow  # compiles the unrolled model
 def test_unrolled_decoder_computes_the_same_and_params_round_trip():
   """scan_layers=False (names layers_{i} / cross_attn_{g}) gives the same logits; the LLM <-> X/H param
   reshape is exact both ways."""
@@ -465,9 +463,9 @@ def test_every_param_has_logical_axes_the_rules_can_place():
     assert shardings["cross_attn"]["mlp"]["down_proj"]["kernel"].spec == P(None, "tensor", "fsdp")
 
 
-@pytest.mark.slow  # one compile over 4 virtual devices
 def test_sharded_forward_equals_single_device(tiny):
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from nvlm_jax import sharding
   if jax.device_count() < 8:
@@ -486,7 +484,7 @@ def test_sharded_forward_equals_single_device(tiny):
 
 
 def param_count(cfg) -> int:
-  model = build.model_for_config(cfg)
+  model = models.module_for_config(cfg)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
@@ -504,7 +502,6 @@ def projector_params(p) -> int:
   return 2 * p.in_features + sum(a * b for a, b in widths)
 
 
-@pytest.mark.slow  # traces four full-size models (no allocation)
 def test_full_size_parameter_counts():
   d_counts = {"72b": 78_863_416_704, "34b": 40_334_383_488}  # tests/test_nvlm_d.py
   for size in ("72b", "34b"):
@@ -517,14 +514,13 @@ def test_full_size_parameter_counts():
                        + 10 * block_params(cfg.llm))
 
 
-@pytest.mark.slow  # torch reference models + orbax round trip
 def test_build_from_released_parts_save_and_load(tmp_path):
   """A tiny Qwen2 dir + a tiny InternViT dir (transformers layouts) -> NVLM-X/H: LLM params unchanged,
   gates zero, text logits equal the torch Qwen2's; orbax save -> load_checkpoint gives the same params."""
+  import reference_models as rm
   import torch
   import transformers
 
-  import reference_models as rm
   from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
   from nvlm_jax.training import checkpointing
 
@@ -564,3 +560,19 @@ def test_build_from_released_parts_save_and_load(tmp_path):
     kernel = on_mesh["language_model"]["decoder"]["groups"]["cross_attn"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     np.testing.assert_array_equal(np.asarray(kernel), np.asarray(gates["mlp"]["up_proj"]["kernel"]))
+
+
+@pytest.mark.parametrize("layers,every,offset", [(8, 4, 3), (8, 4, 0), (6, 2, 1), (6, 3, None), (12, 12, 11)])
+def test_one_layer_group_rule_serves_cache_params_and_streaming(layers, every, offset):
+  """split_layer_groups (KV cache, in-memory params) and layer_slot (streamed stitch) place LLM layer i at the same
+  (stack, group, index), computed here from i = g * every + j directly; merge_layer_groups undoes the split."""
+  xc = CrossAttentionConfig(every=every, offset=offset)
+  stacked = {"k": np.random.default_rng(0).normal(size=(layers, 2, 3)).astype(np.float32)}
+  grouped = split_layer_groups(stacked, xc, layers)
+  first_after = every - 1 if offset is None else offset
+  for i in range(layers):
+    g, j = divmod(i, every)
+    name, index = ("layers_before", j) if j < first_after else ("layers_after", j - first_after)
+    assert xc.layer_slot(i) == (name, g, index)
+    np.testing.assert_array_equal(np.asarray(grouped[name]["k"][g, index]), stacked["k"][i])
+  np.testing.assert_array_equal(np.asarray(merge_layer_groups(grouped, xc, layers)["k"]), stacked["k"])

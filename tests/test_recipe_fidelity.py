@@ -2,12 +2,16 @@
 prompt settings, single-tile pretraining has no tile tags, and every SFT recipe reads the paper's SFT
 blend (configs/sft_blend.py), refusing a source whose path was not filled in."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+from test_training_configs import RECIPES, load
 
 from nvlm_jax.data import pipeline
 from nvlm_jax.processing.tile_tags import YI_GLOBAL_TILE_TAG
 from nvlm_jax.training import processor_setup
-from test_training_configs import RECIPES, load
 
 SFT_RECIPES = [r for r in RECIPES if r.endswith("_sft")]
 TEXT_ONLY_SFT = (
@@ -79,7 +83,7 @@ def test_a_missing_path_names_its_source_and_zero_weights_are_left_out(tmp_path)
 def test_runlocal_sft_builds_its_processor_on_the_synthetic_data(name):
   """The runlocal variant swaps the blend for the synthetic set; a Yi-format recipe gets a BOS for the tiny
   tokenizer, so its prompts start with one."""
-  from nvlm_jax.training import models
+  from nvlm_jax import models
 
   c = load(name, "runlocal")
   assert [s["kind"] for s in c.data.sources] == ["synthetic"]
@@ -90,3 +94,34 @@ def test_runlocal_sft_builds_its_processor_on_the_synthetic_data(name):
     assert processor.chat_format == "nvlm-yi-34b" and processor.tokenizer.bos_id is not None
     batch = processor([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ok"}], [])
     assert batch["input_ids"][0, 0] == processor.tokenizer.bos_id
+
+
+def test_blend_paths_and_image_roots_are_set_on_the_command_line(tmp_path):
+  """docs/data.md's command: a source's path and image_root are overridden by flag, and the blend opens them
+  ("" keeps the default: images beside the file)."""
+  chartqa = tmp_path / "chartqa.json"
+  chartqa.write_text(
+    '[{"id": "c", "image": "c.png", "conversations": [{"from": "human", "value": "<image>\\nQ?"}, '
+    '{"from": "gpt", "value": "A"}]}]'
+  )
+  show = (
+    "from absl import app; from ml_collections import config_flags; c = config_flags.DEFINE_config_file('config'); "
+    "app.run(lambda _: print(c.value.data.sources.ChartQA.path, c.value.data.sources.ChartQA.image_root))"
+  )
+  recipe = Path(__file__).resolve().parent.parent / "configs" / "nvlm_d_72b_sft.py"
+  args = [
+    f"--config={recipe}",
+    f"--config.data.sources.ChartQA.path={chartqa}",
+    "--config.data.sources.ChartQA.image_root=/data/chartqa",
+  ]
+  shown = subprocess.run([sys.executable, "-c", show, *args], capture_output=True, text=True, timeout=120)
+  assert shown.stdout.split() == [str(chartqa), "/data/chartqa"], shown.stderr[-2000:]
+
+  data = load("nvlm_d_72b_sft").data
+  for name in data.sources:
+    data.sources[name].weight = 1.0 if name == "ChartQA" else 0.0
+  data.sources.ChartQA.path = str(chartqa)
+  (beside,) = pipeline.make_blend(data).sources
+  data.sources.ChartQA.image_root = "/data/chartqa"
+  (rooted,) = pipeline.make_blend(data).sources
+  assert (beside.image_root, rooted.image_root) == (tmp_path, Path("/data/chartqa"))

@@ -20,18 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_models as rm
 import safetensors.torch
 import torch
 import transformers
 from PIL import Image
 
-import reference_models as rm
 from nvlm_jax.checkpoint import vision_layouts
-from nvlm_jax.checkpoint.hf_import import load_pretrained
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf
 from nvlm_jax.config import RopeScaling
 from nvlm_jax.fusion.nvlm_d import NVLMD
+from nvlm_jax.models import load_pretrained
 from nvlm_jax.presets import get_preset
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import VISION_PAD, build_tiny_tokenizer

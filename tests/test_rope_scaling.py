@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_models as rm
 import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import nvlm_jax
-import reference_models as rm
-from nvlm_jax.checkpoint import convert_configs
+from nvlm_jax.checkpoint.convert import configs as convert_configs
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf
 from nvlm_jax.config import RopeScaling
 from nvlm_jax.layers.rope import RotaryEmbedding

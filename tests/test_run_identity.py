@@ -86,11 +86,10 @@ def test_every_runlocal_recipe_has_its_own_workdir_named_after_it():
 
 
 def test_train_py_names_the_recipe_after_the_config_flag():
-  spec = importlib.util.spec_from_file_location("train_entry", REPO / "train.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.recipe_name("configs/nvlm_x_72b_pretrain.py:runlocal") == "nvlm_x_72b_pretrain:runlocal"
-  assert module.recipe_name("/abs/configs/tiny_d.py") == "tiny_d"
+  from nvlm_jax.training.run_identity import recipe_name
+
+  assert recipe_name("configs/nvlm_x_72b_pretrain.py:runlocal") == "nvlm_x_72b_pretrain:runlocal"
+  assert recipe_name("/abs/configs/tiny_d.py") == "tiny_d"
 
 
 def test_trainer_refuses_another_run_and_does_no_work_after_nothing_to_do(tmp_path, capsys):

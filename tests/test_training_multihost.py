@@ -6,42 +6,52 @@ Each process reads only its own rows of every global batch (process_index / proc
 factory), the trainer assembles global arrays with `jax.make_array_from_process_local_data`, and both
 processes write the checkpoints together.
 """
+
+import contextlib
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import child_processes
 import numpy as np
 import portpicker
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
 def command(workdir: Path, cpu_devices: int, *extra: str) -> list[str]:
-  return [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "tiny_lm.py"),
-          f"--config.workdir={workdir}", f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=3",
-          "--config.log.every_steps=1", "--config.log.tensorboard=False", "--config.optimizer.warmup_steps=2",
-          "--config.mesh.fsdp=2",
-          "--config.mesh.tensor=2", f"--config.distributed.num_cpu_devices={cpu_devices}", *extra]
+  return [
+    sys.executable,
+    str(REPO / "train.py"),
+    "--config",
+    str(REPO / "configs" / "tiny_lm.py"),
+    f"--config.workdir={workdir}",
+    f"--config.total_steps={STEPS}",
+    "--config.checkpoint.every_steps=3",
+    "--config.log.every_steps=1",
+    "--config.log.tensorboard=False",
+    "--config.optimizer.warmup_steps=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+    f"--config.distributed.num_cpu_devices={cpu_devices}",
+    *extra,
+  ]
 
 
 def env() -> dict:
-  e = dict(os.environ)
-  e["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # and not conftest's 8 host devices
-  e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
-  return e
+  return child_processes.child_env(XLA_FLAGS="--xla_backend_optimization_level=0")  # not conftest's 8 devices
 
 
 def reference_run(workdir: Path) -> list[dict]:
   """The same training in this process, one process with 4 devices."""
   import importlib.util
+
   import jax
+
   from nvlm_jax.training import trainer
-  if jax.device_count() < 4:
-    pytest.skip("needs 4 devices in the test process (tests/conftest.py)")
+
   spec = importlib.util.spec_from_file_location("tiny_lm", REPO / "configs" / "tiny_lm.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -60,19 +70,32 @@ def losses(workdir: Path) -> list[float]:
   return [r["loss"] for r in rows]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   port = portpicker.pick_unused_port()
   multi_dir = tmp_path / "two_processes"
-  procs = [subprocess.Popen(
-      command(multi_dir, 2, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-      env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  reference = [h["loss"] for h in reference_run(tmp_path / "one_process")]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"process {i}:\n" + outputs[i][-4000:]
-  assert "2 process(es)" in outputs[0] and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in outputs[0]
+  logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+  with contextlib.ExitStack() as children:  # both are stopped and reaped however the test ends
+    procs = [
+      children.enter_context(
+        child_processes.running(
+          command(
+            multi_dir,
+            2,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+          ),
+          logs[i],
+          env=env(),
+        )
+      )
+      for i in range(2)
+    ]
+    reference = [h["loss"] for h in reference_run(tmp_path / "one_process")]
+    for i, p in enumerate(procs):
+      assert child_processes.wait(p, logs[i], timeout_s=600) == 0, f"process {i}:\n" + child_processes.tail(logs[i])
+  output = logs[0].read_text()
+  assert "2 process(es)" in output and "mesh {'data': 1, 'fsdp': 2, 'tensor': 2}" in output
   data_files = sorted(f for f in os.listdir(multi_dir / "checkpoints" / str(STEPS) / "data") if "process" in f)
   assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]  # one iterator state per process
   np.testing.assert_allclose(losses(multi_dir), reference, rtol=1e-5)

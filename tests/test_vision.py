@@ -12,15 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_models as rm
 import torch
 import transformers
 
-import reference_models as rm
 from nvlm_jax.checkpoint import vision_layouts  # also registers the vision layouts
-from nvlm_jax.checkpoint.hf_import import load_pretrained
 from nvlm_jax.checkpoint.safetensors_io import save_sharded
 from nvlm_jax.config import VisionConfig
 from nvlm_jax.fusion.nvlm_d import NVLMD
+from nvlm_jax.models import load_pretrained
 from nvlm_jax.presets import get_preset
 from nvlm_jax.vision.intern_vit import InternViT
 from nvlm_jax.vision.pathway import encode_images

@@ -1,4 +1,4 @@
-"""`load_pretrained`: a Hugging Face checkpoint directory -> (flax model, params).
+"""`load_hf_checkpoint` (behind `nvlm_jax.load_pretrained`): a Hugging Face checkpoint directory -> (flax model, params).
 
 The directory's config.json picks a `Layout` from `REGISTRY` (by `architectures`, or by anything the
 layout's detector looks at, such as the checkpoint's key names). A layout bundles everything one
@@ -43,9 +43,15 @@ import jax.numpy as jnp
 
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
-from nvlm_jax.checkpoint.text_layouts import (ConfigError, check_attention_biases, decoder_config_from_hf, llama_rules,
-                                              qwen2_rules)
+from nvlm_jax.checkpoint.text_layouts import (
+  ConfigError,
+  check_attention_biases,
+  decoder_config_from_hf,
+  llama_rules,
+  qwen2_rules,
+)
 from nvlm_jax.config import DecoderConfig
+from nvlm_jax.language.decoder import CausalLM
 from nvlm_jax.sharding import LOGICAL_AXIS_RULES, logical_to_sharding
 
 CONFIG_FILE = "config.json"
@@ -102,7 +108,6 @@ def architectures_detector(*names: str, model_type: str | None = None):
 
 
 def _causal_lm_layout(arch: str, model_type: str, rules_fn) -> Layout:
-  from nvlm_jax.language.decoder import CausalLM
 
   return Layout(
       name=arch,
@@ -150,15 +155,12 @@ def abstract_params(model: nn.Module, init_args: tuple) -> Any:
   return jax.eval_shape(init)["params"]
 
 
-def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, scan_layers: bool = True,
-                    mesh: jax.sharding.Mesh | None = None, rules: RuleTable | Callable[[Any], RuleTable] | None = None,
-                    layout: str | None = None, axis_rules=LOGICAL_AXIS_RULES,
-                    config_overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
-  """Loads a Hugging Face safetensors checkpoint directory, or one of our own orbax checkpoints.
-
-  Our checkpoints (a trainer workdir, its `checkpoints/` dir, one `checkpoints/<step>` dir, or the output
-  of `python -m nvlm_jax.convert import|stitch`) are restored with their saved model description;
-  dtype / param_dtype / mesh apply to them too, the HF-only arguments do not.
+def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, param_dtype: str | None = None,
+                       scan_layers: bool = True, mesh: jax.sharding.Mesh | None = None,
+                       rules: RuleTable | Callable[[Any], RuleTable] | None = None, layout: str | None = None,
+                       axis_rules=LOGICAL_AXIS_RULES,
+                       config_overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+  """Loads a Hugging Face safetensors checkpoint directory (use `nvlm_jax.load_pretrained`, which also takes ours).
 
   dtype: compute dtype; param_dtype: storage dtype of the params (default: dtype). Each tensor is
   converted from its file dtype (e.g. bf16) as it is read. scan_layers: stack layer params for nn.scan.
@@ -166,15 +168,8 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, sc
   `axis_rules`); without it params land on the default device. rules: a RuleTable (or a function of
   the model config returning one) replacing the layout's own. layout: a REGISTRY name, skipping
   detection. config_overrides: extra model-config fields (e.g. {"remat_policy": "full"}).
-
-  Returns (model, params): run it with `model.apply({"params": params}, input_ids)`.
   """
   path = Path(path)
-  from nvlm_jax.training import checkpointing  # lazy: pulls in orbax
-
-  if checkpointing.is_training_checkpoint(path):
-    return checkpointing.load_checkpoint(path, mesh=mesh, dtype=jnp.dtype(dtype).name,
-                                         param_dtype=jnp.dtype(param_dtype or dtype).name, rules=axis_rules)
   cfg_json, cfg_file = read_config(path)
   ckpt = SafetensorsCheckpoint(path)
   if layout is None:
@@ -193,7 +188,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, *, param_dtype=None, sc
   model = chosen.build_model(model_cfg)
   table = rules(model_cfg) if callable(rules) else rules
   if table is None:  # NVLM-D: the ViT heads as the files store them (padded as released, or not)
-    from nvlm_jax.checkpoint.convert_sources import layout_rules
+    from nvlm_jax.checkpoint.convert.sources import layout_rules  # convert.sources imports this module
     table = layout_rules(chosen, model_cfg, ckpt)
 
   boxed = abstract_params(model, chosen.init_args(model_cfg))
@@ -214,4 +209,4 @@ def _flatten(tree) -> dict:
 
 __all__ = ["CheckpointError", "ConfigError", "Layout", "REGISTRY", "LAYOUT_MODULES", "register_layout",
            "registered_layouts", "architectures_detector",
-           "detect_layout", "read_config", "abstract_params", "load_pretrained"]
+           "detect_layout", "read_config", "abstract_params", "load_hf_checkpoint"]

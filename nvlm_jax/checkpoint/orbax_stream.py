@@ -37,6 +37,8 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError
+from nvlm_jax.sharding import LOGICAL_AXIS_RULES
+from nvlm_jax.training import checkpointing
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
@@ -156,7 +158,6 @@ def param_specs(boxed_params: Any, dtype: str | None = None, *, mesh_shape: Mapp
   import flax.linen as nn
   from flax import traverse_util
 
-  from nvlm_jax.sharding import LOGICAL_AXIS_RULES
 
   rules = LOGICAL_AXIS_RULES if rules is None else rules
   shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed_params), sep="/")
@@ -350,7 +351,6 @@ def write_tree_metadata(directory: Path, shapes: Mapping[str, Sequence[int]]) ->
 def start_checkpoint(workdir: Path, description: Mapping[str, Any], step: int = 0) -> Path:
   """Creates WORKDIR/checkpoints/<step>/ with its `model` item (written by orbax) and
   WORKDIR/nvlm_model.json; returns the directory the params item goes into."""
-  from nvlm_jax.training import checkpointing
 
   directory = workdir / checkpointing.CHECKPOINT_SUBDIR
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)

@@ -33,6 +33,8 @@ from nvlm_jax.checkpoint.mapping import LAYER, Rule, RuleTable, bias, linear, pe
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError, decoder_config_from_hf, decoder_rules
 from nvlm_jax.config import NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.fusion.nvlm_d import NVLMD
+from nvlm_jax.vision.intern_vit import InternViT
 
 # Megatron trained NVLM's ViT with tensor parallelism 8 and padded its heads to a multiple of 8 (docs/paper.md a.2).
 NVLM_D_VIT_HEAD_MULTIPLE = 8
@@ -205,7 +207,7 @@ def intern_vit_rules(cfg: VisionConfig, *, stored_heads: int | None = None, pref
                      param_prefix: str = "", name: str = "InternViT") -> RuleTable:
   """InternVL / NVLM module names (`embeddings.class_embedding`, `encoder.layers.N.attn.qkv`, `ls1`,
   `norm1`, ...) <-> `InternViT` params. stored_heads: heads as stored (NVLM-D: 32 for 25 real heads)."""
-  d, h, hd, p = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.patch_size
+  d, h, p = cfg.hidden_size, cfg.num_heads, cfg.patch_size
   stored = h if stored_heads is None else stored_heads
   if stored < h:
     raise ValueError(f"stored_heads={stored} is fewer than the model's {h} heads")
@@ -403,10 +405,7 @@ def nvlm_config_from_internvl_hf(cfg: Mapping[str, Any], *, source: str = "confi
   text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
   llm = decoder_config_from_hf(text, source=f"{source}: text_config", **{**impl, **sub["llm"]})
   ratio = float(cfg.get("downsample_ratio", 0.5))
-  factor = int(round(1 / ratio)) ** 2
-  projector = ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.hidden_size,
-                              out_features=llm.hidden_size, num_layers=2, use_bias=True, layer_norm_eps=1e-5,
-                              dtype=dtype, param_dtype=param_dtype)
+  projector = ProjectorConfig.internvl_hf(vision, llm, ratio, dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
   top = {"image_token_id": _field(cfg, "image_token_id", source), "downsample_ratio": ratio,
          "ps_version": "v2", **top}
@@ -465,10 +464,7 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
                         "shape could be read beside it") from None
   llm = decoder_config_from_hf(llm_json, source=f"{source}: llm_config", **{**impl, **sub["llm"]})
   ratio = float(cfg.get("downsample_ratio", 0.5))
-  factor = int(round(1 / ratio)) ** 2
-  projector = ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.intermediate_size,
-                              out_features=llm.hidden_size, num_layers=2, use_bias=False, layer_norm_eps=1e-5,
-                              dtype=dtype, param_dtype=param_dtype)
+  projector = ProjectorConfig.mlp1(vision, llm, ratio, dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
   # The placeholder id: config.json's `image_token_id` (our export writes it), else `<|vision_pad|>` of the
   # tokenizer files beside it (the release names it only there), else the release's id.
@@ -516,12 +512,10 @@ def nvlm_d_rules(cfg: NVLMConfig, *, stored_heads: int | None = None) -> RuleTab
 
 
 def _nvlmd(cfg: NVLMConfig):
-  from nvlm_jax.fusion.nvlm_d import NVLMD
   return NVLMD(cfg)
 
 
 def _vit(cfg: VisionConfig):
-  from nvlm_jax.vision.intern_vit import InternViT
   return InternViT(cfg)
 
 

@@ -28,6 +28,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nvlm_jax.data.encode import EncodeRecord
+from nvlm_jax.data.llava import LlavaSource
+from nvlm_jax.data.packing import PackedBatchIterator
+from nvlm_jax.data.synthetic import SyntheticSource
+from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tile_tags import tile_tags
 from nvlm_jax.vision.tiling import TileGrid
 
@@ -36,8 +40,8 @@ GAP = 4  # pixels between tiles in --save-tiles
 
 # ---- building the processor and source ------------------------------------------------------------------
 def build_processor(args):
-  from nvlm_jax.processing.processor import Processor
-  from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, load_processor
+  # upward, allowed in tests/test_structure.py: a training workdir's processor
+  from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, read_run_processor
 
   tiny = args.size == "tiny" and args.synthetic
   image_size = args.image_size or (56 if tiny else 448)
@@ -47,7 +51,7 @@ def build_processor(args):
     directory = Path(args.tokenizer)
     keep_settings = not (args.image_size or args.patch_size)
     if (directory / PROCESSOR_FILE).is_file() and keep_settings:  # a training workdir: the processor it used
-      return load_processor(directory)
+      return read_run_processor(directory)
     if (directory / "config.json").is_file() and keep_settings:
       return Processor.from_pretrained(directory, max_tiles_per_image=args.max_tiles_per_image)
     return Processor(build_tokenizer(args.tokenizer, max_tiles=args.max_tiles_per_image), **settings)
@@ -56,16 +60,14 @@ def build_processor(args):
 
 def build_source(args, processor):
   if args.synthetic:
-    from nvlm_jax.data.synthetic import SyntheticSource
 
     return SyntheticSource(
       args.synthetic, args.seed, size=args.size, tile_size=processor.image_size, max_tiles=processor.max_tiles_per_image
     )
   if args.llava:
-    from nvlm_jax.data.llava import LlavaSource
 
     return LlavaSource(args.llava, args.image_root)
-  from nvlm_jax.data.tfds_builder import ArrayRecordSource
+  from nvlm_jax.data.tfds_builder import ArrayRecordSource  # tensorflow_datasets loads only for ArrayRecord sources
 
   return ArrayRecordSource(args.array_record, args.split, dataset_name=args.dataset_name)
 
@@ -240,7 +242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       )
 
   if args.batch:
-    from nvlm_jax.data.packing import PackedBatchIterator
     import grain
 
     kept = grain.MapDataset.source(examples).to_iter_dataset()

@@ -62,8 +62,10 @@ import numpy as np
 
 from nvlm_jax.data.blend import BlendedSource
 from nvlm_jax.data.encode import EncodeRecord
+from nvlm_jax.data.llava import LlavaSource
 from nvlm_jax.data.packing import PackedBatchIterDataset
 from nvlm_jax.data.stats import summarize
+from nvlm_jax.data.synthetic import SyntheticSource
 
 log = logging.getLogger("nvlm_jax.data")
 
@@ -112,7 +114,6 @@ def _make_source(spec: dict, processor):
   kind = spec.pop("kind", None)
   spec.pop("weight", None)
   if kind == "synthetic":
-    from nvlm_jax.data.synthetic import SyntheticSource
 
     num_samples = spec.pop("num_samples", 10_000)
     seed = spec.pop("seed", 0)
@@ -121,13 +122,12 @@ def _make_source(spec: dict, processor):
       spec.setdefault("max_tiles", processor.max_tiles_per_image)
     return SyntheticSource(num_samples, seed, **spec)
   if kind == "llava":
-    from nvlm_jax.data.llava import LlavaSource
 
     if not spec.get("path"):
       raise ValueError(f"{_source_label(spec, kind)}: 'path' is empty; fill it in (a .json or .jsonl file)")
-    return LlavaSource(spec.pop("path"), spec.pop("image_root", None), **spec)
+    return LlavaSource(spec.pop("path"), spec.pop("image_root", None) or None, **spec)  # "": beside the file
   if kind == "array_record":
-    from nvlm_jax.data.tfds_builder import ArrayRecordSource
+    from nvlm_jax.data.tfds_builder import ArrayRecordSource  # tensorflow_datasets loads only for ArrayRecord sources
 
     if not spec.get("path"):
       raise ValueError(f"{_source_label(spec, kind)}: 'path' is empty; fill it in (the tfds_builder --out dir)")
@@ -143,7 +143,7 @@ def _source_label(spec: Mapping, kind: str) -> str:
 def make_blend(data_config: Any, processor=None, *, seed: int = 0) -> BlendedSource:
   """The weighted blend of ``data_config.sources`` (names made unique: ``name``, ``name_1``, ...).
 
-  ``sources`` is a list of specs, or a mapping name -> spec (e.g. configs/sft_blend.py, whose paths are
+  ``sources`` is a list of source settings, or a mapping name -> settings (configs/sft_blend.py, whose paths are
   set on the command line by name); a source of weight 0 is left out unopened."""
   specs = _get(data_config, "sources", [])
   if hasattr(specs, "to_dict"):
@@ -419,7 +419,8 @@ class TrainIterator(grain.DatasetIterator):
 
   def _to_global(self, batch: dict[str, Any]) -> dict[str, Any]:
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     axes = tuple(a for a in BATCH_MESH_AXES if a in self.mesh.shape)
     out = {}

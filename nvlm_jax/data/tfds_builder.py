@@ -43,7 +43,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from nvlm_jax.data.llava import LlavaSource
 from nvlm_jax.data.records import BadSampleError, Record, validate_record
+from nvlm_jax.data.synthetic import SyntheticSource
 
 BUILDER_NAME = "nvlm_conversations"
 FEATURES_VERSION = "1.0.0"
@@ -293,8 +295,6 @@ def main(argv: Iterable[str] | None = None) -> int:
   parser.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
   args = parser.parse_args(None if argv is None else list(argv))
 
-  from nvlm_jax.data.llava import LlavaSource
-  from nvlm_jax.data.synthetic import SyntheticSource
 
   sources = [LlavaSource(f, args.image_root) for f in args.llava]
   if args.synthetic:

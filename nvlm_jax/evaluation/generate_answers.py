@@ -1,6 +1,6 @@
 """The generation half of evaluation: checkpoint -> model + processor -> one answer per benchmark sample.
 
-    model, params = load_model(checkpoint_dir)            # a HF checkpoint dir or one of our training dirs
+    model, params = models.load_model(checkpoint_dir)     # a HF checkpoint dir or one of our training dirs
     processor = load_processor(checkpoint_dir, model)
     rows = generate_answers(model, params, processor, BENCHMARKS["vqav2"], samples, batch_size=8)
     # rows[i] = {"id", "prediction", "num_prompt_tokens", "num_generated_tokens", "finished"}, in sample order
@@ -24,7 +24,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +32,14 @@ from typing import Any
 
 import numpy as np
 
+from nvlm_jax import models
+from nvlm_jax.data.pipeline import check_processor_matches_model as check_sizes
 from nvlm_jax.evaluation.benchmarks import Benchmark, images_for_prompt
+from nvlm_jax.generation import generate, language_config
+from nvlm_jax.processing.processor import Processor
+from nvlm_jax.processing.tokenizer import ENDOFTEXT, UNKNOWN_TOKEN_TEXT, NvlmTokenizer
+from nvlm_jax.sharding import LOGICAL_AXIS_RULES
+from nvlm_jax.training import processor_setup
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -42,40 +48,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:
-  from nvlm_jax.training import checkpointing
-
-  return checkpointing.is_training_checkpoint(path)
-
-
-def _config_dtype(path: Path) -> str:
-  """The dtype a HF checkpoint was saved in (config.json `dtype` / `torch_dtype`), else float32."""
-  try:
-    config = json.loads((path / "config.json").read_text())
-  except (OSError, json.JSONDecodeError):
-    return "float32"
-  name = config.get("dtype") or config.get("torch_dtype") or (config.get("llm_config") or {}).get("torch_dtype")
-  return name if name in ("float32", "bfloat16", "float16") else "float32"
-
-
-def load_model(path: str | os.PathLike, *, dtype: str | None = None, mesh=None):
-  """(model, params) from a Hugging Face checkpoint directory or from one of our training checkpoints.
-
-  A training checkpoint is a trainer workdir, its `checkpoints/` dir or one `checkpoints/<step>` dir
-  (`training.checkpointing.is_training_checkpoint`; the latest step is used). Anything else goes to
-  `nvlm_jax.load_pretrained` (HF safetensors + config.json). dtype: compute and parameter dtype
-  ("bfloat16" to serve a large model); default: as saved (training checkpoints) or the config's
-  `dtype` / `torch_dtype` (HF). mesh: place every parameter directly on its sharding.
-  """
-  path = Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  if is_training_checkpoint(path):
-    from nvlm_jax.training import checkpointing
-
-    return checkpointing.load_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=dtype)
-  from nvlm_jax.checkpoint.hf_import import load_pretrained
-
-  return load_pretrained(path, dtype=dtype or _config_dtype(path), mesh=mesh)
+  return models.checkpoint_format(path) == models.OURS
 
 
 def _workdir_of(path: Path) -> Path:
@@ -125,7 +98,6 @@ def check_processor_matches_model(processor, model_config) -> None:
   """Raises if the processor's image text would not line up with the model (ids, tile size, tokens)."""
   if getattr(model_config, "vision", None) is None:
     return
-  from nvlm_jax.data.pipeline import check_processor_matches_model as check_sizes
 
   check_sizes(processor, model_config)
   if hasattr(processor, "model_token_ids"):
@@ -145,7 +117,7 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
   """The Processor for a checkpoint.
 
   * a training checkpoint whose workdir has the trainer's processor.json: exactly the processor the
-    training run used (`training.processor_setup.load_processor`);
+    training run used (`training.processor_setup.read_run_processor`);
   * a dir holding tokenizer.json beside a HF config.json: `Processor.from_pretrained`;
   * otherwise the tokenizer found (in the dir, the workdir, workdir/tokenizer, or `tokenizer`) with
     the image settings of the model's config.
@@ -154,16 +126,15 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
   tokenizer comes from. With `model`, the
   processor is checked against it (placeholder and `<Image>` ids, tile size, tokens per tile).
   """
-  from nvlm_jax.processing.processor import Processor
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer
 
   path = Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"load_processor({path}): the directory does not exist")
   model_config = getattr(model, "config", None)
   training = is_training_checkpoint(path)
   if tokenizer is None and training and (_workdir_of(path) / "processor.json").is_file():
-    from nvlm_jax.training import processor_setup
 
-    processor = processor_setup.load_processor(_workdir_of(path))
+    processor = processor_setup.read_run_processor(_workdir_of(path))
   else:
     # `tokenizer` takes what config.data.tokenizer takes: a dir with tokenizer.json or a training workdir
     candidates = [Path(tokenizer), Path(tokenizer) / "tokenizer"] if tokenizer is not None else _tokenizer_dirs(path)
@@ -194,7 +165,6 @@ def mesh_context(mesh):
   import flax.linen as nn
   import jax
 
-  from nvlm_jax.sharding import LOGICAL_AXIS_RULES
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     yield
@@ -203,8 +173,6 @@ def mesh_context(mesh):
 def eos_ids(model, processor) -> tuple[int, ...]:
   """Generation stops at the model config's EOS ids, the tokenizer's EOS (`<|im_end|>`) and
   `<|endoftext|>` (Qwen2's generation_config stops at both)."""
-  from nvlm_jax.generation import language_config
-  from nvlm_jax.processing.tokenizer import ENDOFTEXT
 
   eos = language_config(model).eos_token_id
   ids = list(eos) if isinstance(eos, (tuple, list)) else ([] if eos is None else [eos])
@@ -253,12 +221,14 @@ class Answer:
 
 
 def decode_answer(tokens: Sequence[int], tokenizer, stop_ids: Sequence[int]) -> Answer:
-  """The text before the first stop id, special tokens dropped, whitespace stripped."""
+  """The text before the first stop id, special tokens dropped, whitespace stripped. An id past the
+  tokenizer (a padded embedding row) reads as U+FFFD: the answer scores wrong instead of ending the run."""
   tokens = [int(t) for t in tokens]
   stops = {int(s) for s in stop_ids}
   end = next((k for k, t in enumerate(tokens) if t in stops), None)
   kept = tokens if end is None else tokens[:end]
-  return Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept), end is not None)
+  return Answer(tokenizer.decode(kept, skip_special_tokens=True, unknown=UNKNOWN_TOKEN_TEXT).strip(), len(kept),
+                end is not None)
 
 
 def sort_by_length(lengths: Sequence[int]) -> list[int]:
@@ -295,7 +265,6 @@ def generate_answers(
 
   workers: threads that decode and tile images (default: up to 8).
   """
-  from nvlm_jax.generation import generate
 
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -174,7 +174,3 @@ def run_python_programs(
       job.process.wait()
       job.workdir.cleanup()
   return results  # type: ignore[return-value]
-
-
-def run_python_program(program: str, limits: ExecutionLimits = ExecutionLimits()) -> ExecutionResult:
-  return run_python_programs([program], limits, max_parallel=1)[0]

@@ -8,8 +8,6 @@ _LAZY = {
     "NVLMD": "nvlm_jax.fusion.nvlm_d",
     "NVLMX": "nvlm_jax.fusion.nvlm_x",
     "NVLMH": "nvlm_jax.fusion.nvlm_h",
-    "model_for_config": "nvlm_jax.fusion.build",
-    "build_from_released_parts": "nvlm_jax.fusion.build",
 }
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -19,7 +19,7 @@ G = num_layers / every groups; a group is
 so the LLM's stacked params [L, ...] become [G, offset, ...] and [G, every - offset, ...] (logical axes
 ("layer_groups", "layers", ...); a block's params are ("layer_groups", ...)):
 LLM layer i = g * every + j lives at layers_before[g, j] (j < offset) or layers_after[g, j - offset].
-`nvlm_jax.fusion.build.llm_to_cross_attention_params` does this reshape. Unrolled (`scan_layers=False`) the
+`nvlm_jax.checkpoint.from_parts.llm_to_cross_attention_params` does this reshape. Unrolled (`scan_layers=False`) the
 LLM layers keep CausalLM's names `layers_{i}` and the blocks are `cross_attn_{g}`.
 
 The KV cache keeps CausalLM's layout ({"layers": {"k", "v": [L, B, S, kv_heads, head_dim]}, "index",
@@ -42,14 +42,14 @@ from nvlm_jax.language.decoder import (
     CausalLM,
     DecoderLayer,
     keep_last,
-    maybe_remat,
-    scan_layers,
 )
 from nvlm_jax.layers.attention import CausalSegments, attend
 from nvlm_jax.layers.attention_impl import choose_attention_impl, log_choice_once
 from nvlm_jax.layers.linear import Dense
 from nvlm_jax.layers.mlp import SwiGLU
 from nvlm_jax.layers.norms import RMSNorm
+from nvlm_jax.layers.remat import maybe_remat
+from nvlm_jax.layers.scan import scan_layers
 
 CrossInputs = dict[str, Any]  # see CrossAttentionLM.hidden_states
 # Logical name of the scanned group axis. Inside a group the LLM layers keep CausalLM's "layers" axis, so a
@@ -154,7 +154,7 @@ class CrossAttentionDecoderStack(nn.Module):
     cfg, xc = self.config, self.xattn
     num_groups, every, offset = xc.num_blocks(cfg.num_layers), xc.every, xc.resolved_offset
     if cfg.scan_layers:
-      group_cache = None if cache is None else _split_groups(cache, num_groups, every, offset)
+      group_cache = None if cache is None else split_layer_groups(cache, xc, cfg.num_layers)
       group_cls = nn.scan(
           CrossAttentionGroup,
           variable_axes={"params": 0},
@@ -165,7 +165,7 @@ class CrossAttentionDecoderStack(nn.Module):
       )
       x, (group_cache, cross_kv) = group_cls(cfg, xc, offset, every - offset, name="groups")(
           x, positions, mask, cross_mask, has_keys, memory, cache_index, group_cache, cross_kv)
-      cache = None if cache is None else _merge_groups(group_cache, num_groups, every, offset)
+      cache = None if cache is None else merge_layer_groups(group_cache, xc, cfg.num_layers)
       return x, cache, cross_kv
     layer_cls = maybe_remat(DecoderLayer, cfg.remat_policy, scanned=False)
     block_cls = maybe_remat(GatedCrossAttention, cfg.remat_policy, scanned=False)
@@ -188,21 +188,17 @@ class CrossAttentionDecoderStack(nn.Module):
     return x, cache, cross_kv
 
 
-def _split_groups(cache, num_groups: int, every: int, offset: int):
-  """{"k", "v": [L, ...]} -> {"layers_before": [G, offset, ...], "layers_after": [G, every - offset, ...]}."""
-  grouped = jax.tree.map(lambda c: c.reshape((num_groups, every) + c.shape[1:]), cache)
-  out = {}
-  if offset:
-    out["layers_before"] = jax.tree.map(lambda c: c[:, :offset], grouped)
-  if every - offset:
-    out["layers_after"] = jax.tree.map(lambda c: c[:, offset:], grouped)
-  return out
+def split_layer_groups(stacked, xc: CrossAttentionConfig, num_layers: int):
+  """{...: [L, ...]} -> {stack name: {...: [G, stack length, ...]}} by CrossAttentionConfig.group_parts."""
+  grouped = jax.tree.map(lambda c: c.reshape((xc.num_blocks(num_layers), xc.every) + c.shape[1:]), stacked)
+  parts = xc.group_parts().items()
+  return {name: jax.tree.map(lambda c, lo=lo, hi=hi: c[:, lo:hi], grouped) for name, (lo, hi) in parts}
 
 
-def _merge_groups(group_cache, num_groups: int, every: int, offset: int):
-  parts = [group_cache[n] for n in ("layers_before", "layers_after") if n in group_cache]
-  merged = jax.tree.map(lambda *p: jnp.concatenate(p, axis=1), *parts)
-  return jax.tree.map(lambda c: c.reshape((num_groups * every,) + c.shape[2:]), merged)
+def merge_layer_groups(grouped, xc: CrossAttentionConfig, num_layers: int):
+  """The inverse of split_layer_groups: {stack name: [G, n, ...]} -> [L, ...]."""
+  merged = jax.tree.map(lambda *p: jnp.concatenate(p, axis=1), *(grouped[n] for n in xc.group_parts()))
+  return jax.tree.map(lambda c: c.reshape((xc.num_blocks(num_layers) * xc.every,) + c.shape[2:]), merged)
 
 
 class CrossAttentionLM(CausalLM):

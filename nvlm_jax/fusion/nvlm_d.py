@@ -15,17 +15,15 @@ Every image token is one ordinary RoPE position; attention over the whole sequen
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvlm_jax.config import NVLMConfig
+from nvlm_jax.fusion.base import NVLMBase
 from nvlm_jax.language.decoder import Cache, CausalLM
-from nvlm_jax.vision.pathway import encode_images, make_vision_modules
 
 
 def _concrete(*arrays) -> list[np.ndarray] | None:
@@ -91,27 +89,17 @@ def merge_image_features(token_embeds: jnp.ndarray, input_ids: jnp.ndarray, imag
   return jnp.where(take[..., None], gathered.astype(token_embeds.dtype), token_embeds)
 
 
-class NVLMD(nn.Module):
+class NVLMD(NVLMBase):
   """InternViT -> pixel shuffle -> MLP projector -> image tokens in the Qwen2/Yi decoder stream.
 
   Params: `vision_model/` (InternViT), `projector/`, `language_model/` (CausalLM).
   """
 
-  config: NVLMConfig
+  variant: ClassVar[str] = "d"
 
   def setup(self):
-    if self.config.variant != "d":
-      raise ValueError(f"NVLMD needs an NVLMConfig with variant 'd', got {self.config.variant!r}")
-    self.vision_model, self.projector = make_vision_modules(self.config)
+    self.setup_vision()
     self.language_model = CausalLM(self.config.llm)
-
-  def encode_images(self, pixel_values: jnp.ndarray, tile_mask: jnp.ndarray | None = None, *,
-                    tile_budget: int | None = None) -> jnp.ndarray:
-    """[B, T, H, W, 3] (+ [B, T] mask) -> [B, T, tokens_per_tile, D]; padded tiles give zeros."""
-    cfg = self.config
-    return encode_images(self.vision_model, self.projector, pixel_values, tile_mask,
-                         downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version,
-                         freeze_vision=cfg.freeze_vision, tile_budget=tile_budget)
 
   def embed_multimodal(self, input_ids: jnp.ndarray, pixel_values: jnp.ndarray | None = None,
                        tile_mask: jnp.ndarray | None = None, *, image_features: jnp.ndarray | None = None,
@@ -122,30 +110,9 @@ class NVLMD(nn.Module):
     `encode_images`), or neither for text only.
     """
     cfg = self.config
-    chex.assert_rank(input_ids, 2)
-    if pixel_values is None and image_features is None and self.is_initializing():
-      # Create the vision parameters even when init is called with text only.
-      pixel_values = jnp.zeros((input_ids.shape[0], 1, cfg.vision.image_size, cfg.vision.image_size,
-                                cfg.vision.num_channels), jnp.float32)
-      tile_mask = jnp.zeros((input_ids.shape[0], 1), bool)
-    is_image = input_ids == cfg.image_token_id
-    # Placeholder ids may lie outside the vocabulary (Megatron's `<image>`): never look them up.
-    embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
-    if pixel_values is None and image_features is None:
-      return embeds
-    if pixel_values is not None and image_features is not None:
-      raise ValueError("pass pixel_values or image_features, not both")
-    batch = input_ids.shape[0]
-    if image_features is None:
-      chex.assert_rank(pixel_values, 5)
-      chex.assert_axis_dimension(pixel_values, 0, batch)
-      tiles = pixel_values.shape[1]
-    else:
-      chex.assert_shape(image_features, (batch, None, cfg.tokens_per_tile, cfg.llm.hidden_size))
-      tiles = image_features.shape[1]
+    embeds, _, pixel_values, tile_mask = self.embed_inputs(input_ids, pixel_values, tile_mask, image_features)
     if tile_mask is None:
-      tile_mask = jnp.ones((batch, tiles), bool)
-    chex.assert_shape(tile_mask, (batch, tiles))
+      return embeds
     if not self.is_initializing():
       check_image_placeholders(input_ids, tile_mask, image_token_id=cfg.image_token_id,
                                tokens_per_tile=cfg.tokens_per_tile,

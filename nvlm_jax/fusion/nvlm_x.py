@@ -20,11 +20,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import chex
 import flax.linen as nn
 import jax.numpy as jnp
 
-from nvlm_jax.config import NVLMConfig
+from nvlm_jax.fusion.base import NVLMBase
 from nvlm_jax.fusion.cross_attention_inputs import (
     TileLayout,
     check_tile_layout,
@@ -33,32 +32,19 @@ from nvlm_jax.fusion.cross_attention_inputs import (
 )
 from nvlm_jax.fusion.gated_cross_attention import CrossAttentionLM
 from nvlm_jax.language.decoder import Cache
-from nvlm_jax.vision.pathway import encode_images, make_vision_modules
 
 
-class CrossAttentionNVLM(nn.Module):
+class CrossAttentionNVLM(NVLMBase):
   """What NVLM-X and NVLM-H share; subclasses say which tiles enter the decoder (`_cross_groups`,
   `_decoder_embeds`) and how placeholders group into tiles."""
 
-  config: NVLMConfig
-  variant: ClassVar[str] = ""
   one_tile_per_placeholder: ClassVar[bool] = True
 
   def setup(self):
-    cfg = self.config
-    if cfg.variant != self.variant:
-      raise ValueError(f"{type(self).__name__} needs an NVLMConfig with variant {self.variant!r}, got {cfg.variant!r}")
-    self.vision_model, self.projector = make_vision_modules(cfg)
-    self.language_model = CrossAttentionLM(cfg.llm, cfg.cross_attention)
+    self.setup_vision()
+    self.language_model = CrossAttentionLM(self.config.llm, self.config.cross_attention)
 
   # ---- pieces ------------------------------------------------------------------------------------------
-  def encode_images(self, pixel_values: jnp.ndarray, tile_mask: jnp.ndarray | None = None, *,
-                    tile_budget: int | None = None) -> jnp.ndarray:
-    """[B, T, H, W, 3] (+ [B, T] mask) -> [B, T, tokens_per_tile, D]; padded tiles give zeros."""
-    cfg = self.config
-    return encode_images(self.vision_model, self.projector, pixel_values, tile_mask,
-                         downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version,
-                         freeze_vision=cfg.freeze_vision, tile_budget=tile_budget)
 
   def tile_layout(self, input_ids: jnp.ndarray, segment_ids: jnp.ndarray | None, num_tiles: int) -> TileLayout:
     cfg = self.config
@@ -88,31 +74,10 @@ class CrossAttentionNVLM(nn.Module):
                      tile_budget: int | None = None) -> tuple[jnp.ndarray, dict[str, Any] | None]:
     """(decoder input embeddings [B, L, D], cross-attention inputs or None for text only)."""
     cfg = self.config
-    chex.assert_rank(input_ids, 2)
-    batch = input_ids.shape[0]
-    if pixel_values is None and image_features is None and self.is_initializing():
-      # Create the vision and cross-attention parameters even when init is called with text only.
-      pixel_values = jnp.zeros((batch, 1, cfg.vision.image_size, cfg.vision.image_size, cfg.vision.num_channels),
-                               jnp.float32)
-      tile_mask = jnp.zeros((batch, 1), bool)
-    is_ph = input_ids == cfg.image_token_id
-    # Placeholder ids may lie outside the vocabulary: never look them up.
-    embeds = self.language_model.embed(jnp.where(is_ph, 0, input_ids))
-    if pixel_values is None and image_features is None:
-      return jnp.where(is_ph[..., None], jnp.zeros((), embeds.dtype), embeds), None
-    if pixel_values is not None and image_features is not None:
-      raise ValueError("pass pixel_values or image_features, not both")
-    if image_features is None:
-      chex.assert_rank(pixel_values, 5)
-      chex.assert_axis_dimension(pixel_values, 0, batch)
-      tiles = pixel_values.shape[1]
-    else:
-      chex.assert_shape(image_features, (batch, None, cfg.tokens_per_tile, cfg.llm.hidden_size))
-      tiles = image_features.shape[1]
+    embeds, is_ph, pixel_values, tile_mask = self.embed_inputs(input_ids, pixel_values, tile_mask, image_features)
     if tile_mask is None:
-      tile_mask = jnp.ones((batch, tiles), bool)
-    chex.assert_shape(tile_mask, (batch, tiles))
-    layout = self.tile_layout(input_ids, segment_ids, tiles)
+      return jnp.where(is_ph[..., None], jnp.zeros((), embeds.dtype), embeds), None
+    layout = self.tile_layout(input_ids, segment_ids, tile_mask.shape[1])
     if not self.is_initializing():
       self._check(layout, tile_mask)
     if image_features is None:

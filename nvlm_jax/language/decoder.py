@@ -20,8 +20,9 @@ from nvlm_jax.layers.attention import CausalSegments, SelfAttention, cached_mask
 from nvlm_jax.layers.linear import Dense, Embedding
 from nvlm_jax.layers.mlp import SwiGLU
 from nvlm_jax.layers.norms import RMSNorm
-from nvlm_jax.layers.remat import get_policy
+from nvlm_jax.layers.remat import maybe_remat
 from nvlm_jax.layers.rope import RotaryEmbedding
+from nvlm_jax.layers.scan import scan_layers
 
 Cache = dict[str, Any]
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -46,29 +47,6 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, name="mlp", **kw)(h)
     return nn.with_logical_constraint(x, ACTIVATION_AXES), cache
-
-
-def maybe_remat(layer_cls, policy_name: str, scanned: bool):
-  use_remat, policy = get_policy(policy_name)
-  if not use_remat:
-    return layer_cls
-  return nn.remat(layer_cls, policy=policy, prevent_cse=not scanned)
-
-
-def scan_layers(layer_cls, length: int, *, num_broadcast: int, num_scanned: int):
-  """nn.scan over `length` copies of layer_cls(carry, *broadcast_args, *scanned_args) -> (carry, ys).
-
-  Parameters get a leading axis named "layers"; scanned args (e.g. the per-layer KV cache) are sliced
-  along their leading axis and the per-layer outputs stacked back.
-  """
-  return nn.scan(
-      layer_cls,
-      variable_axes={"params": 0},
-      split_rngs={"params": True, "dropout": True},
-      in_axes=(nn.broadcast,) * num_broadcast + (0,) * num_scanned,
-      length=length,
-      metadata_params={nn.PARTITION_NAME: "layers"},
-  )
 
 
 class DecoderStack(nn.Module):

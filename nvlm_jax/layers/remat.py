@@ -1,6 +1,7 @@
 """Named rematerialization policies (what to keep from the forward pass for the backward pass)."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 
 POLICIES = {
@@ -16,3 +17,11 @@ def get_policy(name: str):
   if name not in POLICIES:
     raise ValueError(f"unknown remat_policy {name!r}; choose one of {sorted(POLICIES)}")
   return name != "none", POLICIES[name]
+
+
+def maybe_remat(layer_cls, policy_name: str, scanned: bool):
+  """layer_cls under nn.remat with the named policy (CSE is prevented only outside nn.scan); as is for "none"."""
+  use_remat, policy = get_policy(policy_name)
+  if not use_remat:
+    return layer_cls
+  return nn.remat(layer_cls, policy=policy, prevent_cse=not scanned)

@@ -584,14 +584,14 @@ class Processor:
     )
 
   # ---- decoding ------------------------------------------------------------------------------------
-  def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+  def decode(self, ids, *, skip_special_tokens: bool = False, unknown: str | None = None) -> str:
     """Text of a 1-D id sequence; negative ids (IGNORE_INDEX in labels) are dropped, an id past the
-    vocabulary is an error naming it."""
+    vocabulary is an error naming it (or reads as `unknown`: NvlmTokenizer.decode)."""
     ids = np.asarray(ids).reshape(-1)
-    return self.tokenizer.decode(ids[ids >= 0].tolist(), skip_special_tokens=skip_special_tokens)
+    return self.tokenizer.decode(ids[ids >= 0].tolist(), skip_special_tokens=skip_special_tokens, unknown=unknown)
 
-  def batch_decode(self, ids, *, skip_special_tokens: bool = False) -> list[str]:
-    return [self.decode(row, skip_special_tokens=skip_special_tokens) for row in np.asarray(ids)]
+  def batch_decode(self, ids, *, skip_special_tokens: bool = False, unknown: str | None = None) -> list[str]:
+    return [self.decode(row, skip_special_tokens=skip_special_tokens, unknown=unknown) for row in np.asarray(ids)]
 
 
 def _check_max_length(max_length) -> None:

@@ -71,6 +71,10 @@ def _token_name(value) -> str | None:
   raise TokenizerError(f"unexpected special-token entry {value!r} in tokenizer_config.json")
 
 
+# What generation-facing decoders (eval answers, chat) print for an id the tokenizer does not have.
+UNKNOWN_TOKEN_TEXT = "\ufffd"
+
+
 class NvlmTokenizer:
   """Wrapper over ``tokenizers.Tokenizer`` with NVLM's special tokens resolved to ids."""
 
@@ -175,15 +179,26 @@ class NvlmTokenizer:
     offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     return ids, offsets
 
-  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
-    """Text of token ids. An id outside the vocabulary is an error naming it (the backend would drop it
-    silently): a model whose embedding is padded past the tokenizer can emit such ids."""
+  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False, unknown: str | None = None) -> str:
+    """Text of token ids. The backend would drop an id outside the vocabulary silently; a model whose
+    embedding is padded past the tokenizer can emit one. By default that is an error naming the id; with
+    `unknown` (e.g. U+FFFD) each such id reads as that text instead, so a long generation run survives it."""
     ids = [int(i) for i in ids]
     size = self.backend.get_vocab_size(with_added_tokens=True)
     outside = sorted({i for i in ids if not 0 <= i < size})
-    if outside:
+    if not outside:
+      return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    if unknown is None:
       raise ValueError(f"token id(s) {outside[:8]} are outside the tokenizer's vocabulary (ids 0..{size - 1})")
-    return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    pieces, run = [], []
+    for i in ids + [-1]:  # a sentinel closes the last run
+      if 0 <= i < size:
+        run.append(i)
+        continue
+      pieces.append(self.backend.decode(run, skip_special_tokens=skip_special_tokens))
+      run = []
+      pieces.append(unknown)
+    return "".join(pieces[:-1])
 
 
 def build_tiny_tokenizer(

@@ -16,7 +16,7 @@ _LAZY = {
     "NonFiniteLossError": "nvlm_jax.training.trainer",
     "load_checkpoint": "nvlm_jax.training.checkpointing",
     "is_training_checkpoint": "nvlm_jax.training.checkpointing",
-    "load_processor": "nvlm_jax.training.processor_setup",
+    "read_run_processor": "nvlm_jax.training.processor_setup",
     "check_batch": "nvlm_jax.training.batch",
     "base_config": "nvlm_jax.training.config_base",
 }

@@ -28,9 +28,9 @@ import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.training import checkpoint_integrity as integrity
-from nvlm_jax.training import models
 
 CHECKPOINT_SUBDIR = "checkpoints"
 MODEL_DESCRIPTION_FILE = "nvlm_model.json"
@@ -94,7 +94,7 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def is_params_only(self, step: int) -> bool:
-    """True for a step with parameters but no train state, e.g. written by nvlm_jax.fusion.build.save_checkpoint
+    """True for a step with parameters but no train state, e.g. written by checkpoint.from_parts.save_checkpoint
     (an init). A trainer step that lost some of its items is not params-only: it is damaged."""
     step_dir = self.directory / str(step)
     if any((step_dir / item).exists() for item in TRAIN_ONLY_ITEMS):

@@ -24,6 +24,8 @@ Keys (all overridable on the command line, e.g. `--config.optimizer.lr=1e-5`):
   data.tile_budget        ViT tiles encoded per step (0 = every slot; see nvlm_jax/vision/pathway.py)
   data.tokenizer_bos_token  a BOS token for the "tiny_synthetic" tokenizer (runlocal of Yi-format recipes)
   mesh.{data,fsdp,tensor} device mesh (one axis may be -1: all remaining devices)
+  sharding_rules          (logical axis, mesh axes) pairs placing every parameter and activation on the mesh
+                          (default: nvlm_jax.sharding.LOGICAL_AXIS_RULES)
   checkpoint.*            every_steps, max_to_keep, async_save, init_from (HF checkpoint or our workdir)
   log.*                   every_steps, tensorboard, peak_tflops_per_device (for MFU; 0 = do not report)
   distributed.*           coordinator_address ("" = single process; "auto" = cluster autodetect),
@@ -35,6 +37,9 @@ import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from nvlm_jax import sharding
+from nvlm_jax.training import optimizer
 
 # Dense bf16 peak of common accelerators, TFLOP/s per device (for `log.peak_tflops_per_device`).
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "tpu_v5p": 459.0, "tpu_v5e": 197.0, "cpu": 0.0}
@@ -67,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
       "tile_budget": 0})
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.sharding_rules = sharding.LOGICAL_AXIS_RULES
   c.checkpoint = ml_collections.ConfigDict({
       "every_steps": 1000, "max_to_keep": 3, "async_save": True, "init_from": ""})
   c.log = ml_collections.ConfigDict({"every_steps": 10, "tensorboard": True, "peak_tflops_per_device": 0.0})
@@ -138,7 +144,6 @@ def missing_config_file(flag) -> str | None:
 def check_config(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError listing every setting that cannot work (each named with its value), before anything
   is built or compiled: a bad value must not surface as a crash deep in orbax or a silent no-op run."""
-  from nvlm_jax.training import optimizer
 
   problems = []
 

@@ -33,6 +33,7 @@ import dataclasses
 from typing import Iterable
 
 from nvlm_jax.config import DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.training.optimizer import TRAINABLE, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +145,15 @@ def tower_of(path: str, model_config) -> str:
 def trainable_towers_from_labels(labels, model_config) -> set[str]:
   """Towers that hold at least one trainable parameter."""
   import jax
-  from nvlm_jax.training.optimizer import TRAINABLE, path_str
   return {tower_of(path_str(p), model_config) for p, label in jax.tree_util.tree_leaves_with_path(labels)
           if label == TRAINABLE}
 
 
-def mfu(flops_per_step: float, step_seconds: float, num_devices: int, peak_flops_per_device: float) -> float:
-  """Model FLOPs utilization in [0, 1]: achieved FLOP/s over the devices' peak."""
+def mfu(flops_per_step: float, step_seconds: float, mesh_devices: int, peak_flops_per_device: float) -> float:
+  """Model FLOPs utilization in [0, 1]: achieved FLOP/s over the peak of the devices that ran the step.
+
+  `mesh_devices` is the size of the step's mesh, not `jax.device_count()`: a mesh may use fewer devices than
+  exist, and the idle ones must not dilute the figure."""
   if step_seconds <= 0 or peak_flops_per_device <= 0:
     return 0.0
-  return flops_per_step / step_seconds / (num_devices * peak_flops_per_device)
+  return flops_per_step / step_seconds / (mesh_devices * peak_flops_per_device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from typing import Any, Mapping
 
 from nvlm_jax.training.tensorboard import EventWriter, truncate_event_files
@@ -166,13 +165,3 @@ def progress_line(step: int, total: int, loss: float, tokens_per_s: float, step_
 
 def log_progress(line: str) -> None:
   print(line, flush=True)
-
-
-class Stopwatch:
-  def __init__(self):
-    self.t = time.perf_counter()
-
-  def lap(self) -> float:
-    now = time.perf_counter()
-    dt, self.t = now - self.t, now
-    return dt

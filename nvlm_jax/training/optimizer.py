@@ -100,17 +100,15 @@ def lr_schedule(max_lr: float, min_lr: float, warmup_steps: int, decay_steps: in
 
   `decay_steps` counts from step 0 (Megatron's --lr-decay-iters), so the cosine spans
   decay_steps - warmup_steps updates. The first update uses max_lr / warmup_steps (Megatron's uses 0).
-  A run shorter than its warmup is refused by the settings check (settings_problems).
+  A run shorter than its warmup is refused by the settings check (settings_problems). optax's
+  warmup_cosine_decay_schedule, with the warmup evaluated one step ahead.
   """
   warmup = max(int(warmup_steps), 0)
-  span = float(max(decay_steps - warmup, 1))
+  cosine_end = warmup + max(int(decay_steps) - warmup, 1)  # optax counts the cosine from the end of warmup
+  optax_schedule = optax.warmup_cosine_decay_schedule(0.0, max_lr, warmup, cosine_end, end_value=min_lr)
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = max_lr * jnp.minimum(step + 1.0, float(max(warmup, 1))) / max(warmup, 1)
-    progress = jnp.clip((step - warmup) / span, 0.0, 1.0)
-    cosine = min_lr + 0.5 * (max_lr - min_lr) * (1.0 + jnp.cos(jnp.pi * progress))
-    return jnp.where(step < warmup, warm, cosine)
+    return optax_schedule(jnp.where(step < warmup, step + 1, step))  # warmup one step ahead: no zero-lr update
 
   return schedule
 

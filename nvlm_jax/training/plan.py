@@ -131,15 +131,12 @@ def attention_report(model_config, *, batch_per_device: int, seq_len: int, tenso
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-  mesh = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    if "=" not in part:
-      raise app.UsageError(f"--mesh entry {part!r}: expected axis=size, e.g. fsdp=64,tensor=8")
-    axis, size = part.split("=", 1)
-    if axis not in ("data", "fsdp", "tensor"):
-      raise app.UsageError(f"--mesh axis {axis!r}: expected data, fsdp or tensor")
-    mesh[axis] = int(size)
-  return mesh
+  from nvlm_jax import sharding  # imports jax, which this module loads only after the flags (see main)
+
+  try:
+    return sharding.parse_mesh(text)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
 
 
 def sharded_bytes(tree) -> int:
@@ -155,7 +152,7 @@ def sharded_bytes(tree) -> int:
 
 def _xla_flops(config, devices=None) -> float:
   """cost_analysis() FLOPs of the compiled step for `config` (per device)."""
-  from nvlm_jax.training import trainer
+  from nvlm_jax.training import trainer  # lazy: main() sets up jax first
   setup = trainer.build_setup(config, devices=devices)
   with trainer._MeshContext(setup):
     compiled = trainer.jitted_train_step(setup).lower(setup.abstract_state,
@@ -208,7 +205,7 @@ def extrapolated_flops(config, model_config, devices=None) -> float:
 def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", out=None, devices=None,
          target_backend: str = "gpu") -> dict:
   """Lowers (and compiles) the train step for `config` on `devices` (default: all); returns the figures."""
-  from nvlm_jax.training import optimizer, trainer
+  from nvlm_jax.training import optimizer, trainer  # lazy: main() sets up jax first
 
   say = lambda *a: print(*a, file=out or sys.stdout, flush=True)
   t0 = time.perf_counter()
@@ -279,7 +276,7 @@ def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", o
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from nvlm_jax.training.config_base import missing_config_file
+  from nvlm_jax.training.config_base import missing_config_file  # lazy: main() sets up jax first
 
   if problem := missing_config_file(flags.FLAGS["config"]):
     raise app.UsageError(problem)

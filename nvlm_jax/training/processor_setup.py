@@ -11,7 +11,7 @@ The model config then takes the token ids the processor dictates (`sync_model_co
 placeholder id, and for NVLM-X/H the ids of `<Image>`), so a config never has to hard-code them.
 The tokenizer and the processor arguments are saved into the workdir (WORKDIR/tokenizer/, WORKDIR/
 processor.json): a resumed run reuses exactly that tokenizer, and evaluation rebuilds the processor with
-`load_processor(workdir)`.
+`read_run_processor(workdir)` (behind `nvlm_jax.load_processor`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from nvlm_jax.data.synthetic import corpus_texts
+from nvlm_jax.processing.processor import Processor
+from nvlm_jax.processing.tokenizer import NvlmTokenizer, build_tiny_tokenizer
 
 TINY_TOKENIZER = "tiny_synthetic"
 TOKENIZER_SUBDIR = "tokenizer"
@@ -43,9 +47,7 @@ def processor_kwargs(data_config, model_config) -> dict[str, Any]:
 
 def build_tokenizer(spec: str, *, max_tiles: int = 6, vocab_size: int = 512, bos_token: str | None = None):
   """bos_token: a BOS for the tiny tokenizer (which has none), for prompt formats that need one."""
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer, build_tiny_tokenizer
   if spec == TINY_TOKENIZER:
-    from nvlm_jax.data.synthetic import corpus_texts
     tiny = build_tiny_tokenizer(corpus_texts(500, max_tiles=max(max_tiles, 6)), vocab_size=vocab_size)
     if bos_token is None:
       return tiny
@@ -63,8 +65,6 @@ def build_processor(data_config, model_config, workdir: str | os.PathLike | None
                     default_tokenizer: str = ""):
   """(processor, kwargs). A tokenizer already saved in `workdir` (a resumed run) wins over data.tokenizer;
   an empty data.tokenizer means `default_tokenizer` (the trainer passes checkpoint.init_from)."""
-  from nvlm_jax.processing.processor import Processor
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer
   kwargs = processor_kwargs(data_config, model_config)
   saved = None if workdir is None else Path(workdir) / TOKENIZER_SUBDIR
   if saved is not None and (saved / "tokenizer.json").is_file():
@@ -106,10 +106,9 @@ def save_processor(workdir: str | os.PathLike, processor, kwargs: dict) -> None:
   (workdir / PROCESSOR_FILE).write_text(json.dumps({"tokenizer": TOKENIZER_SUBDIR, **kwargs}, indent=2) + "\n")
 
 
-def load_processor(workdir: str | os.PathLike):
-  """The Processor a training run used (WORKDIR/processor.json + WORKDIR/tokenizer/)."""
-  from nvlm_jax.processing.processor import Processor
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer
+def read_run_processor(workdir: str | os.PathLike):
+  """The Processor a training run used (WORKDIR/processor.json + WORKDIR/tokenizer/); `nvlm_jax.load_processor`
+  takes any checkpoint and comes here for a training workdir."""
   workdir = Path(workdir)
   settings_file = workdir / PROCESSOR_FILE
   if not settings_file.is_file():

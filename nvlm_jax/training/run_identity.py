@@ -13,11 +13,20 @@ import json
 import os
 from pathlib import Path
 
+from nvlm_jax.training.checkpointing import CHECKPOINT_SUBDIR
+
 RUN_FILE = "run.json"
 
 
 class RunIdentityError(RuntimeError):
   """The workdir holds checkpoints of a different run."""
+
+
+def recipe_name(config_flag: str) -> str:
+  """The recipe a --config flag names: 'configs/nvlm_x_72b_pretrain.py:runlocal' -> 'nvlm_x_72b_pretrain:runlocal'."""
+  path, _, arg = config_flag.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  return f"{name}:{arg}" if arg else name
 
 
 def identity_of(config) -> dict:
@@ -28,7 +37,6 @@ def identity_of(config) -> dict:
 
 
 def _has_checkpoints(workdir: Path) -> bool:
-  from nvlm_jax.training.checkpointing import CHECKPOINT_SUBDIR
 
   directory = workdir / CHECKPOINT_SUBDIR
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())

@@ -24,12 +24,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
+from nvlm_jax.data import pipeline
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, config_base, flops as flops_lib, metrics as metrics_lib, models, optimizer
-from nvlm_jax.training import run_identity
+from nvlm_jax.training import checkpointing, config_base, optimizer, processor_setup, run_identity
+from nvlm_jax.training import flops as flops_lib
+from nvlm_jax.training import metrics as metrics_lib
+from nvlm_jax.training.synthetic_lm import make_synthetic_lm_iterator
 from nvlm_jax.training.train_step import TrainState, batch_sharding, jit_train_step, make_train_step
 
 
@@ -86,7 +91,8 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
     mesh = sharding_lib.create_mesh(dict(config.mesh), devices)
   except ValueError as e:
     raise ValueError(f"config.mesh: {e}") from None
-  rules = sharding_lib.LOGICAL_AXIS_RULES
+  rules = sharding_lib.checked_rules(config.get("sharding_rules", sharding_lib.LOGICAL_AXIS_RULES),
+                                     "config.sharding_rules")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = int(config.data.get("num_microbatches", 1))
   if config.data.global_batch_size % (shards * micro):
@@ -195,7 +201,6 @@ def make_processor(config, model_config, workdir: str | None = None):
   """(processor, kwargs, model_config synced to its token ids) for data.kind 'nvlm_pipeline', else (None, None, cfg)."""
   if config.data.get("kind", "nvlm_pipeline") != "nvlm_pipeline":
     return None, None, model_config
-  from nvlm_jax.training import processor_setup
   processor, kwargs = processor_setup.build_processor(
       config.data, model_config, workdir, default_tokenizer=config.checkpoint.get("init_from", ""))
   return processor, kwargs, processor_setup.sync_model_config(model_config, processor)
@@ -205,16 +210,10 @@ def make_data_iterator(config, setup: Setup, processor=None):
   """This process's training iterator for `config.data.kind` (see module docstring)."""
   kind = config.data.get("kind", "nvlm_pipeline")
   if kind == "synthetic_lm":
-    from nvlm_jax.training.synthetic_lm import make_synthetic_lm_iterator
     llm = getattr(setup.model_config, "llm", setup.model_config)
     return make_synthetic_lm_iterator(config.data, vocab_size=llm.vocab_size, process_index=jax.process_index(),
                                       process_count=jax.process_count(), seed=config.seed)
   if kind == "nvlm_pipeline":
-    try:
-      from nvlm_jax.data import pipeline
-    except ImportError as e:
-      raise ImportError("config.data.kind='nvlm_pipeline' needs nvlm_jax.data.pipeline.make_train_iterator, "
-                        f"which is not available ({e}); train a text-only LM with --config=configs/tiny_lm.py") from e
     if processor is None:
       processor = make_processor(config, setup.model_config)[0]
     return pipeline.make_train_iterator(
@@ -298,16 +297,12 @@ def state_from_params(setup: Setup, params, seed: int) -> TrainState:
 
 
 def load_init_params(path: str, setup: Setup):
-  """Parameters of an imported HF checkpoint (nvlm_jax.load_pretrained) or of one of our checkpoints."""
+  """Parameters of a HF checkpoint or of one of our checkpoints (nvlm_jax.models.load_model)."""
   cfg = setup.model_config
   param_dtype = setup.config.model.get("param_dtype") or "float32"
-  if checkpointing.is_training_checkpoint(path):
-    _, params = checkpointing.load_checkpoint(path, mesh=setup.mesh, param_dtype=param_dtype)
-    return params
-  import nvlm_jax
-  dtype = setup.config.model.get("dtype") or "float32"
-  _, params = nvlm_jax.load_pretrained(path, dtype=dtype, param_dtype=param_dtype, mesh=setup.mesh,
-                                       scan_layers=_scan_layers(cfg))
+  dtype = setup.config.model.get("dtype") or "float32"  # the compute dtype: it does not change the params
+  _, params = models.load_model(path, dtype=dtype, param_dtype=param_dtype, mesh=setup.mesh,
+                                scan_layers=_scan_layers(cfg))
   return params
 
 
@@ -353,7 +348,6 @@ class Trainer:
     owns_iterator = self.data_iterator is None
     if owns_iterator:
       if self.processor is not None:
-        from nvlm_jax.training import processor_setup
         processor_setup.save_processor(self.workdir, self.processor, self.processor_kwargs)
       self.data_iterator = make_data_iterator(cfg, setup, self.processor)
 
@@ -470,7 +464,7 @@ class Trainer:
       if flops is not None:
         row["tflops_per_step"] = flops / 1e12
         if peak:
-          row["mfu"] = flops_lib.mfu(flops, step_time, jax.device_count(), peak)
+          row["mfu"] = flops_lib.mfu(flops, step_time, self.setup.mesh.devices.size, peak)
       writer.write(step, row)
       rows.append({"step": step, **row})
     writer.flush(durable)

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from nvlm_jax.config import VisionConfig
-from nvlm_jax.language.decoder import maybe_remat, scan_layers
 from nvlm_jax.layers.attention import attend
 from nvlm_jax.layers.attention_impl import choose_attention_impl, log_choice_once
 from nvlm_jax.layers.linear import Dense, default_kernel_init
 from nvlm_jax.layers.mlp import GeluMLP
 from nvlm_jax.layers.norms import make_norm
+from nvlm_jax.layers.remat import maybe_remat
+from nvlm_jax.layers.scan import scan_layers
 
 ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 HEAD_AXES = ("activation_batch", "activation_length", "activation_vision_heads", None)

@@ -16,7 +16,6 @@ initially computes exactly the LLM on text). Adding a variant is one entry in VA
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import time
@@ -28,10 +27,18 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from nvlm_jax.checkpoint import orbax_stream
-from nvlm_jax.checkpoint.convert_import import stream_into, write_provenance
-from nvlm_jax.checkpoint.convert_output import ConvertError, Progress, atomic_output_dir, copy_side_files
-from nvlm_jax.checkpoint.convert_sources import DTYPES, HFSource, WorkItem, open_source
+from nvlm_jax import models
+from nvlm_jax.checkpoint import from_parts, orbax_stream
+from nvlm_jax.checkpoint.convert.importer import parse_mesh, stream_into, write_provenance
+from nvlm_jax.checkpoint.convert.output import (
+  ConvertError,
+  Progress,
+  atomic_output_dir,
+  copy_side_files,
+  refuse_existing,
+)
+from nvlm_jax.checkpoint.convert.sources import DTYPES, HFSource, WorkItem, open_source
+from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
 
 VISION_PREFIX, LLM_PREFIX = "vision_model", "language_model"
@@ -60,36 +67,26 @@ class StitchVariant:
     model (None: unchanged). map_shapes turns {path: full shape} into the new model's {path: shape};
     map_piece moves one written piece (path, layer index).
   check_fresh(fresh params by path): raises if the new modules are not initialized as the variant needs.
-  module: the variant's model module (stitch refuses the variant while it does not exist).
   """
 
   name: str
   build_config: Callable[[VisionConfig, DecoderConfig, StitchOptions], NVLMConfig]
   llm_layout: Callable[[NVLMConfig], tuple[Callable, PieceMap] | None] = lambda cfg: None
   check_fresh: Callable[[Mapping[str, np.ndarray]], None] | None = None
-  module: str | None = None
-
-
-def _mlp1(vision: VisionConfig, llm: DecoderConfig, ratio: float, num_layers: int = 2) -> ProjectorConfig:
-  factor = int(round(1 / ratio)) ** 2
-  return ProjectorConfig(in_features=vision.hidden_size * factor, hidden_size=llm.intermediate_size,
-                         out_features=llm.hidden_size, num_layers=num_layers, use_bias=False, layer_norm_eps=1e-5,
-                         dtype=llm.dtype, param_dtype=llm.param_dtype)
 
 
 def nvlm_d_config(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
   """NVLM-D: mlp1 (LayerNorm -> Linear(4 Dv, llm intermediate) -> GELU -> Linear(., llm hidden), no bias)."""
-  return NVLMConfig(variant="d", vision=vision, projector=_mlp1(vision, llm, opts.downsample_ratio), llm=llm,
-                    image_token_id=opts.image_token_id, downsample_ratio=opts.downsample_ratio,
+  return NVLMConfig(variant="d", vision=vision, projector=ProjectorConfig.mlp1(vision, llm, opts.downsample_ratio),
+                    llm=llm, image_token_id=opts.image_token_id, downsample_ratio=opts.downsample_ratio,
                     max_tiles=opts.max_tiles, use_thumbnail=opts.use_thumbnail)
 
 
 def cross_attention_config(variant: str):
-  """NVLM-X / NVLM-H config from the towers (fusion/build.py: X one-layer projector, H mlp1; gated
+  """NVLM-X / NVLM-H config from the towers (checkpoint/from_parts.py: X one-layer projector, H mlp1; gated
   cross-attention blocks every num_layers / 10 LLM layers unless --xattn-every says otherwise)."""
   def build(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
-    from nvlm_jax.fusion import build as fusion_build
-    return fusion_build.build_config(variant, llm, vision, image_token_id=opts.image_token_id,
+    return from_parts.build_config(variant, llm, vision, image_token_id=opts.image_token_id,
                                      cross_attention=opts.cross_attention,
                                      image_start_token_ids=opts.image_start_token_ids,
                                      downsample_ratio=opts.downsample_ratio, max_tiles=opts.max_tiles,
@@ -104,12 +101,11 @@ _GROUPS = "language_model/decoder/groups/"
 def cross_attention_layout(cfg: NVLMConfig):
   """Scanned X/H models regroup the LLM's stacked layers around the cross-attention blocks: LLM layer
   i = g * every + j -> groups/layers_before[g, j] (j < offset) or groups/layers_after[g, j - offset]
-  (fusion/build.py llm_to_cross_attention_params, one layer at a time). Unrolled: names unchanged."""
+  (CrossAttentionConfig.group_parts / layer_slot, one layer at a time). Unrolled: names unchanged."""
   if not cfg.llm.scan_layers:
     return None
   xc = cfg.cross_attention
-  every, offset = xc.every, xc.resolved_offset
-  groups = xc.num_blocks(cfg.llm.num_layers)
+  every, groups = xc.every, xc.num_blocks(cfg.llm.num_layers)
 
   def map_shapes(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
     out = {}
@@ -121,20 +117,15 @@ def cross_attention_layout(cfg: NVLMConfig):
         raise ConvertError(f"stitch: {path} stacks {shape[0]} LLM layers; {groups} blocks x {every} need "
                            f"{groups * every}")
       rest = path[len(_LLM_LAYERS):]
-      if offset:
-        out[f"{_GROUPS}layers_before/{rest}"] = (groups, offset, *shape[1:])
-      if every - offset:
-        out[f"{_GROUPS}layers_after/{rest}"] = (groups, every - offset, *shape[1:])
+      for name, (lo, hi) in xc.group_parts().items():
+        out[f"{_GROUPS}{name}/{rest}"] = (groups, hi - lo, *shape[1:])
     return out
 
   def map_piece(path: str, index):
     if not path.startswith(_LLM_LAYERS):
       return path, index
-    g, j = divmod(int(index), every)
-    rest = path[len(_LLM_LAYERS):]
-    if j < offset:
-      return f"{_GROUPS}layers_before/{rest}", (g, j)
-    return f"{_GROUPS}layers_after/{rest}", (g, j - offset)
+    name, g, j = xc.layer_slot(index)
+    return f"{_GROUPS}{name}/{path[len(_LLM_LAYERS):]}", (g, j)
 
   return map_shapes, map_piece
 
@@ -155,11 +146,9 @@ def gates_are_zero(fresh: Mapping[str, np.ndarray]) -> None:
 
 
 VARIANTS: dict[str, StitchVariant] = {
-    "d": StitchVariant("d", nvlm_d_config, module="nvlm_jax.fusion.nvlm_d"),
-    "x": StitchVariant("x", cross_attention_config("x"), cross_attention_layout, gates_are_zero,
-                       "nvlm_jax.fusion.nvlm_x"),
-    "h": StitchVariant("h", cross_attention_config("h"), cross_attention_layout, gates_are_zero,
-                       "nvlm_jax.fusion.nvlm_h"),
+    "d": StitchVariant("d", nvlm_d_config),
+    "x": StitchVariant("x", cross_attention_config("x"), cross_attention_layout, gates_are_zero),
+    "h": StitchVariant("h", cross_attention_config("h"), cross_attention_layout, gates_are_zero),
 }
 
 
@@ -226,12 +215,10 @@ def _tokenizer_ids(directory: Path) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from the LLM's tokenizer files, where it has them."""
   ids: dict[str, Any] = {}
   try:
-    from nvlm_jax.fusion import build as fusion_build
-    ids.update(fusion_build.tokenizer_ids(directory))
+    ids.update(from_parts.tokenizer_ids(directory))
   except (ImportError, OSError, ValueError, KeyError):
     pass
   if "image_token_id" not in ids:
-    from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
     try:
       token_id = _tokenizer_token_id(directory, IMAGE_TOKEN)
     except (OSError, ValueError, KeyError):
@@ -248,7 +235,6 @@ def _with_dtype(cfg, dtype: str):
 def fresh_params(model: nn.Module, model_cfg, paths: list[str], seed: int) -> dict[str, np.ndarray]:
   """The model's own init of `paths` only: jit returns just those, so XLA removes the rest of the
   init (the towers' random weights, the dummy forward) and never allocates it."""
-  from nvlm_jax.training import models
 
   init = models.init_fn(model, model_cfg)
 
@@ -270,20 +256,11 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
   vocab_size, one past the vocabulary: the models never look placeholders up). xattn_every /
   xattn_offset (X/H): cross-attention block placement (default: 10 blocks, config.CrossAttentionConfig).
   """
-  from nvlm_jax.checkpoint.convert_import import parse_mesh
-  from nvlm_jax.training import models
 
   start = time.perf_counter()
-  out = Path(out).absolute()
-  if out.exists():
-    from nvlm_jax.checkpoint.convert_output import OutputExistsError
-    raise OutputExistsError(f"{out}: already exists; converting into an existing directory is refused "
-                            "(remove it or choose another output path)")
+  out = refuse_existing(out)
   if variant not in VARIANTS:
     raise ConvertError(f"--variant {variant!r}; expected one of {sorted(VARIANTS)}")
-  if not available_variants()[variant]:
-    raise ConvertError(f"--variant {variant}: NVLM-{variant.upper()} is not available yet ({VARIANTS[variant].module} "
-                       "does not exist in this tree)")
   if dtype not in DTYPES:
     raise ConvertError(f"--dtype {dtype!r}; expected one of {DTYPES}")
   if variant == "d" and (xattn_every or xattn_offset is not None):
@@ -356,8 +333,3 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
     write_provenance(tmp, summary)
   summary["out"] = str(out)
   return summary
-
-
-def available_variants() -> dict[str, bool]:
-  """Which variants' model modules exist in this tree."""
-  return {name: v.module is None or importlib.util.find_spec(v.module) is not None for name, v in VARIANTS.items()}

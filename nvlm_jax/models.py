@@ -1,4 +1,4 @@
-"""Model construction for training: preset + overrides -> config dataclass -> flax module, and back to JSON.
+"""The model registry: preset + overrides -> config dataclass -> flax module, and back to JSON.
 
 A training config names the model by preset (`config.model.preset = "nvlm_d_72b"`, see nvlm_jax.presets)
 or, for the text-only LM mode, spells out a DecoderConfig (`config.model.decoder = {...}`). On top come:
@@ -11,12 +11,17 @@ or, for the text-only LM mode, spells out a DecoderConfig (`config.model.decoder
 The module class follows from the config: DecoderConfig -> CausalLM, NVLMConfig(variant d/x/h) ->
 NVLMD / NVLMX / NVLMH. `describe_model` / `model_from_description` turn a model into JSON and back, so a
 checkpoint directory can rebuild its model without the training config.
+
+`load_model(path)` is the one way to load a checkpoint, ours (a trainer workdir or `convert` output) or a
+Hugging Face directory; `checkpoint_format(path)` is the one place that tells them apart.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import json
+import os
 import typing
+from pathlib import Path
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -24,11 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from nvlm_jax import config as config_lib
+from nvlm_jax import presets, sharding
+from nvlm_jax.fusion.nvlm_d import NVLMD
+from nvlm_jax.fusion.nvlm_h import NVLMH
+from nvlm_jax.fusion.nvlm_x import NVLMX
+from nvlm_jax.language.decoder import CausalLM
 
 DESCRIPTION_FORMAT = "nvlm_jax.model/1"
-# variant -> (module, class) of the NVLM fusion models; X/H are written by other work streams.
-FUSION_CLASSES = {"d": ("nvlm_jax.fusion.nvlm_d", "NVLMD"), "x": ("nvlm_jax.fusion.nvlm_x", "NVLMX"),
-                  "h": ("nvlm_jax.fusion.nvlm_h", "NVLMH")}
+# variant -> the NVLM fusion model class.
+FUSION_CLASSES = {"d": NVLMD, "x": NVLMX, "h": NVLMH}
 # Which sub-config each remat key addresses (CausalLM: the config itself is the "llm").
 TOWER_FIELDS = {"vision": "vision", "llm": "llm"}
 
@@ -40,16 +49,11 @@ def is_multimodal(model_config) -> bool:
 def module_for_config(model_config) -> nn.Module:
   """The flax module a config describes."""
   if isinstance(model_config, config_lib.DecoderConfig):
-    from nvlm_jax.language.decoder import CausalLM
     return CausalLM(model_config)
   if is_multimodal(model_config):
-    module_name, class_name = FUSION_CLASSES[model_config.variant]
-    try:
-      cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as e:
-      raise NotImplementedError(f"NVLM-{model_config.variant.upper()} model {module_name}.{class_name} "
-                                f"is not available yet: {e}") from e
-    return cls(model_config)
+    if model_config.variant not in FUSION_CLASSES:
+      raise ValueError(f"NVLMConfig.variant {model_config.variant!r}; expected one of {sorted(FUSION_CLASSES)}")
+    return FUSION_CLASSES[model_config.variant](model_config)
   raise TypeError(f"no model class for config type {type(model_config).__name__}")
 
 
@@ -93,7 +97,6 @@ def model_config_from_settings(model_settings) -> Any:
   """The config dataclass for `config.model` of a training config (see module docstring)."""
   preset = model_settings.get("preset", "")
   if preset:
-    from nvlm_jax import presets
     cfg = presets.get_preset(preset)
   elif model_settings.get("decoder"):
     cfg = config_lib.DecoderConfig(**_to_plain(model_settings.decoder))
@@ -195,3 +198,70 @@ def init_fn(model: nn.Module, model_config) -> Any:
 def abstract_variables(model: nn.Module, model_config) -> Any:
   """Boxed ShapeDtypeStructs of the model variables (no allocation)."""
   return jax.eval_shape(init_fn(model, model_config), jax.random.key(0))
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+OURS, HF = "nvlm_jax", "hf"
+
+
+def checkpoint_format(path: str | os.PathLike) -> str | None:
+  """OURS for a trainer workdir / checkpoints dir / step dir, HF for a directory with config.json, else None."""
+  from nvlm_jax.training import checkpointing  # checkpoint readers sit above the registry (they build through it)
+
+  if checkpointing.is_training_checkpoint(path):
+    return OURS
+  if Path(path).is_dir() and (Path(path) / "config.json").is_file():
+    return HF
+  return None
+
+
+def saved_dtype(path: str | os.PathLike) -> str:
+  """The dtype a HF checkpoint was saved in (config.json `dtype` / `torch_dtype`), else float32."""
+  try:
+    config = json.loads((Path(path) / "config.json").read_text())
+  except (OSError, json.JSONDecodeError):
+    return "float32"
+  name = config.get("dtype") or config.get("torch_dtype") or (config.get("llm_config") or {}).get("torch_dtype")
+  return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
+               axis_rules=None, **hf_options) -> tuple[nn.Module, Any]:
+  """(model, params) from one of our checkpoints or a Hugging Face checkpoint directory.
+
+  dtype / param_dtype: compute / storage dtype names; default: as saved (ours: the saved model description;
+  HF: config.json's `dtype` / `torch_dtype`). mesh: place every parameter directly on its sharding (logical
+  axes through `axis_rules`, default nvlm_jax.sharding.LOGICAL_AXIS_RULES). hf_options go to
+  `checkpoint.hf_import.load_hf_checkpoint` (scan_layers, rules, layout, config_overrides) and are ignored
+  for our checkpoints, which keep their saved layout.
+  """
+  from nvlm_jax.checkpoint import hf_import  # checkpoint readers sit above the registry (they build through it)
+  from nvlm_jax.training import checkpointing  # checkpoint readers sit above the registry (they build through it)
+
+  if not Path(path).exists():
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  axis_rules = sharding.LOGICAL_AXIS_RULES if axis_rules is None else axis_rules
+  if checkpoint_format(path) == OURS:
+    return checkpointing.load_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype,
+                                         rules=axis_rules)
+  dtype = dtype or saved_dtype(path)
+  return hf_import.load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh,
+                                      axis_rules=axis_rules, **hf_options)
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, mesh=None,
+                    axis_rules=sharding.LOGICAL_AXIS_RULES, **hf_options) -> tuple[nn.Module, Any]:
+  """`nvlm_jax.load_pretrained`: a Hugging Face checkpoint directory or one of our own checkpoints.
+
+  Our checkpoints (a trainer workdir, its `checkpoints/` dir, one `checkpoints/<step>` dir, or the output
+  of `python -m nvlm_jax.convert import|stitch`) are restored with their saved model description;
+  dtype / param_dtype / mesh apply to them too, the HF-only options (scan_layers, rules, layout,
+  config_overrides; see `checkpoint.hf_import.load_hf_checkpoint`) do not. dtype: compute dtype (default
+  float32, for either kind); param_dtype: storage dtype of the params (default: dtype).
+
+  Returns (model, params): run it with `model.apply({"params": params}, input_ids)`.
+  """
+  name = jnp.dtype(dtype).name
+  return load_model(path, dtype=name, param_dtype=jnp.dtype(param_dtype or dtype).name, mesh=mesh,
+                    axis_rules=axis_rules, **hf_options)

@@ -18,14 +18,22 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from flax import traverse_util
 import flax.linen as nn
 import numpy as np
+from flax import traverse_util
 
+from nvlm_jax import models
 from nvlm_jax.checkpoint import orbax_stream
-from nvlm_jax.checkpoint.convert_output import (PROVENANCE_FILE, ConvertError, Progress, atomic_output_dir,
-                                                copy_side_files)
-from nvlm_jax.checkpoint.convert_sources import HFSource, WorkItem
+from nvlm_jax.checkpoint.convert.output import (
+  PROVENANCE_FILE,
+  ConvertError,
+  Progress,
+  atomic_output_dir,
+  copy_side_files,
+  refuse_existing,
+)
+from nvlm_jax.checkpoint.convert.sources import HFSource, WorkItem
+from nvlm_jax.sharding import parse_mesh as parse_mesh_text
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
@@ -91,20 +99,13 @@ def write_provenance(directory: Path, record: Mapping[str, Any]) -> None:
 
 
 def parse_mesh(text: str | None) -> dict[str, int] | None:
-  """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2}."""
-  from nvlm_jax.sharding import MESH_AXES
-
+  """'fsdp=4,tensor=2' -> {'fsdp': 4, 'tensor': 2} (every size given: the chunks follow the shard boundaries)."""
   if not text:
     return None
-  mesh = {}
-  for part in text.split(","):
-    name, _, size = part.partition("=")
-    name = name.strip()
-    if name not in MESH_AXES or not size.strip().isdigit() or int(size) < 1:
-      raise ConvertError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}, "
-                         f"e.g. fsdp=4,tensor=2")
-    mesh[name] = int(size)
-  return mesh
+  try:
+    return parse_mesh_text(text, allow_rest=False)
+  except ValueError as e:
+    raise ConvertError(str(e)) from None
 
 
 def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
@@ -119,11 +120,7 @@ def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtyp
   Everything is validated (headers, keys, shapes, dtype kinds, config) before the output directory is created.
   """
   start = time.perf_counter()
-  out = Path(out).absolute()
-  if out.exists():
-    from nvlm_jax.checkpoint.convert_output import OutputExistsError
-    raise OutputExistsError(f"{out}: already exists; converting into an existing directory is refused "
-                            "(remove it or choose another output path)")
+  out = refuse_existing(out)
   mesh = parse_mesh(mesh) if isinstance(mesh, str) else mesh
   source = HFSource(hf_dir, layout=layout, dtype=dtype, scan_layers=scan_layers)
   check_float_tensors(source)
@@ -132,7 +129,6 @@ def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtyp
   source.table.check_target(flat)
   specs = orbax_stream.param_specs(boxed, source.dtype, mesh_shape=mesh, max_chunk_bytes=max_chunk_bytes)
 
-  from nvlm_jax.training import models
   description = models.describe_model(source.config)
   with atomic_output_dir(out) as tmp:
     params_dir = orbax_stream.start_checkpoint(tmp, description)

@@ -31,14 +31,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from nvlm_jax.checkpoint import convert_configs, hf_import
-from nvlm_jax.checkpoint.convert_output import (PROVENANCE_FILE, ConvertError, Progress, atomic_output_dir,
-                                                copy_side_files, parse_size)
-from nvlm_jax.checkpoint.convert_shards import ShardedWriter, TensorEntry
-from nvlm_jax.checkpoint.convert_sources import OrbaxSource
+from nvlm_jax.checkpoint import hf_import, vision_layouts
+from nvlm_jax.checkpoint.convert import configs as convert_configs
+from nvlm_jax.checkpoint.convert.output import (
+  PROVENANCE_FILE,
+  ConvertError,
+  Progress,
+  atomic_output_dir,
+  copy_side_files,
+  parse_size,
+  refuse_existing,
+)
+from nvlm_jax.checkpoint.convert.shards import ShardedWriter, TensorEntry
+from nvlm_jax.checkpoint.convert.sources import OrbaxSource
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.text_layouts import decoder_rules
 from nvlm_jax.config import DecoderConfig, NVLMConfig
+from nvlm_jax.training.processor_setup import PROCESSOR_FILE
 
 EXPORT_LAYOUTS = ("qwen2", "llama", "internvl", "nvlm_d")
 EXPORT_DTYPES = ("auto", "bfloat16", "float32", "float16")
@@ -74,7 +83,6 @@ def _llm_of(cfg, layout: str) -> tuple[DecoderConfig, str]:
 
 def plan_export(cfg, layout: str, dtype: str, *, pad_dummy_heads: bool = False) -> ExportPlan:
   """Checks that `cfg` fits `layout` and builds the table and config.json (no I/O)."""
-  from nvlm_jax.checkpoint import vision_layouts
 
   if layout not in EXPORT_LAYOUTS:
     raise ConvertError(f"--layout {layout!r}; expected one of {EXPORT_LAYOUTS}")
@@ -163,7 +171,6 @@ def _entries(plan: ExportPlan, stored_dtypes: Mapping[str, np.dtype], out_dtype)
 
 def _training_processor_settings(workdir: Path) -> dict:
   """The Processor arguments a training run saved (WORKDIR/processor.json), without its tokenizer path."""
-  from nvlm_jax.training.processor_setup import PROCESSOR_FILE
 
   file = Path(workdir) / PROCESSOR_FILE
   if not file.is_file():
@@ -181,11 +188,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
                       step: int | None = None, progress: bool = True) -> dict:
   """Writes `checkpoint` (a workdir / step dir of ours) as a Hugging Face directory at `out`."""
   start = time.perf_counter()
-  out = Path(out).absolute()
-  if out.exists():
-    from nvlm_jax.checkpoint.convert_output import OutputExistsError
-    raise OutputExistsError(f"{out}: already exists; converting into an existing directory is refused "
-                            "(remove it or choose another output path)")
+  out = refuse_existing(out)
   if dtype not in EXPORT_DTYPES:
     raise ConvertError(f"--dtype {dtype!r}; expected one of {EXPORT_DTYPES}")
   max_shard_bytes = parse_size(max_shard_size)

@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from nvlm_jax.checkpoint.convert_output import ConvertError
-from nvlm_jax.checkpoint.convert_import import check_float_tensors, is_float_dtype
-from nvlm_jax.checkpoint.convert_sources import HFSource, layout_rules, majority_dtype
+from nvlm_jax.checkpoint.convert.importer import check_float_tensors, is_float_dtype
+from nvlm_jax.checkpoint.convert.output import ConvertError
+from nvlm_jax.checkpoint.convert.sources import HFSource, OrbaxSource, layout_rules, majority_dtype
 from nvlm_jax.config import DecoderConfig, NVLMConfig
+from nvlm_jax.models import load_pretrained
+from nvlm_jax.training.checkpointing import load_checkpoint
 
 TRANSFORMERS_ARCHS = {"Qwen2ForCausalLM": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
                       "InternVLForConditionalGeneration": "AutoModelForImageTextToText"}
@@ -86,7 +88,6 @@ def _max_diff(a, b) -> float:
 
 def _stored_dtypes(checkpoint) -> dict[str, str]:
   """param path -> the dtype our checkpoint stores it in (read from its array metadata, nothing loaded)."""
-  from nvlm_jax.checkpoint.convert_sources import OrbaxSource
 
   return {path: np.dtype(info.dtype).name for path, info in OrbaxSource(checkpoint).reader.arrays.items()}
 
@@ -94,8 +95,6 @@ def _stored_dtypes(checkpoint) -> dict[str, str]:
 def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len: int = 64, tiles: int = 2,
            seed: int = 0, atol: float = 1e-3, layout: str = "auto", use_transformers: bool = True) -> dict[str, Any]:
   """Compares the three models; `ok` is False when a difference exceeds `atol`."""
-  from nvlm_jax.checkpoint.hf_import import load_pretrained
-  from nvlm_jax.training.checkpointing import load_checkpoint
 
   hf_dir = Path(hf_dir)
   ours, our_params = load_checkpoint(checkpoint, dtype="float32", param_dtype="float32")

@@ -2,7 +2,7 @@
 
 A source knows its model config and yields `WorkItem`s; running an item reads what it needs
 (memory-mapped safetensors, or orbax chunk rows), transforms it and returns (param path, layer, array)
-pieces for `orbax_stream.ParamWriter`. Only the items in flight (convert_import.stream_into bounds
+pieces for `orbax_stream.ParamWriter`. Only the items in flight (importer.stream_into bounds
 them) hold memory.
 
 - `HFSource`: a Hugging Face safetensors directory, through the layout's RuleTable `to_flax` rules.
@@ -19,11 +19,13 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from nvlm_jax.checkpoint import hf_import, orbax_stream
+from nvlm_jax import models
+from nvlm_jax.checkpoint import hf_import, orbax_stream, vision_layouts
+from nvlm_jax.checkpoint.convert.output import ConvertError
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError
-from nvlm_jax.checkpoint.convert_output import ConvertError
+from nvlm_jax.training import checkpointing
 
 # Short names accepted by `--layout` -> registered import layouts (hf_import.REGISTRY).
 LAYOUT_ALIASES = {
@@ -78,7 +80,6 @@ def layout_rules(layout: hf_import.Layout, model_cfg, ckpt: SafetensorsCheckpoin
   """The layout's rule table; for NVLM-D, with the ViT heads as the files store them (padded with
   zero dummy heads as released, or unpadded as `export` writes without --pad-dummy-heads)."""
   if layout.name == "NVLM_D" and ckpt is not None:
-    from nvlm_jax.checkpoint import vision_layouts
     key = "vision_model.encoder.layers.0.attn.qkv.weight"
     if key in ckpt:
       rows, hd = ckpt[key].shape[0], model_cfg.vision.head_dim
@@ -151,7 +152,6 @@ class OrbaxSource:
   """One of our orbax checkpoints (a workdir, its checkpoints/ dir or one step dir)."""
 
   def __init__(self, path: str | os.PathLike, step: int | None = None):
-    from nvlm_jax.training import checkpointing, models
 
     try:
       directory, self.step = checkpointing._resolve(path, step)
@@ -209,12 +209,11 @@ def is_scanned_path(path: str) -> bool:
 
 def open_source(path: str | os.PathLike, **hf_kwargs):
   """HFSource for a Hugging Face directory, OrbaxSource for one of ours."""
-  from nvlm_jax.training import checkpointing
 
-  if checkpointing.is_training_checkpoint(path):
+  kind = models.checkpoint_format(path)
+  if kind == models.OURS:
     return OrbaxSource(path)
-  if Path(path).is_dir() and (Path(path) / hf_import.CONFIG_FILE).is_file():
+  if kind == models.HF:
     return HFSource(path, **hf_kwargs)
   raise ConvertError(f"{path}: neither a Hugging Face checkpoint directory (config.json + safetensors) nor an "
                      "nvlm_jax checkpoint (checkpoints/<step>/params)")
-

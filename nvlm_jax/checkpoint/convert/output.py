@@ -19,6 +19,8 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from nvlm_jax.training.processor_setup import TOKENIZER_SUBDIR
+
 TMP_MARKER = ".convert-tmp-"
 PROVENANCE_FILE = "nvlm_convert.json"
 
@@ -43,14 +45,20 @@ def _raise_on_sigterm(signum, frame):
   raise SystemExit(128 + signum)
 
 
-@contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
-  """Yields an empty temporary directory beside `target`; renames it to `target` on success and
-  removes it on any failure. Refuses a target that already exists."""
+def refuse_existing(target: str | os.PathLike) -> Path:
+  """The absolute output path; OutputExistsError if something is there already (checked before any work)."""
   target = Path(target).absolute()
   if target.exists() or target.is_symlink():
     raise OutputExistsError(f"{target}: already exists; converting into an existing directory is refused "
                             "(remove it or choose another output path)")
+  return target
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | os.PathLike) -> Iterator[Path]:
+  """Yields an empty temporary directory beside `target`; renames it to `target` on success and
+  removes it on any failure. Refuses a target that already exists."""
+  target = refuse_existing(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARKER}{os.getpid()}-", dir=target.parent))
   umask = os.umask(0)
@@ -82,7 +90,6 @@ def _remove(directory: Path) -> None:
 def copy_side_files(source: Path, dest: Path, names: Iterable[str] = TOKENIZER_FILES) -> list[str]:
   """Copies the tokenizer / processor files present in `source` (or, for a trainer workdir, in
   `source/tokenizer/`, which wins) into `dest`; returns their names."""
-  from nvlm_jax.training.processor_setup import TOKENIZER_SUBDIR
 
   copied = {}
   for directory in (Path(source), Path(source) / TOKENIZER_SUBDIR):

@@ -32,25 +32,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from nvlm_jax import models
+from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.fusion.gated_cross_attention import merge_layer_groups, split_layer_groups
+from nvlm_jax.language.decoder import CausalLM
+from nvlm_jax.models import load_pretrained
+from nvlm_jax.processing.tokenizer import NvlmTokenizer
+from nvlm_jax.training import checkpointing
+from nvlm_jax.vision.intern_vit import InternViT
 
 log = logging.getLogger(__name__)
 
 NEW_MODULES = ("projector", "cross_attn")  # what build_from_released_parts initializes
 DEFAULT_IMAGE_CONTEXT_TOKEN = "<|vision_pad|>"
 DEFAULT_IMAGE_START = "<Image>"
-
-
-def model_for_config(config: NVLMConfig) -> nn.Module:
-  """NVLMD / NVLMX / NVLMH for config.variant."""
-  if config.variant == "d":
-    from nvlm_jax.fusion.nvlm_d import NVLMD
-    return NVLMD(config)
-  if config.variant == "x":
-    from nvlm_jax.fusion.nvlm_x import NVLMX
-    return NVLMX(config)
-  from nvlm_jax.fusion.nvlm_h import NVLMH
-  return NVLMH(config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,19 +79,10 @@ def llm_to_cross_attention_params(llm_params: Mapping[str, Any], config: NVLMCon
     raise ValueError(f"LLM params are not scanned as config.llm.scan_layers=True expects (decoder has "
                      f"{sorted(decoder)[:3]}...)")
   stacked = decoder["layers"]
-
-  def split(x):
+  for x in jax.tree.leaves(stacked):
     if x.shape[0] != groups * every:
       raise ValueError(f"LLM layer stack of {x.shape[0]} layers; the config expects {groups * every}")
-    return x.reshape((groups, every) + x.shape[1:])
-
-  grouped = jax.tree.map(split, stacked)
-  group_params = {}
-  if offset:
-    group_params["layers_before"] = jax.tree.map(lambda x: x[:, :offset], grouped)
-  if every - offset:
-    group_params["layers_after"] = jax.tree.map(lambda x: x[:, offset:], grouped)
-  out["decoder"] = {"groups": group_params}
+  out["decoder"] = {"groups": split_layer_groups(stacked, config.cross_attention, config.llm.num_layers)}
   return out
 
 
@@ -107,9 +94,7 @@ def llm_params_from_cross_attention(lm_params: Mapping[str, Any], config: NVLMCo
   if not config.llm.scan_layers:
     out["decoder"] = {k: v for k, v in decoder.items() if not k.startswith("cross_attn_")}
     return out
-  parts = [decoder["groups"][n] for n in ("layers_before", "layers_after") if n in decoder["groups"]]
-  merged = jax.tree.map(lambda *p: jnp.concatenate(p, axis=1), *parts)
-  out["decoder"] = {"layers": jax.tree.map(lambda x: x.reshape((groups * every,) + x.shape[2:]), merged)}
+  out["decoder"] = {"layers": merge_layer_groups(decoder["groups"], config.cross_attention, config.llm.num_layers)}
   return out
 
 
@@ -138,7 +123,7 @@ def _merge(*trees: Mapping[str, Any]) -> dict:
 def init_params(config: NVLMConfig, rng: jax.Array, *, only_new: bool = False) -> dict:
   """Random params of the whole model (or, with only_new, just the projector and the cross-attention
   blocks; the rest of the init is dead code that XLA drops, so a 72B LLM is never materialized)."""
-  model = model_for_config(config)
+  model = models.module_for_config(config)
   ids = jnp.zeros((1, 8), jnp.int32)
 
   def init(rng):
@@ -153,7 +138,7 @@ def assemble_params(config: NVLMConfig, llm_params: Mapping[str, Any], vision_pa
   """Full X/H params from the LLM's, the ViT's and the new modules' (`init_params(only_new=True)`)."""
   lm = llm_to_cross_attention_params(llm_params, config)
   params = _merge({"vision_model": dict(vision_params), "language_model": lm}, new_params)
-  expected = jax.eval_shape(lambda: nn.meta.unbox(model_for_config(config).init(
+  expected = jax.eval_shape(lambda: nn.meta.unbox(models.module_for_config(config).init(
       jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
   _check_tree(params, expected)
   return params
@@ -183,20 +168,9 @@ def default_cross_attention(llm: DecoderConfig, blocks: int = 10) -> CrossAttent
   return CrossAttentionConfig(every=every, offset=every - 1)
 
 
-def projector_config(variant: str, vision: VisionConfig, llm: DecoderConfig, downsample_ratio: float = 0.5,
-                     param_dtype: str | None = None) -> ProjectorConfig:
-  """X: LayerNorm -> Linear(4*Dv, D); H (and D): mlp1 LayerNorm -> Linear(4*Dv, I) -> GELU -> Linear(I, D)."""
-  factor = int(round(1 / downsample_ratio)) ** 2
-  return ProjectorConfig(in_features=vision.hidden_size * factor,
-                         hidden_size=llm.hidden_size if variant == "x" else llm.intermediate_size,
-                         out_features=llm.hidden_size, num_layers=1 if variant == "x" else 2, use_bias=False,
-                         dtype=llm.dtype, param_dtype=param_dtype or llm.param_dtype)
-
-
 def tokenizer_ids(directory: str | os.PathLike, *, image_context_token: str = DEFAULT_IMAGE_CONTEXT_TOKEN,
                   image_start: str = DEFAULT_IMAGE_START) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from a directory's tokenizer files ({} if it has none)."""
-  from nvlm_jax.processing.tokenizer import NvlmTokenizer
   if not (Path(directory) / "tokenizer.json").is_file():
     return {}
   tok = NvlmTokenizer.from_pretrained(directory)
@@ -212,7 +186,7 @@ def build_config(variant: str, llm: DecoderConfig, vision: VisionConfig, *, imag
   if variant not in ("x", "h"):
     raise ValueError(f"variant must be 'x' or 'h', got {variant!r}")
   ratio = nvlm_fields.get("downsample_ratio", 0.5)
-  return NVLMConfig(variant=variant, vision=vision, projector=projector_config(variant, vision, llm, ratio),
+  return NVLMConfig(variant=variant, vision=vision, projector=ProjectorConfig.for_variant(variant, vision, llm, ratio),
                     llm=llm, image_token_id=int(image_token_id),
                     cross_attention=cross_attention or default_cross_attention(llm),
                     image_start_token_ids=tuple(int(i) for i in image_start_token_ids), **nvlm_fields)
@@ -232,9 +206,6 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   must match the Processor the model will be fed by. nvlm_fields: other NVLMConfig fields (max_tiles, ...).
   With a `mesh`, every parameter is loaded / created directly on its sharding.
   """
-  from nvlm_jax.checkpoint.hf_import import load_pretrained
-  from nvlm_jax.language.decoder import CausalLM
-  from nvlm_jax.vision.intern_vit import InternViT
 
   param_dtype = param_dtype or dtype
   llm_model, llm_params = load_pretrained(llm_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers,
@@ -259,14 +230,13 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   config = build_config(variant, llm_model.config, vit_model.config, image_token_id=image_token_id,
                         cross_attention=cross_attention, image_start_token_ids=image_start_token_ids,
                         **nvlm_fields)
-  model = model_for_config(config)
+  model = models.module_for_config(config)
   new = init_params(config, jax.random.key(seed), only_new=True)
   if projector_params is not None:
     new = {**new, "projector": jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(param_dtype)), dict(projector_params))}
   if mesh is None:
     params = assemble_params(config, llm_params, vit_params, new)
   else:
-    from nvlm_jax import sharding as sharding_lib
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     shardings = sharding_lib.shardings_for(boxed, mesh)
     params = jax.jit(lambda l, v, n: assemble_params(config, l, v, n), out_shardings=shardings)(
@@ -283,7 +253,7 @@ def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Ma
                     step: int = 0) -> Path:
   """Writes params + model description as a trainer workdir; returns the step directory."""
   import orbax.checkpoint as ocp
-  from nvlm_jax.training import checkpointing, models
+
 
   directory = Path(directory).absolute()
   description = models.describe_model(config)
@@ -299,10 +269,9 @@ def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Ma
 def load_checkpoint(directory: str | os.PathLike, **kwargs) -> tuple[nn.Module, dict]:
   """(model, params) of a directory written by save_checkpoint (or by the trainer); kwargs as
   nvlm_jax.training.checkpointing.load_checkpoint (step, mesh, dtype, param_dtype)."""
-  from nvlm_jax.training import checkpointing
   return checkpointing.load_checkpoint(directory, **kwargs)
 
 
-__all__ = ["model_for_config", "llm_to_cross_attention_params", "llm_params_from_cross_attention", "init_params",
-           "assemble_params", "default_cross_attention", "projector_config", "tokenizer_ids", "build_config",
+__all__ = ["llm_to_cross_attention_params", "llm_params_from_cross_attention", "init_params",
+           "assemble_params", "default_cross_attention", "tokenizer_ids", "build_config",
            "build_from_released_parts", "save_checkpoint", "load_checkpoint", "NEW_MODULES"]

@@ -13,9 +13,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from nvlm_jax.checkpoint.convert_output import ConvertError
+from nvlm_jax import models
+from nvlm_jax.checkpoint import hf_import
+from nvlm_jax.checkpoint.convert.export import plan_export
+from nvlm_jax.checkpoint.convert.output import ConvertError
+from nvlm_jax.checkpoint.convert.sources import HFSource, OrbaxSource
 from nvlm_jax.checkpoint.mapping import Rule, RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
+from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
+from nvlm_jax.config import DecoderConfig, NVLMConfig, VisionConfig
 
 # What each rule factory does to the tensor, keyed by the factory that built the rule's `to_flax`.
 _TRANSFORMS = {
@@ -85,8 +91,6 @@ def _human(nbytes: int) -> str:
 
 
 def inspect_hf(path: Path, layout: str = "auto") -> dict[str, Any]:
-  from nvlm_jax.checkpoint import hf_import
-  from nvlm_jax.checkpoint.convert_sources import HFSource
 
   ckpt = SafetensorsCheckpoint(path)
   report: dict[str, Any] = {
@@ -110,9 +114,6 @@ def inspect_hf(path: Path, layout: str = "auto") -> dict[str, Any]:
 
 
 def inspect_orbax(path: Path) -> dict[str, Any]:
-  from nvlm_jax.checkpoint.convert_export import plan_export
-  from nvlm_jax.checkpoint.convert_sources import OrbaxSource
-  from nvlm_jax.config import DecoderConfig, NVLMConfig, VisionConfig
 
   source = OrbaxSource(path)
   arrays = source.reader.arrays
@@ -138,19 +139,16 @@ def inspect_orbax(path: Path) -> dict[str, Any]:
     except ConvertError as e:
       report["layout_error"] = str(e)
   elif isinstance(cfg, VisionConfig):
-    from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
     report["export_layout"] = "intern_vit (InternVisionModel names)"
     report["mapping"] = mapping_rows(intern_vit_rules(cfg))
   return report
 
 
 def inspect_path(path: str | os.PathLike, layout: str = "auto") -> dict[str, Any]:
-  from nvlm_jax.training import checkpointing
-
   path = Path(path)
   if not path.exists():
     raise ConvertError(f"{path}: does not exist")
-  if checkpointing.is_training_checkpoint(path):
+  if models.checkpoint_format(path) == models.OURS:
     return inspect_orbax(path)
   return inspect_hf(path, layout)
 
