@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from nvlm_jax.layers.attention_impl import validate_impl
-
-
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# Attention kernels a config may name (nvlm_jax/layers/attention_impl.py: what each supports, what auto picks).
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "cudnn", "splash")
+
+
+def validate_attention_impl(name: str, where: str) -> None:
+  if name not in ATTENTION_IMPLS:
+    raise ValueError(f"{where}.attention_impl={name!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +100,7 @@ class DecoderConfig:
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
-    validate_impl(self.attention_impl, "llm")
+    validate_attention_impl(self.attention_impl, "llm")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(
           f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
@@ -163,7 +167,7 @@ class VisionConfig:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-    validate_impl(self.attention_impl, "vision")
+    validate_attention_impl(self.attention_impl, "vision")
     if self.norm_type not in ("rms_norm", "layer_norm"):
       raise ValueError(f"norm_type={self.norm_type!r}; expected 'rms_norm' or 'layer_norm'")
     if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:

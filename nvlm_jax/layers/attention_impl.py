@@ -17,18 +17,14 @@ import logging
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "xla", "blocked", "cudnn", "splash")
+from nvlm_jax.config import validate_attention_impl
+
 MASK_KINDS = ("causal", "full", "dense", "cached")
 SPLASH_BLOCK = 128  # splash tiles queries and keys in blocks of this many rows
 _CUDNN_DTYPES = ("bfloat16", "float16")  # cuDNN flash attention has no fp32 kernel
 _CUDNN_MAX_HEAD_DIM = 128
 
 log = logging.getLogger(__name__)
-
-
-def validate_impl(name: str, where: str) -> None:
-  if name not in IMPLS:
-    raise ValueError(f"{where}.attention_impl={name!r}: choose one of {', '.join(IMPLS)}")
 
 
 def supports(impl: str, backend: str, kind: str, *, q_len: int, k_len: int, head_dim: int, dtype: str) -> bool:
@@ -59,7 +55,7 @@ def choose_attention_impl(
   shapes; an explicit setting is honoured where it can express the mask (decode steps over a KV cache, for
   instance, always go to xla). Everything else falls back to blocked (causal) or xla.
   """
-  validate_impl(requested, "attention")
+  validate_attention_impl(requested, "attention")
   if kind not in MASK_KINDS:
     raise ValueError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
   shapes = dict(q_len=q_len, k_len=k_len, head_dim=head_dim, dtype=dtype)

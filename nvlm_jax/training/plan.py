@@ -55,9 +55,9 @@ def attention_report(model_config, *, batch_per_device: int, seq_len: int, tenso
   (B x H x Lq x Lk each; a causal blocked layer about half that), which a fused kernel never materializes;
   heads are split over `tensor`. Remat policies that drop these are not taken into account.
   """
-  import jax.numpy as jnp
+  import jax.numpy as jnp  # lazy: main() sets up jax first
 
-  from nvlm_jax.layers.attention_impl import choose_attention_impl
+  from nvlm_jax.layers.attention_impl import choose_attention_impl  # lazy: imports jax (see main)
 
   llm = getattr(model_config, "llm", model_config)
   vision = getattr(model_config, "vision", None)
