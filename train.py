@@ -9,14 +9,14 @@ Rerunning the same command resumes from the latest checkpoint in the workdir. Mu
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or "auto" on a managed cluster.
 See docs/training.md.
 """
+
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tiny_d.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
 
 
@@ -32,11 +32,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep orbax's INFO chatter out of the progress lines (-v 0: show it)
   # Must run before anything initializes the JAX backend.
   from nvlm_jax.training.distributed import initialize_from_config
+
   initialize_from_config(config.distributed)
 
   import jax
   from nvlm_jax.training.run_identity import RunIdentityError, recipe_name
   from nvlm_jax.training.trainer import train
+
   with config.unlocked():
     config.recipe = config.get("recipe") or recipe_name(config_flags.get_config_filename(flags.FLAGS["config"]))
   if jax.process_index() == 0:

@@ -6,6 +6,7 @@ speed of the host drifts by 2x within a minute. Every benchmark therefore times 
 in ONE process, alternating them repeat by repeat (A B, B A, A B, ...), and reports medians and the
 median of the per-repeat (paired) ratios, which cancels most of the drift.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,18 +49,20 @@ def usable_cores() -> int:
 def describe_machine(torch_threads: int | None = None) -> dict[str, Any]:
   """What ran the numbers: accelerator (jax), CPU model, cores, load, library versions."""
   import jax
+
   info: dict[str, Any] = {
-      "jax_platform": jax.devices()[0].platform,
-      "jax_device_kind": jax.devices()[0].device_kind,
-      "jax_device_count": jax.device_count(),
-      "jax_version": jax.__version__,
-      "cpu_model": cpu_model(),
-      "cpu_cores": usable_cores(),
-      "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-      "python": platform.python_version(),
+    "jax_platform": jax.devices()[0].platform,
+    "jax_device_kind": jax.devices()[0].device_kind,
+    "jax_device_count": jax.device_count(),
+    "jax_version": jax.__version__,
+    "cpu_model": cpu_model(),
+    "cpu_cores": usable_cores(),
+    "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    "python": platform.python_version(),
   }
   try:
     import torch
+
     info["torch_version"] = torch.__version__
     info["torch_device"] = torch_device()
     if torch.cuda.is_available():
@@ -69,6 +72,7 @@ def describe_machine(torch_threads: int | None = None) -> dict[str, Any]:
     pass
   try:
     import transformers
+
     info["transformers_version"] = transformers.__version__
   except ImportError:
     pass
@@ -77,12 +81,14 @@ def describe_machine(torch_threads: int | None = None) -> dict[str, Any]:
 
 def torch_device() -> str:
   import torch
+
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def setup_torch(threads: int) -> None:
   """Reference settings: `threads` intra-op threads, 1 inter-op thread, no TF32 (fp32 is fp32)."""
   import torch
+
   torch.set_num_threads(threads)
   try:
     torch.set_num_interop_threads(1)
@@ -95,11 +101,13 @@ def setup_torch(threads: int) -> None:
 def setup_jax_fp32() -> None:
   """fp32 matmuls at full precision (what the CPU does anyway; on a GPU it turns TF32 off)."""
   import jax
+
   jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def sync_torch() -> None:
   import torch
+
   if torch.cuda.is_available():
     torch.cuda.synchronize()
 
@@ -108,8 +116,9 @@ def sync_torch() -> None:
 # Timing
 
 
-def interleaved_timings(cases: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1,
-                        budget_s: float | None = None) -> dict[str, list[float]]:
+def interleaved_timings(
+  cases: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 1, budget_s: float | None = None
+) -> dict[str, list[float]]:
   """Wall seconds of each case, `repeats` times, alternating the order every repeat.
 
   Each callable does one measured unit of work and returns only when it is finished (block on the
@@ -123,7 +132,7 @@ def interleaved_timings(cases: dict[str, Callable[[], Any]], *, repeats: int, wa
   times: dict[str, list[float]] = {n: [] for n in names}
   start = time.perf_counter()
   for r in range(repeats):
-    for name in (names if r % 2 == 0 else names[::-1]):
+    for name in names if r % 2 == 0 else names[::-1]:
       t0 = time.perf_counter()
       cases[name]()
       times[name].append(time.perf_counter() - t0)
@@ -139,9 +148,12 @@ def stats(times: list[float]) -> dict[str, float]:
 def paired_speedup(ours: list[float], reference: list[float]) -> dict[str, float]:
   """How many times faster ours is: reference time / our time, per repeat (paired) and of the medians."""
   pairs = [r / o for o, r in zip(ours, reference)]
-  return {"median_of_paired": statistics.median(pairs),
-          "of_medians": statistics.median(reference) / statistics.median(ours),
-          "min_paired": min(pairs), "max_paired": max(pairs)}
+  return {
+    "median_of_paired": statistics.median(pairs),
+    "of_medians": statistics.median(reference) / statistics.median(ours),
+    "min_paired": min(pairs),
+    "max_paired": max(pairs),
+  }
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -185,12 +197,21 @@ def rounded(tree: Any, digits: int = 4) -> Any:
 # shuffle 0.5, transformers' InternVL projector (with biases), Qwen2 decoder with GQA and qkv bias.
 # 112 px tiles, patch 14 -> 8x8 patches (+ class token) -> 16 tokens per tile after the shuffle.
 SMALL = {
-    "vision": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                   image_size=112, patch_size=14),
-    "text": dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, intermediate_size=1536, rope_theta=1e6, rms_norm_eps=1e-6,
-                 max_position_embeddings=4096),
-    "tiles_per_sample": 3,  # 2 regular tiles + thumbnail
+  "vision": dict(
+    hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, image_size=112, patch_size=14
+  ),
+  "text": dict(
+    vocab_size=4096,
+    hidden_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=1536,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=4096,
+  ),
+  "tiles_per_sample": 3,  # 2 regular tiles + thumbnail
 }
 TAG_TOKENS = 5  # `<tile_k>` is 5 text tokens for the Qwen2 tokenizer (docs/paper.md (e))
 
@@ -203,12 +224,20 @@ def build_reference_internvl(sizes: dict = SMALL, *, seed: int = 0, attn: str = 
   """
   import torch
   import transformers
+
   vocab = sizes["text"]["vocab_size"]
-  vision = transformers.InternVLVisionConfig(**sizes["vision"], use_qk_norm=True, norm_type="rms_norm",
-                                             attention_bias=False, use_mean_pooling=True, layer_norm_eps=1e-6)
+  vision = transformers.InternVLVisionConfig(
+    **sizes["vision"],
+    use_qk_norm=True,
+    norm_type="rms_norm",
+    attention_bias=False,
+    use_mean_pooling=True,
+    layer_norm_eps=1e-6,
+  )
   text = transformers.Qwen2Config(**sizes["text"], bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-  config = transformers.InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                       image_token_id=vocab - 1, tie_word_embeddings=False)
+  config = transformers.InternVLConfig(
+    vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=vocab - 1, tie_word_embeddings=False
+  )
   torch.manual_seed(seed)
   model = transformers.InternVLForConditionalGeneration(config)
   for sub in (model.config, model.config.vision_config, model.config.text_config):
@@ -233,23 +262,39 @@ def reference_and_ours(torch_threads: int):
   enable_compilation_cache()
   machine = describe_machine(torch_threads)
   reference = build_reference_internvl(SMALL, seed=0)
-  return (machine, torch_device(), reference, load_same_weights(reference),
-          load_same_weights(reference, scan_layers=False))
+  return (
+    machine,
+    torch_device(),
+    reference,
+    load_same_weights(reference),
+    load_same_weights(reference, scan_layers=False),
+  )
 
 
 def load_same_weights(torch_model, directory: str | None = None, **load_kwargs):
   """save_pretrained -> nvlm_jax.load_pretrained: (our model, params) with the reference's weights."""
   from nvlm_jax.models import load_pretrained
+
   with tempfile.TemporaryDirectory() as tmp:
     target = Path(directory or tmp)
     torch_model.save_pretrained(target)
     return load_pretrained(target, **load_kwargs)
 
 
-def multimodal_ids(batch: int, seq_len: int, *, tiles: int, tokens_per_tile: int, vocab: int,
-                   image_token_id: int, seed: int = 0, start: int = 8):
+def multimodal_ids(
+  batch: int,
+  seq_len: int,
+  *,
+  tiles: int,
+  tokens_per_tile: int,
+  vocab: int,
+  image_token_id: int,
+  seed: int = 0,
+  start: int = 8,
+):
   """int32 [batch, seq_len]: random text with `tiles` runs of [5 tag tokens][tokens_per_tile placeholders]."""
   import numpy as np
+
   rng = np.random.default_rng(seed)
   ids = rng.integers(3, image_token_id, size=(batch, seq_len)).astype(np.int32)
   assert image_token_id >= vocab - 1
@@ -257,7 +302,7 @@ def multimodal_ids(batch: int, seq_len: int, *, tiles: int, tokens_per_tile: int
     pos = start
     for _ in range(tiles):
       pos += TAG_TOKENS
-      ids[b, pos:pos + tokens_per_tile] = image_token_id
+      ids[b, pos : pos + tokens_per_tile] = image_token_id
       pos += tokens_per_tile
     if pos >= seq_len:
       raise ValueError(f"seq_len={seq_len} cannot hold {tiles} tiles of {tokens_per_tile} tokens + tags")
@@ -267,12 +312,14 @@ def multimodal_ids(batch: int, seq_len: int, *, tiles: int, tokens_per_tile: int
 def random_tiles(batch: int, tiles: int, size: int, seed: int = 0):
   """float32 [batch, tiles, size, size, 3] normalized-looking pixels (channels last, as ours)."""
   import numpy as np
+
   return np.random.default_rng(seed).standard_normal((batch, tiles, size, size, 3)).astype(np.float32)
 
 
 def training_batch(ids, pixels, image_token_id: int) -> dict:
   """The nvlm_jax training-batch dict (numpy): next-token targets, loss on text positions only."""
   import numpy as np
+
   batch, length = ids.shape
   targets = np.zeros_like(ids)
   targets[:, :-1] = ids[:, 1:]
@@ -280,15 +327,21 @@ def training_batch(ids, pixels, image_token_id: int) -> dict:
   loss_mask[:, -1] = 0
   loss_mask[targets == image_token_id] = 0  # never predict a placeholder
   loss_mask[ids == image_token_id] = 0
-  return {"input_ids": ids.astype(np.int32), "targets": targets.astype(np.int32), "loss_mask": loss_mask,
-          "segment_ids": np.ones((batch, length), np.int32),
-          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
-          "pixel_values": pixels.astype(np.float32), "tile_mask": np.ones(pixels.shape[:2], bool)}
+  return {
+    "input_ids": ids.astype(np.int32),
+    "targets": targets.astype(np.int32),
+    "loss_mask": loss_mask,
+    "segment_ids": np.ones((batch, length), np.int32),
+    "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+    "pixel_values": pixels.astype(np.float32),
+    "tile_mask": np.ones(pixels.shape[:2], bool),
+  }
 
 
 def torch_pixels(pixels):
   """[B, T, H, W, 3] numpy -> transformers' [B * T, 3, H, W] tensor."""
   import torch
+
   b, t, h, w, c = pixels.shape
   return torch.as_tensor(pixels.reshape(b * t, h, w, c)).permute(0, 3, 1, 2).contiguous()
 
@@ -297,8 +350,9 @@ def torch_pixels(pixels):
 # Our train step
 
 
-ADAMW = dict(lr=1e-4, min_lr=1e-4, warmup_steps=0, decay_steps=10 ** 9, b1=0.9, b2=0.95, eps=1e-8,
-             weight_decay=0.1, grad_clip=1.0)  # constant lr: the reference uses torch's AdamW without a schedule
+ADAMW = dict(
+  lr=1e-4, min_lr=1e-4, warmup_steps=0, decay_steps=10**9, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0
+)  # constant lr: the reference uses torch's AdamW without a schedule
 
 
 def our_train_step(model, params, trainable=("projector", "language_model"), optimizer: dict = ADAMW):
@@ -319,7 +373,7 @@ def our_train_step(model, params, trainable=("projector", "language_model"), opt
   labels = trainable_labels(params, trainable)
   boxed = models.abstract_variables(model, model.config)["params"]
   decay = weight_decay_mask(nn.get_partition_spec(boxed))
-  tx, schedule = make_optimizer(ml_collections.ConfigDict(optimizer), labels, decay, total_steps=10 ** 9)
+  tx, schedule = make_optimizer(ml_collections.ConfigDict(optimizer), labels, decay, total_steps=10**9)
   # every leaf its own buffer: new_train_state shares one zero scalar between its counters, and a
   # donated call refuses to donate one buffer twice
   state = jax.tree.map(jnp.copy, new_train_state(params, tx.init(params), seed=0))
@@ -359,6 +413,7 @@ def enable_compilation_cache(directory: str = "/tmp/nvlm_jax_bench_cache") -> No
   figure includes, but which dominates the wall time on a busy 2-core host). JAX_COMPILATION_CACHE_DIR, when
   set, names the directory instead (the tests give each run its own)."""
   import jax
+
   directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

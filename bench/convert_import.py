@@ -13,6 +13,7 @@ several shards under a temporary directory, then, for each size:
 Cold cache: every file is dropped from the page cache (posix_fadvise DONTNEED) before each timed pass.
 With the default sizes the checkpoints are ~1.0 and ~2.6 GB; the disk high-water mark stays below 8 GB.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,14 +66,20 @@ def qwen2_shapes(layers: int, hidden: int, vocab: int, heads: int, kv_heads: int
   out = [("model.embed_tokens.weight", (vocab, hidden))]
   for i in range(layers):
     p = f"model.layers.{i}."
-    out += [(p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (heads * hd, hidden)), (p + "self_attn.q_proj.bias", (heads * hd,)),
-            (p + "self_attn.k_proj.weight", (kv_heads * hd, hidden)), (p + "self_attn.k_proj.bias", (kv_heads * hd,)),
-            (p + "self_attn.v_proj.weight", (kv_heads * hd, hidden)), (p + "self_attn.v_proj.bias", (kv_heads * hd,)),
-            (p + "self_attn.o_proj.weight", (hidden, heads * hd)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (ffn, hidden)), (p + "mlp.up_proj.weight", (ffn, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, ffn))]
+    out += [
+      (p + "input_layernorm.weight", (hidden,)),
+      (p + "self_attn.q_proj.weight", (heads * hd, hidden)),
+      (p + "self_attn.q_proj.bias", (heads * hd,)),
+      (p + "self_attn.k_proj.weight", (kv_heads * hd, hidden)),
+      (p + "self_attn.k_proj.bias", (kv_heads * hd,)),
+      (p + "self_attn.v_proj.weight", (kv_heads * hd, hidden)),
+      (p + "self_attn.v_proj.bias", (kv_heads * hd,)),
+      (p + "self_attn.o_proj.weight", (hidden, heads * hd)),
+      (p + "post_attention_layernorm.weight", (hidden,)),
+      (p + "mlp.gate_proj.weight", (ffn, hidden)),
+      (p + "mlp.up_proj.weight", (ffn, hidden)),
+      (p + "mlp.down_proj.weight", (hidden, ffn)),
+    ]
   out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
   return out
 
@@ -87,7 +94,7 @@ def write_checkpoint(directory: Path, args, layers: int) -> dict:
   shapes = qwen2_shapes(layers, args.hidden, args.vocab, args.heads, args.kv_heads, args.ffn)
   bf16 = np.dtype(ml_dtypes.bfloat16)
   entries = [TensorEntry(name, shape, bf16) for name, shape in shapes]
-  writer = ShardedWriter(directory, entries, max_shard_bytes=args.shard_mb * 10 ** 6)
+  writer = ShardedWriter(directory, entries, max_shard_bytes=args.shard_mb * 10**6)
   rng = np.random.default_rng(0)
   for name, shape in shapes:
     if name.endswith("norm.weight"):
@@ -96,21 +103,37 @@ def write_checkpoint(directory: Path, args, layers: int) -> dict:
       value = rng.standard_normal(shape, dtype=np.float32) * 0.02
     writer.write(name, value.astype(bf16))
   writer.close()
-  config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": args.vocab,
-            "hidden_size": args.hidden, "intermediate_size": args.ffn, "num_hidden_layers": layers,
-            "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "rms_norm_eps": 1e-6,
-            "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False,
-            "hidden_act": "silu", "torch_dtype": "bfloat16"}
+  config = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": args.vocab,
+    "hidden_size": args.hidden,
+    "intermediate_size": args.ffn,
+    "num_hidden_layers": layers,
+    "num_attention_heads": args.heads,
+    "num_key_value_heads": args.kv_heads,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+  }
   (directory / "config.json").write_text(json.dumps(config))
   sizes = [math.prod(s) * 2 for _, s in shapes]
   slices = [math.prod(s) * 2 for n, s in shapes if ".layers." in n]
-  return {"bytes": sum(sizes), "shards": len(writer.files), "tensors": len(shapes),
-          "largest_tensor_bytes": max(sizes), "largest_layer_slice_bytes": max(slices)}
+  return {
+    "bytes": sum(sizes),
+    "shards": len(writer.files),
+    "tensors": len(shapes),
+    "largest_tensor_bytes": max(sizes),
+    "largest_layer_slice_bytes": max(slices),
+  }
 
 
 def drop_cache(paths) -> None:
   for path in paths:
-    for f in ([path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]):
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
       fd = os.open(f, os.O_RDONLY)
       try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -121,7 +144,7 @@ def drop_cache(paths) -> None:
 def plain_read(directory: Path) -> dict:
   files = sorted(directory.glob("*.safetensors"))
   drop_cache(files)
-  buffer = bytearray(16 * 2 ** 20)
+  buffer = bytearray(16 * 2**20)
   view = memoryview(buffer)
   total = 0
   start, cpu0 = time.perf_counter(), time.process_time()
@@ -130,18 +153,23 @@ def plain_read(directory: Path) -> dict:
       while n := handle.readinto(view):
         total += n
   seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
-  return {"seconds": round(seconds, 3), "GBps": round(total / seconds / 1e9, 3), "bytes": total,
-          "cpu_seconds_per_GB": round(cpu / (total / 1e9), 2)}
+  return {
+    "seconds": round(seconds, 3),
+    "GBps": round(total / seconds / 1e9, 3),
+    "bytes": total,
+    "cpu_seconds_per_GB": round(cpu / (total / 1e9), 2),
+  }
 
 
 def run_child(mode: str, argv: list[str]) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-  proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([mode] + argv)], env=env, capture_output=True,
-                        text=True)
+  proc = subprocess.run(
+    [sys.executable, "-c", _CHILD, json.dumps([mode] + argv)], env=env, capture_output=True, text=True
+  )
   line = next((out for out in proc.stdout.splitlines() if out.startswith("BENCH")), None)
   if proc.returncode != 0 or line is None:
     raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-  return json.loads(line[len("BENCH"):])
+  return json.loads(line[len("BENCH") :])
 
 
 def measured(result: dict, source: dict, read: dict, out: Path) -> dict:
@@ -149,18 +177,18 @@ def measured(result: dict, source: dict, read: dict, out: Path) -> dict:
 
   extra = result["peak_rss"] - result["rss_before"]
   return {
-      "seconds": round(result["seconds"], 3),
-      "GBps": round(source["bytes"] / result["seconds"] / 1e9, 3),
-      # CPU time (all threads) does not depend on what else runs on the host, unlike wall time.
-      "cpu_seconds": round(result["cpu_seconds"], 2),
-      "cpu_seconds_per_GB": round(result["cpu_seconds"] / (source["bytes"] / 1e9), 2),
-      "throughput_vs_plain_read": round(source["bytes"] / result["seconds"] / 1e9 / read["GBps"], 3),
-      "rss_before_bytes": result["rss_before"],
-      "peak_rss_bytes": result["peak_rss"],
-      "peak_rss_above_start_bytes": extra,
-      "peak_rss_above_start_vs_largest_tensor": round(extra / source["largest_tensor_bytes"], 2),
-      "peak_rss_above_start_vs_checkpoint": round(extra / source["bytes"], 3),
-      "stored_bytes": stored_bytes(out),
+    "seconds": round(result["seconds"], 3),
+    "GBps": round(source["bytes"] / result["seconds"] / 1e9, 3),
+    # CPU time (all threads) does not depend on what else runs on the host, unlike wall time.
+    "cpu_seconds": round(result["cpu_seconds"], 2),
+    "cpu_seconds_per_GB": round(result["cpu_seconds"] / (source["bytes"] / 1e9), 2),
+    "throughput_vs_plain_read": round(source["bytes"] / result["seconds"] / 1e9 / read["GBps"], 3),
+    "rss_before_bytes": result["rss_before"],
+    "peak_rss_bytes": result["peak_rss"],
+    "peak_rss_above_start_bytes": extra,
+    "peak_rss_above_start_vs_largest_tensor": round(extra / source["largest_tensor_bytes"], 2),
+    "peak_rss_above_start_vs_checkpoint": round(extra / source["bytes"], 3),
+    "stored_bytes": stored_bytes(out),
   }
 
 
@@ -175,14 +203,25 @@ def main() -> None:
   parser.add_argument("--shard-mb", type=int, default=500)
   parser.add_argument("--compression", default="zstd,none")
   parser.add_argument("--naive", action="store_true", help="also measure load-everything + orbax save")
-  parser.add_argument("--no-export", dest="export", action="store_false",
-                      help="skip timing `export` of the first codec's import back to safetensors")
+  parser.add_argument(
+    "--no-export",
+    dest="export",
+    action="store_false",
+    help="skip timing `export` of the first codec's import back to safetensors",
+  )
   parser.add_argument("--workdir", default=None, help="where to build (default: a temporary directory)")
   args = parser.parse_args()
 
   root = Path(args.workdir or tempfile.mkdtemp(prefix="nvlm_convert_bench_"))
-  report = {"host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
-                     "load_average_at_start": os.getloadavg()}, "runs": []}
+  report = {
+    "host": {
+      "cpus": os.cpu_count(),
+      "python": platform.python_version(),
+      "machine": platform.machine(),
+      "load_average_at_start": os.getloadavg(),
+    },
+    "runs": [],
+  }
   try:
     sizes = [int(x) for x in args.layers.split(",")]
     for layers in sizes:
@@ -194,14 +233,16 @@ def main() -> None:
       for codec in args.compression.split(","):
         out = root / f"out_{layers}_{codec}"
         drop_cache([source_dir])
-        result = run_child("convert", ["import", "--hf-dir", str(source_dir), "--out", str(out), "--quiet",
-                                       "--compression", codec])
+        result = run_child(
+          "convert", ["import", "--hf-dir", str(source_dir), "--out", str(out), "--quiet", "--compression", codec]
+        )
         run[f"import_{codec}"] = measured(result, source, run["plain_read"], out)
         if args.export and codec == args.compression.split(",")[0]:
           exported = root / f"exported_{layers}"
           drop_cache([out])
-          result = run_child("convert", ["export", "--checkpoint", str(out), "--out", str(exported), "--layout",
-                                         "qwen2", "--quiet"])
+          result = run_child(
+            "convert", ["export", "--checkpoint", str(out), "--out", str(exported), "--layout", "qwen2", "--quiet"]
+          )
           run["export"] = measured(result, source, run["plain_read"], exported)
           shutil.rmtree(exported)
         shutil.rmtree(out)

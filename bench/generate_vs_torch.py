@@ -14,6 +14,7 @@ the weights, and a scanned decoder copies every layer's weights out of the stack
 
 Sanity: the generated tokens must be identical (fraction of equal tokens and first mismatch reported).
 """
+
 from __future__ import annotations
 
 import time
@@ -32,8 +33,7 @@ def main():
 
   # Unrolled layers are timed too: a scanned decoder slices (copies) every layer's weights out of the
   # stacked arrays at every decode step.
-  machine, device, ref, (ours, params), (ours_unrolled, params_unrolled) = common.reference_and_ours(
-      args.torch_threads)
+  machine, device, ref, (ours, params), (ours_unrolled, params_unrolled) = common.reference_and_ours(args.torch_threads)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -48,8 +48,15 @@ def main():
   ref.generation_config.bos_token_id = None
 
   tiles = common.SMALL["tiles_per_sample"]
-  ids = common.multimodal_ids(args.batch, args.prompt_len, tiles=tiles, tokens_per_tile=cfg.tokens_per_tile,
-                              vocab=cfg.llm.vocab_size, image_token_id=cfg.image_token_id, seed=3)
+  ids = common.multimodal_ids(
+    args.batch,
+    args.prompt_len,
+    tiles=tiles,
+    tokens_per_tile=cfg.tokens_per_tile,
+    vocab=cfg.llm.vocab_size,
+    image_token_id=cfg.image_token_id,
+    seed=3,
+  )
   pixels = common.random_tiles(args.batch, tiles, cfg.vision.image_size, seed=4)
   mask = np.ones_like(ids)
   tile_mask = jnp.ones((args.batch, tiles), bool)
@@ -59,8 +66,17 @@ def main():
   t_px = common.torch_pixels(pixels).to(device)
 
   def ours_generate(model=ours, params=params):
-    out = generate(model, params, ids, attention_mask=mask, pixel_values=j_pixels, tile_mask=tile_mask,
-                   max_new_tokens=args.new_tokens, eos_token_id=(), pad_token_id=0)
+    out = generate(
+      model,
+      params,
+      ids,
+      attention_mask=mask,
+      pixel_values=j_pixels,
+      tile_mask=tile_mask,
+      max_new_tokens=args.new_tokens,
+      eos_token_id=(),
+      pad_token_id=0,
+    )
     return np.asarray(jax.block_until_ready(out))
 
   def ours_unrolled_generate():
@@ -68,10 +84,17 @@ def main():
 
   def ref_generate():
     with torch.no_grad():
-      out = ref.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_px, max_new_tokens=args.new_tokens,
-                         min_new_tokens=0, do_sample=False, num_beams=1)
+      out = ref.generate(
+        input_ids=t_ids,
+        attention_mask=t_mask,
+        pixel_values=t_px,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=0,
+        do_sample=False,
+        num_beams=1,
+      )
     common.sync_torch()
-    return out[:, args.prompt_len:].cpu().numpy()
+    return out[:, args.prompt_len :].cpu().numpy()
 
   t0 = time.perf_counter()
   ours_tokens = ours_generate()
@@ -82,34 +105,44 @@ def main():
   mismatch_rows = [int(r) for r in np.flatnonzero(~same.all(axis=1))]
   first_mismatch = [int(np.argmin(same[r])) for r in mismatch_rows]
   sanity = {
-      "shapes": {"ours": list(ours_tokens.shape), "reference": list(ref_tokens.shape)},
-      "identical": bool(same.all()),
-      "fraction_equal": float(same.mean()),
-      "rows_differing": mismatch_rows,
-      "first_mismatch_step": first_mismatch,
-      "distinct_tokens_generated": int(len(np.unique(ours_tokens))),
-      "unrolled_identical": bool((unrolled_tokens == ref_tokens).all()),
+    "shapes": {"ours": list(ours_tokens.shape), "reference": list(ref_tokens.shape)},
+    "identical": bool(same.all()),
+    "fraction_equal": float(same.mean()),
+    "rows_differing": mismatch_rows,
+    "first_mismatch_step": first_mismatch,
+    "distinct_tokens_generated": int(len(np.unique(ours_tokens))),
+    "unrolled_identical": bool((unrolled_tokens == ref_tokens).all()),
   }
 
-  times = common.interleaved_timings({"ours": ours_generate, "ours_unrolled": ours_unrolled_generate,
-                                      "reference": ref_generate}, repeats=args.repeats,
-                                     warmup=0, budget_s=args.budget_s)  # all ran once above
+  times = common.interleaved_timings(
+    {"ours": ours_generate, "ours_unrolled": ours_unrolled_generate, "reference": ref_generate},
+    repeats=args.repeats,
+    warmup=0,
+    budget_s=args.budget_s,
+  )  # all ran once above
   tokens = args.batch * args.new_tokens
   result = {
-      "benchmark": "generate_vs_torch",
-      "machine": machine,
-      "setup": {
-          "model": "NVLM-D small (transformers InternVLForConditionalGeneration layout)",
-          "vision": common.SMALL["vision"], "text": common.SMALL["text"], "tiles_per_sample": tiles,
-          "tokens_per_tile": cfg.tokens_per_tile, "batch": args.batch, "prompt_len": args.prompt_len,
-          "new_tokens": args.new_tokens, "dtype": "float32", "greedy": True, "eos": "disabled",
-          "reference": f"transformers generate (do_sample=False, KV cache), SDPA, {args.torch_threads} threads, "
-                       f"device {device}",
-          "ours": "nvlm_jax.generate: one jitted prefill + lax.while_loop decode; layers scanned (the default)",
-          "ours_unrolled": "the same, weights loaded with load_pretrained(scan_layers=False)",
-          "ours_first_call_s_incl_compile": first_call_s,
-      },
-      "sanity": sanity,
+    "benchmark": "generate_vs_torch",
+    "machine": machine,
+    "setup": {
+      "model": "NVLM-D small (transformers InternVLForConditionalGeneration layout)",
+      "vision": common.SMALL["vision"],
+      "text": common.SMALL["text"],
+      "tiles_per_sample": tiles,
+      "tokens_per_tile": cfg.tokens_per_tile,
+      "batch": args.batch,
+      "prompt_len": args.prompt_len,
+      "new_tokens": args.new_tokens,
+      "dtype": "float32",
+      "greedy": True,
+      "eos": "disabled",
+      "reference": f"transformers generate (do_sample=False, KV cache), SDPA, {args.torch_threads} threads, "
+      f"device {device}",
+      "ours": "nvlm_jax.generate: one jitted prefill + lax.while_loop decode; layers scanned (the default)",
+      "ours_unrolled": "the same, weights loaded with load_pretrained(scan_layers=False)",
+      "ours_first_call_s_incl_compile": first_call_s,
+    },
+    "sanity": sanity,
   }
   for name in ("ours", "ours_unrolled", "reference"):
     s = common.stats(times[name])

@@ -22,6 +22,7 @@ accelerator), timed in the same run, interleaved with the train steps (so both s
 or --peak-tflops.
 MFU = FLOPs per step / step time / peak, reported per repeat-pair and as the median.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -33,22 +34,53 @@ import common
 def build_model(args):
   from nvlm_jax.config import DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
   from nvlm_jax.fusion.nvlm_d import NVLMD
+
   v = common.SMALL["vision"]
   dtype, pdtype = args.dtype, "float32"
-  vision = VisionConfig(image_size=v["image_size"], patch_size=v["patch_size"], hidden_size=v["hidden_size"],
-                        num_layers=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-                        intermediate_size=v["intermediate_size"], norm_type="rms_norm", qk_normalization=True,
-                        qkv_bias=False, use_class_token=True, dtype=dtype, param_dtype=pdtype,
-                        scan_layers=not args.unrolled, attention_impl=args.attention_impl)
-  llm = DecoderConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                      num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, rope_theta=1e6,
-                      qkv_bias=True, max_position_embeddings=max(4096, args.seq_len), bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, dtype=dtype, param_dtype=pdtype,
-                      scan_layers=not args.unrolled, remat_policy=args.remat,
-                      attention_impl=args.attention_impl)
-  projector = ProjectorConfig(in_features=4 * vision.hidden_size, hidden_size=llm.intermediate_size,
-                              out_features=llm.hidden_size, num_layers=2, use_bias=False, dtype=dtype,
-                              param_dtype=pdtype)
+  vision = VisionConfig(
+    image_size=v["image_size"],
+    patch_size=v["patch_size"],
+    hidden_size=v["hidden_size"],
+    num_layers=v["num_hidden_layers"],
+    num_heads=v["num_attention_heads"],
+    intermediate_size=v["intermediate_size"],
+    norm_type="rms_norm",
+    qk_normalization=True,
+    qkv_bias=False,
+    use_class_token=True,
+    dtype=dtype,
+    param_dtype=pdtype,
+    scan_layers=not args.unrolled,
+    attention_impl=args.attention_impl,
+  )
+  llm = DecoderConfig(
+    vocab_size=args.vocab,
+    hidden_size=args.hidden,
+    num_layers=args.layers,
+    num_heads=args.heads,
+    num_kv_heads=args.kv_heads,
+    intermediate_size=args.intermediate,
+    rope_theta=1e6,
+    qkv_bias=True,
+    max_position_embeddings=max(4096, args.seq_len),
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    dtype=dtype,
+    param_dtype=pdtype,
+    scan_layers=not args.unrolled,
+    remat_policy=args.remat,
+    attention_impl=args.attention_impl,
+  )
+  projector = ProjectorConfig(
+    in_features=4 * vision.hidden_size,
+    hidden_size=llm.intermediate_size,
+    out_features=llm.hidden_size,
+    num_layers=2,
+    use_bias=False,
+    dtype=dtype,
+    param_dtype=pdtype,
+  )
   config = NVLMConfig(variant="d", vision=vision, projector=projector, llm=llm, image_token_id=args.vocab - 1)
   return NVLMD(config)
 
@@ -93,14 +125,22 @@ def main():
   params = common.random_init(model, seed=0)
   step, state, labels = common.our_train_step(model, params)
   tiles = common.SMALL["tiles_per_sample"]
-  ids = common.multimodal_ids(args.batch, args.seq_len, tiles=tiles, tokens_per_tile=cfg.tokens_per_tile,
-                              vocab=args.vocab, image_token_id=cfg.image_token_id, seed=1)
+  ids = common.multimodal_ids(
+    args.batch,
+    args.seq_len,
+    tiles=tiles,
+    tokens_per_tile=cfg.tokens_per_tile,
+    vocab=args.vocab,
+    image_token_id=cfg.image_token_id,
+    seed=1,
+  )
   pixels = common.random_tiles(args.batch, tiles, cfg.vision.image_size, seed=2)
   batch = {k: jnp.asarray(v) for k, v in common.training_batch(ids, pixels, cfg.image_token_id).items()}
 
   towers = trainable_towers_from_labels(labels, cfg)
-  analytic = train_step_flops(cfg, batch_size=args.batch, seq_len=args.seq_len, num_tiles=args.batch * tiles,
-                              trainable_towers=towers)
+  analytic = train_step_flops(
+    cfg, batch_size=args.batch, seq_len=args.seq_len, num_tiles=args.batch * tiles, trainable_towers=towers
+  )
 
   xla_flops = None
   if not args.no_xla_count:
@@ -131,37 +171,62 @@ def main():
   t0 = time.perf_counter()
   train()
   compile_s = time.perf_counter() - t0
-  times = common.interleaved_timings({"train_step": train, "matmul_peak": peak}, repeats=args.repeats, warmup=1,
-                                     budget_s=args.budget_s)
-  peak_flops = [args.peak_calls * 2.0 * n ** 3 / t for t in times["matmul_peak"]]
+  times = common.interleaved_timings(
+    {"train_step": train, "matmul_peak": peak}, repeats=args.repeats, warmup=1, budget_s=args.budget_s
+  )
+  peak_flops = [args.peak_calls * 2.0 * n**3 / t for t in times["matmul_peak"]]
   if args.peak_tflops > 0:
     peak_flops = [args.peak_tflops * 1e12] * len(times["train_step"])
   step_s = times["train_step"]
 
   def mfu(flops):
     per_pair = [flops / s / pk for s, pk in zip(step_s, peak_flops)]
-    return {"median_of_paired": statistics.median(per_pair),
-            "of_medians": flops / statistics.median(step_s) / statistics.median(peak_flops),
-            "min_paired": min(per_pair), "max_paired": max(per_pair)}
+    return {
+      "median_of_paired": statistics.median(per_pair),
+      "of_medians": flops / statistics.median(step_s) / statistics.median(peak_flops),
+      "min_paired": min(per_pair),
+      "max_paired": max(per_pair),
+    }
 
   result = {
-      "benchmark": "mfu",
-      "machine": machine,
-      "setup": {
-          "model": "NVLM-D (random weights)", "vision": common.SMALL["vision"], "tiles_per_sample": tiles,
-          "llm": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                  "intermediate": args.intermediate, "vocab": args.vocab},
-          "batch": args.batch, "seq_len": args.seq_len, "dtype": args.dtype, "remat": args.remat,
-          "attention_impl": args.attention_impl, "trainable": sorted(towers), "first_step_s_incl_compile": compile_s,
+    "benchmark": "mfu",
+    "machine": machine,
+    "setup": {
+      "model": "NVLM-D (random weights)",
+      "vision": common.SMALL["vision"],
+      "tiles_per_sample": tiles,
+      "llm": {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "intermediate": args.intermediate,
+        "vocab": args.vocab,
       },
-      "flops_per_step": {"analytic": analytic, "xla_cost_analysis_unrolled": xla_flops,
-                         "xla_over_analytic": None if xla_flops is None else xla_flops / analytic["total"]},
-      "train_step": common.stats(step_s),
-      "peak": {"source": "--peak-tflops" if args.peak_tflops > 0 else f"measured: jitted {n}^3 {args.dtype} matmul",
-               "median_flops_per_s": statistics.median(peak_flops), "max_flops_per_s": max(peak_flops)},
-      "achieved_flops_per_s": {"analytic": analytic["total"] / statistics.median(step_s),
-                               "xla": None if xla_flops is None else xla_flops / statistics.median(step_s)},
-      "mfu_analytic": mfu(analytic["total"]),
+      "batch": args.batch,
+      "seq_len": args.seq_len,
+      "dtype": args.dtype,
+      "remat": args.remat,
+      "attention_impl": args.attention_impl,
+      "trainable": sorted(towers),
+      "first_step_s_incl_compile": compile_s,
+    },
+    "flops_per_step": {
+      "analytic": analytic,
+      "xla_cost_analysis_unrolled": xla_flops,
+      "xla_over_analytic": None if xla_flops is None else xla_flops / analytic["total"],
+    },
+    "train_step": common.stats(step_s),
+    "peak": {
+      "source": "--peak-tflops" if args.peak_tflops > 0 else f"measured: jitted {n}^3 {args.dtype} matmul",
+      "median_flops_per_s": statistics.median(peak_flops),
+      "max_flops_per_s": max(peak_flops),
+    },
+    "achieved_flops_per_s": {
+      "analytic": analytic["total"] / statistics.median(step_s),
+      "xla": None if xla_flops is None else xla_flops / statistics.median(step_s),
+    },
+    "mfu_analytic": mfu(analytic["total"]),
   }
   if xla_flops is not None:
     result["hfu_xla"] = mfu(xla_flops)

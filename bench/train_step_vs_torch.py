@@ -18,6 +18,7 @@ gradient norm, and the loss after 3 updates, must agree between the two (fp32).
 Prints JSON: samples/s of both, speedup = reference time / our time (median of the per-repeat paired
 ratios and ratio of medians), the sanity numbers and the machine.
 """
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,7 @@ def main():
   args = p.parse_args()
 
   t0 = time.perf_counter()
-  machine, device, ref, (ours, params), (ours_unrolled, params_unrolled) = common.reference_and_ours(
-      args.torch_threads)
+  machine, device, ref, (ours, params), (ours_unrolled, params_unrolled) = common.reference_and_ours(args.torch_threads)
   import jax
   import jax.numpy as jnp
   import torch
@@ -48,8 +48,15 @@ def main():
   setup_s = time.perf_counter() - t0
 
   tiles = common.SMALL["tiles_per_sample"]
-  ids = common.multimodal_ids(args.batch, args.seq_len, tiles=tiles, tokens_per_tile=cfg.tokens_per_tile,
-                              vocab=cfg.llm.vocab_size, image_token_id=cfg.image_token_id, seed=1)
+  ids = common.multimodal_ids(
+    args.batch,
+    args.seq_len,
+    tiles=tiles,
+    tokens_per_tile=cfg.tokens_per_tile,
+    vocab=cfg.llm.vocab_size,
+    image_token_id=cfg.image_token_id,
+    seed=1,
+  )
   pixels = common.random_tiles(args.batch, tiles, cfg.vision.image_size, seed=2)
   batch_np = common.training_batch(ids, pixels, cfg.image_token_id)
   batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
@@ -65,8 +72,14 @@ def main():
   unrolled_step, unrolled_state, _ = common.our_train_step(ours_unrolled, params_unrolled, trainable)
 
   def forward_loss(p, b):
-    logits = ours.apply({"params": p}, b["input_ids"], positions=b["positions"], segment_ids=b["segment_ids"],
-                        pixel_values=b["pixel_values"], tile_mask=b["tile_mask"])
+    logits = ours.apply(
+      {"params": p},
+      b["input_ids"],
+      positions=b["positions"],
+      segment_ids=b["segment_ids"],
+      pixel_values=b["pixel_values"],
+      tile_mask=b["tile_mask"],
+    )
     total, count = masked_loss_sum(logits, b["targets"], b["loss_mask"])
     return total / count
 
@@ -78,9 +91,12 @@ def main():
   decay_group = [p for p in ref_params if p.ndim >= 2]  # matrices, as weight_decay_mask
   other_group = [p for p in ref_params if p.ndim < 2]  # biases, norm scales
   adamw = common.ADAMW
-  ref_opt = torch.optim.AdamW([{"params": decay_group, "weight_decay": adamw["weight_decay"]},
-                               {"params": other_group, "weight_decay": 0.0}], lr=adamw["lr"],
-                              betas=(adamw["b1"], adamw["b2"]), eps=adamw["eps"])
+  ref_opt = torch.optim.AdamW(
+    [{"params": decay_group, "weight_decay": adamw["weight_decay"]}, {"params": other_group, "weight_decay": 0.0}],
+    lr=adamw["lr"],
+    betas=(adamw["b1"], adamw["b2"]),
+    eps=adamw["eps"],
+  )
 
   def ref_loss():
     logits = ref(input_ids=t_ids, pixel_values=t_px, use_cache=False).logits
@@ -116,16 +132,28 @@ def main():
       train_compile_s = time.perf_counter() - t0
     ref_traj.append(ref_train_step())
   sanity = {
-      "forward_loss": {"ours": fwd_ours, "reference": fwd_ref, "abs_diff": abs(fwd_ours - fwd_ref)},
-      "step0_loss": {"ours": ours_traj[0][0], "reference": ref_traj[0][0],
-                     "abs_diff": abs(ours_traj[0][0] - ref_traj[0][0])},
-      "step0_grad_norm": {"ours": ours_traj[0][1], "reference": ref_traj[0][1],
-                          "rel_diff": abs(ours_traj[0][1] - ref_traj[0][1]) / ref_traj[0][1]},
-      f"loss_after_{args.sanity_steps}_updates": {
-          "ours": ours_traj[-1][0], "reference": ref_traj[-1][0], "abs_diff": abs(ours_traj[-1][0] - ref_traj[-1][0])},
+    "forward_loss": {"ours": fwd_ours, "reference": fwd_ref, "abs_diff": abs(fwd_ours - fwd_ref)},
+    "step0_loss": {
+      "ours": ours_traj[0][0],
+      "reference": ref_traj[0][0],
+      "abs_diff": abs(ours_traj[0][0] - ref_traj[0][0]),
+    },
+    "step0_grad_norm": {
+      "ours": ours_traj[0][1],
+      "reference": ref_traj[0][1],
+      "rel_diff": abs(ours_traj[0][1] - ref_traj[0][1]) / ref_traj[0][1],
+    },
+    f"loss_after_{args.sanity_steps}_updates": {
+      "ours": ours_traj[-1][0],
+      "reference": ref_traj[-1][0],
+      "abs_diff": abs(ours_traj[-1][0] - ref_traj[-1][0]),
+    },
   }
-  sanity["agree"] = bool(sanity["step0_loss"]["abs_diff"] < 1e-3 and sanity["step0_grad_norm"]["rel_diff"] < 1e-3
-                         and sanity[f"loss_after_{args.sanity_steps}_updates"]["abs_diff"] < 1e-2)
+  sanity["agree"] = bool(
+    sanity["step0_loss"]["abs_diff"] < 1e-3
+    and sanity["step0_grad_norm"]["rel_diff"] < 1e-3
+    and sanity[f"loss_after_{args.sanity_steps}_updates"]["abs_diff"] < 1e-2
+  )
 
   # --- timing -----------------------------------------------------------------------------------
   holder = {"state": state, "unrolled": unrolled_state}
@@ -146,11 +174,15 @@ def main():
     jax.block_until_ready(forward(holder["state"].params, batch))
 
   # Both sides already ran (compiled, allocated) in the sanity part: no further warm-up.
-  fwd_times = common.interleaved_timings({"ours": ours_forward, "reference": ref_forward}, repeats=args.repeats,
-                                         warmup=0, budget_s=args.budget_s / 3)
-  train_times = common.interleaved_timings({"ours": ours_train, "ours_unrolled": ours_unrolled_train,
-                                            "reference": ref_train_step},
-                                           repeats=args.repeats, warmup=0, budget_s=args.budget_s)
+  fwd_times = common.interleaved_timings(
+    {"ours": ours_forward, "reference": ref_forward}, repeats=args.repeats, warmup=0, budget_s=args.budget_s / 3
+  )
+  train_times = common.interleaved_timings(
+    {"ours": ours_train, "ours_unrolled": ours_unrolled_train, "reference": ref_train_step},
+    repeats=args.repeats,
+    warmup=0,
+    budget_s=args.budget_s,
+  )
 
   def report(times):
     out = {}
@@ -164,23 +196,30 @@ def main():
     return out
 
   result = {
-      "benchmark": "train_step_vs_torch",
-      "machine": machine,
-      "setup": {
-          "model": "NVLM-D small (transformers InternVLForConditionalGeneration layout)",
-          "vision": common.SMALL["vision"], "text": common.SMALL["text"],
-          "tiles_per_sample": tiles, "tokens_per_tile": cfg.tokens_per_tile, "batch": args.batch,
-          "seq_len": args.seq_len, "dtype": "float32", "trainable": list(trainable), "frozen": ["vision_model"],
-          "reference": f"PyTorch eager, SDPA attention, torch.optim.AdamW, {args.torch_threads} threads, "
-                       f"device {device}",
-          "ours": "jax.jit(make_train_step) with donated state, layers scanned (the default)",
-          "ours_unrolled": "the same with load_pretrained(scan_layers=False) (train step only)",
-          "ours_unrolled_train_compile_s": unrolled_compile_s,
-          "setup_s": setup_s, "ours_forward_compile_s": fwd_compile_s, "ours_train_compile_s": train_compile_s,
-      },
-      "sanity": sanity,
-      "forward": report(fwd_times),
-      "train_step": report(train_times),
+    "benchmark": "train_step_vs_torch",
+    "machine": machine,
+    "setup": {
+      "model": "NVLM-D small (transformers InternVLForConditionalGeneration layout)",
+      "vision": common.SMALL["vision"],
+      "text": common.SMALL["text"],
+      "tiles_per_sample": tiles,
+      "tokens_per_tile": cfg.tokens_per_tile,
+      "batch": args.batch,
+      "seq_len": args.seq_len,
+      "dtype": "float32",
+      "trainable": list(trainable),
+      "frozen": ["vision_model"],
+      "reference": f"PyTorch eager, SDPA attention, torch.optim.AdamW, {args.torch_threads} threads, device {device}",
+      "ours": "jax.jit(make_train_step) with donated state, layers scanned (the default)",
+      "ours_unrolled": "the same with load_pretrained(scan_layers=False) (train step only)",
+      "ours_unrolled_train_compile_s": unrolled_compile_s,
+      "setup_s": setup_s,
+      "ours_forward_compile_s": fwd_compile_s,
+      "ours_train_compile_s": train_compile_s,
+    },
+    "sanity": sanity,
+    "forward": report(fwd_times),
+    "train_step": report(train_times),
   }
   common.emit(common.rounded(result), args.out)
 

@@ -17,6 +17,7 @@ source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (we
 The values are those of configs/nvlm_h_72b_sft.py (the paper's tables give one column per variant);
 this file moves them to the 34B backbone.
 """
+
 from nvlm_jax.training.config_base import on_yi_34b, runlocal, sibling_config
 
 

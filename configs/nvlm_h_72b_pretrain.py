@@ -15,6 +15,7 @@ init_from: InternViT-6B + Qwen2-72B-Instruct stitched by nvlm_jax.checkpoint.fro
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 """
+
 from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
 
 

@@ -14,6 +14,7 @@ init_from: the pretraining stage's workdir (or an imported NVLM checkpoint)
 Data: the paper's SFT blend (configs/sft_blend.py: Table 6 plus the text-only SFT sets); set each
 source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (weights: docs/data.md).
 """
+
 from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal, sibling_config
 
 

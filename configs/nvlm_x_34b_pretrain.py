@@ -19,6 +19,7 @@ Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA
 The values are those of configs/nvlm_x_72b_pretrain.py (the paper's tables give one column per variant);
 this file moves them to the 34B backbone.
 """
+
 from nvlm_jax.training.config_base import on_yi_34b, runlocal, sibling_config
 
 

@@ -18,6 +18,7 @@ source's path, e.g. --config.data.sources.ShareGPT.path=/data/sharegpt.jsonl (we
 The values are those of configs/nvlm_x_72b_sft.py (the paper's tables give one column per variant);
 this file moves them to the 34B backbone and sets the cells Table 11 gives per size.
 """
+
 from nvlm_jax.training.config_base import on_yi_34b, runlocal, sibling_config
 
 

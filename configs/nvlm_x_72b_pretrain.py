@@ -17,6 +17,7 @@ init_from: InternViT-6B + Qwen2-72B-Instruct stitched by nvlm_jax.checkpoint.fro
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 """
+
 from nvlm_jax.training.config_base import PEAK_TFLOPS, base_config, runlocal
 
 
@@ -51,8 +52,7 @@ def get_config(arg=None):
   c.data.max_tiles = 1  # one 448 px tile, no DHR
   # One tile per image and no tile tag, as the authors' pretraining (Megatron's pretraining script has no
   # --use-tile-tags; tags name DHR tiles, and there are none here).
-  c.data.processor = {"use_tiling": False, "max_tiles_per_image": 6, "use_thumbnail": False,
-                      "tile_tag_format": "none"}
+  c.data.processor = {"use_tiling": False, "max_tiles_per_image": 6, "use_thumbnail": False, "tile_tag_format": "none"}
   c.data.num_microbatches = 8  # 2048 rows / 64 batch shards = 32 per device -> 4 per microbatch
   c.data.worker_count = 8
 

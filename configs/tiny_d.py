@@ -11,6 +11,7 @@ Recipe: NVLM's SFT stage at toy scale: ViT frozen, projector + LLM trained, Adam
 `nvlm_jax.training.load_checkpoint` (and `nvlm_jax.load_pretrained`) can load, and the tokenizer +
 processor settings next to it (`nvlm_jax.load_processor`).
 """
+
 from nvlm_jax.training.config_base import base_config
 
 
@@ -34,8 +35,9 @@ def get_config(arg=None):
 
   c.data.kind = "nvlm_pipeline"
   c.data.tokenizer = "tiny_synthetic"
-  c.data.sources = [{"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny",
-                     "text_only_fraction": 0.2}]
+  c.data.sources = [
+    {"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny", "text_only_fraction": 0.2}
+  ]
   c.data.global_batch_size = 8
   c.data.seq_len = 256
   c.data.max_tiles = 7  # 6 tiles + thumbnail

@@ -10,6 +10,7 @@ projector, cross-attention layers and LLM trained; AdamW with warmup + cosine; 6
 Leaves a checkpoint in the workdir that `nvlm_jax.training.checkpointing.load_checkpoint` can load, and the
 tokenizer + processor settings next to it.
 """
+
 from nvlm_jax.training.config_base import sibling_config
 
 

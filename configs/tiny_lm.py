@@ -5,6 +5,7 @@
 Trains in about a minute on 2 CPU cores; the loss falls from ~log(256) = 5.5 towards 0. The tests use it
 with fewer steps. `arg` (after a colon, e.g. configs/tiny_lm.py:fast) selects a smaller variant.
 """
+
 from nvlm_jax.training.config_base import base_config
 
 
@@ -14,8 +15,17 @@ def get_config(arg=None):
   c.total_steps = 200
   c.trainable = ("*",)
 
-  c.model.decoder = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=128, rope_theta=10_000.0, qkv_bias=True, max_position_embeddings=1024)
+  c.model.decoder = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=128,
+    rope_theta=10_000.0,
+    qkv_bias=True,
+    max_position_embeddings=1024,
+  )
   c.model.dtype = "float32"  # exact comparisons in tests; use bfloat16 for speed on accelerators
   c.model.param_dtype = "float32"
 

@@ -10,6 +10,7 @@ projector, cross-attention layers and LLM trained; AdamW with warmup + cosine; 6
 Leaves a checkpoint in the workdir that `nvlm_jax.training.checkpointing.load_checkpoint` can load, and the
 tokenizer + processor settings next to it.
 """
+
 from nvlm_jax.training.config_base import base_config
 
 
@@ -33,8 +34,9 @@ def get_config(arg=None):
 
   c.data.kind = "nvlm_pipeline"
   c.data.tokenizer = "tiny_synthetic"
-  c.data.sources = [{"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny",
-                     "text_only_fraction": 0.2}]
+  c.data.sources = [
+    {"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny", "text_only_fraction": 0.2}
+  ]
   c.data.global_batch_size = 8
   c.data.seq_len = 256
   c.data.max_tiles = 7  # 6 tiles + thumbnail

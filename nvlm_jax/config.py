@@ -4,6 +4,7 @@ Frozen dataclasses are hashable, so they can be attributes of flax modules and s
 `jax.jit`. Experiment settings (optimizer, data, mesh) live in ml_collections files under configs/;
 those files name or build one of these model configs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,14 +46,18 @@ class RopeScaling:
   def __post_init__(self):
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_type!r}; implemented: {ROPE_TYPES}")
-    needs = {"linear": ("factor",), "dynamic": ("factor",),
-             "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(self.rope_type, ())
+    needs = {
+      "linear": ("factor",),
+      "dynamic": ("factor",),
+      "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    }.get(self.rope_type, ())
     missing = [name for name in needs if getattr(self, name) is None]
     if missing:
       raise ValueError(f"RoPE scaling {self.rope_type!r} needs {missing}")
     if self.rope_type == "llama3" and self.low_freq_factor >= self.high_freq_factor:
-      raise ValueError(f"llama3 RoPE needs low_freq_factor < high_freq_factor, got {self.low_freq_factor} and "
-                       f"{self.high_freq_factor}")
+      raise ValueError(
+        f"llama3 RoPE needs low_freq_factor < high_freq_factor, got {self.low_freq_factor} and {self.high_freq_factor}"
+      )
     if self.rope_type != "default" and self.factor is not None and self.factor <= 0:
       raise ValueError(f"RoPE scaling factor must be positive, got {self.factor}")
 
@@ -98,13 +103,12 @@ class DecoderConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
     validate_attention_impl(self.attention_impl, "llm")
     if self.head_dim is None and self.hidden_size % self.num_heads:
       raise ValueError(
-          f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-          "set head_dim explicitly")
+        f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +152,7 @@ class VisionConfig:
 
   @property
   def num_patches(self) -> int:
-    return self.grid_size ** 2
+    return self.grid_size**2
 
   @property
   def num_positions(self) -> int:
@@ -171,8 +175,10 @@ class VisionConfig:
     if self.norm_type not in ("rms_norm", "layer_norm"):
       raise ValueError(f"norm_type={self.norm_type!r}; expected 'rms_norm' or 'layer_norm'")
     if not -(self.num_layers + 1) <= self.select_layer <= self.num_layers:
-      raise ValueError(f"select_layer={self.select_layer} out of range for {self.num_layers} layers "
-                       f"(valid: {-(self.num_layers + 1)}..{self.num_layers})")
+      raise ValueError(
+        f"select_layer={self.select_layer} out of range for {self.num_layers} layers "
+        f"(valid: {-(self.num_layers + 1)}..{self.num_layers})"
+      )
 
 
 def _shuffle_factor(downsample_ratio: float) -> int:
@@ -204,31 +210,65 @@ class ProjectorConfig:
     return dataclasses.replace(self, **changes)
 
   @classmethod
-  def mlp1(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
-           dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
+  def mlp1(
+    cls,
+    vision: "VisionConfig",
+    llm: "DecoderConfig",
+    downsample_ratio: float = 0.5,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+  ) -> "ProjectorConfig":
     """NVLM-D / NVLM-H `mlp1`: LayerNorm -> Linear(4 Dv, LLM intermediate) -> GELU -> Linear(., LLM hidden), no bias.
     dtypes default to the LLM's."""
-    return cls(in_features=vision.hidden_size * _shuffle_factor(downsample_ratio), hidden_size=llm.intermediate_size,
-               out_features=llm.hidden_size, num_layers=2, use_bias=False, dtype=dtype or llm.dtype,
-               param_dtype=param_dtype or llm.param_dtype)
+    return cls(
+      in_features=vision.hidden_size * _shuffle_factor(downsample_ratio),
+      hidden_size=llm.intermediate_size,
+      out_features=llm.hidden_size,
+      num_layers=2,
+      use_bias=False,
+      dtype=dtype or llm.dtype,
+      param_dtype=param_dtype or llm.param_dtype,
+    )
 
   @classmethod
-  def one_layer(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
-                dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
+  def one_layer(
+    cls,
+    vision: "VisionConfig",
+    llm: "DecoderConfig",
+    downsample_ratio: float = 0.5,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+  ) -> "ProjectorConfig":
     """NVLM-X: LayerNorm -> Linear(4 Dv, LLM hidden), no bias."""
-    return dataclasses.replace(cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
-                               hidden_size=llm.hidden_size, num_layers=1)
+    return dataclasses.replace(
+      cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
+      hidden_size=llm.hidden_size,
+      num_layers=1,
+    )
 
   @classmethod
-  def internvl_hf(cls, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, *,
-                  dtype: str | None = None, param_dtype: str | None = None) -> "ProjectorConfig":
+  def internvl_hf(
+    cls,
+    vision: "VisionConfig",
+    llm: "DecoderConfig",
+    downsample_ratio: float = 0.5,
+    *,
+    dtype: str | None = None,
+    param_dtype: str | None = None,
+  ) -> "ProjectorConfig":
     """transformers InternVL `multi_modal_projector`: as mlp1 but hidden = LLM hidden size, with biases."""
-    return dataclasses.replace(cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
-                               hidden_size=llm.hidden_size, use_bias=True)
+    return dataclasses.replace(
+      cls.mlp1(vision, llm, downsample_ratio, dtype=dtype, param_dtype=param_dtype),
+      hidden_size=llm.hidden_size,
+      use_bias=True,
+    )
 
   @classmethod
-  def for_variant(cls, variant: str, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5,
-                  **dtypes) -> "ProjectorConfig":
+  def for_variant(
+    cls, variant: str, vision: "VisionConfig", llm: "DecoderConfig", downsample_ratio: float = 0.5, **dtypes
+  ) -> "ProjectorConfig":
     """The projector each NVLM variant starts from: X one layer, D and H mlp1."""
     return (cls.one_layer if variant == "x" else cls.mlp1)(vision, llm, downsample_ratio, **dtypes)
 
@@ -295,8 +335,7 @@ class CrossAttentionConfig:
 
   def heads(self, llm: "DecoderConfig") -> tuple[int, int, int]:
     """(num_heads, num_kv_heads, head_dim), defaulting to the LLM's."""
-    return (self.num_heads or llm.num_heads, self.num_kv_heads or llm.num_kv_heads,
-            self.head_dim or llm.kv_head_dim)
+    return (self.num_heads or llm.num_heads, self.num_kv_heads or llm.num_kv_heads, self.head_dim or llm.kv_head_dim)
 
   def ffn_size(self, llm: "DecoderConfig") -> int:
     return self.intermediate_size or llm.intermediate_size
@@ -306,8 +345,10 @@ class CrossAttentionConfig:
 
   def validate(self, llm: "DecoderConfig", where: str = "cross_attention") -> None:
     if self.every <= 0:
-      raise ValueError(f"{where}.every={self.every}: set how many LLM layers each gated cross-attention block "
-                       "spans (paper: 8 for the 80-layer 72B, 6 for the 60-layer 34B)")
+      raise ValueError(
+        f"{where}.every={self.every}: set how many LLM layers each gated cross-attention block "
+        "spans (paper: 8 for the 80-layer 72B, 6 for the 60-layer 34B)"
+      )
     if llm.num_layers % self.every:
       raise ValueError(f"{where}.every={self.every} does not divide llm.num_layers={llm.num_layers}")
     if not 0 <= self.resolved_offset <= self.every:
@@ -368,17 +409,24 @@ class NVLMConfig:
       raise ValueError(f"downsample_ratio={self.downsample_ratio} must be 1/k for an integer k")
     factor = int(round(factor))
     if self.vision.grid_size % factor:
-      raise ValueError(f"vision grid {self.vision.grid_size}x{self.vision.grid_size} is not divisible by the "
-                       f"pixel-shuffle factor {factor} (downsample_ratio={self.downsample_ratio})")
+      raise ValueError(
+        f"vision grid {self.vision.grid_size}x{self.vision.grid_size} is not divisible by the "
+        f"pixel-shuffle factor {factor} (downsample_ratio={self.downsample_ratio})"
+      )
     expected_in = self.vision.hidden_size * factor * factor
     if self.projector.in_features != expected_in:
-      raise ValueError(f"projector.in_features={self.projector.in_features}, expected vision hidden "
-                       f"{self.vision.hidden_size} x {factor * factor} = {expected_in}")
+      raise ValueError(
+        f"projector.in_features={self.projector.in_features}, expected vision hidden "
+        f"{self.vision.hidden_size} x {factor * factor} = {expected_in}"
+      )
     if self.projector.out_features != self.llm.hidden_size:
-      raise ValueError(f"projector.out_features={self.projector.out_features} != llm.hidden_size="
-                       f"{self.llm.hidden_size}")
+      raise ValueError(
+        f"projector.out_features={self.projector.out_features} != llm.hidden_size={self.llm.hidden_size}"
+      )
     if self.variant in ("x", "h"):
       self.cross_attention.validate(self.llm)
       if self.variant == "h" and self.tokens_per_tile < 2:
-        raise ValueError(f"NVLM-H needs tokens_per_tile >= 2 (got {self.tokens_per_tile}): a run of one "
-                         "placeholder marks a cross-attention tile, a run of tokens_per_tile the thumbnail")
+        raise ValueError(
+          f"NVLM-H needs tokens_per_tile >= 2 (got {self.tokens_per_tile}): a run of one "
+          "placeholder marks a cross-attention tile, a run of tokens_per_tile the thumbnail"
+        )

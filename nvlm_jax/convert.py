@@ -1,4 +1,5 @@
 """`python -m nvlm_jax.convert`: the checkpoint converter's command line (nvlm_jax/checkpoint/convert/cli.py)."""
+
 from __future__ import annotations
 
 import sys

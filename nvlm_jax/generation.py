@@ -12,6 +12,7 @@ returns (logits, cache), and `model.init_cache(batch, length)` makes an empty ca
 `stream_generate` is the same computation for callers that need each token on the host as soon as it
 exists (chat): the prefill and one decode step are each compiled once, and a Python loop drives them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,9 @@ def sample_token(logits: jnp.ndarray, rng: jax.Array, sampling: SamplingConfig) 
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int,
-               pad_to_multiple_of: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def left_align(
+  input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int, pad_to_multiple_of: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
   """Moves each row's real tokens to the right end (left padding). Returns (ids, segment_ids).
 
   The width is the longest row, rounded up to a multiple of `pad_to_multiple_of` if given (fewer
@@ -92,13 +94,19 @@ def left_align(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int,
   segments = np.zeros((input_ids.shape[0], width), dtype=np.int32)
   for row, (tokens, keep) in enumerate(zip(input_ids, attention_mask)):
     real = tokens[keep]
-    ids[row, width - len(real):] = real
-    segments[row, width - len(real):] = 1
+    ids[row, width - len(real) :] = real
+    segments[row, width - len(real) :] = 1
   return ids, segments
 
 
-def _decode_halves(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...], pad_id: int,
-                   image_keys: tuple[str, ...]):
+def _decode_halves(
+  model,
+  max_new_tokens: int,
+  sampling: SamplingConfig,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+  image_keys: tuple[str, ...],
+):
   """(prefill, step), pure functions: the prompt (images included) into a fresh cache and the first token;
   then one token per call. `generate` runs both in one program, `stream_generate` calls them one by one."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
@@ -107,8 +115,9 @@ def _decode_halves(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
     # Prompts are left-aligned, so the last column is every row's last real token: only it needs logits.
-    logits, cache = model.apply({"params": params}, ids, segment_ids=segments, cache=cache, logits_to_keep=1,
-                                **dict(zip(image_keys, images)))
+    logits, cache = model.apply(
+      {"params": params}, ids, segment_ids=segments, cache=cache, logits_to_keep=1, **dict(zip(image_keys, images))
+    )
     rng, step_rng = jax.random.split(rng)
     token = sample_token(logits[:, -1], step_rng, sampling)
     return token, cache, jnp.isin(token, eos), rng
@@ -124,8 +133,14 @@ def _decode_halves(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_generate(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                       pad_id: int, image_keys: tuple[str, ...]):
+def _compiled_generate(
+  model,
+  max_new_tokens: int,
+  sampling: SamplingConfig,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+  image_keys: tuple[str, ...],
+):
   prefill, step = _decode_halves(model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
 
   def run(params, ids, segments, images, rng):
@@ -147,10 +162,23 @@ def _compiled_generate(model, max_new_tokens: int, sampling: SamplingConfig, eos
   return jax.jit(run)
 
 
-def generate(model, params, input_ids, *, max_new_tokens: int, attention_mask=None,
-             pixel_values=None, tile_mask=None, temperature: float = 0.0, top_k: int | None = None,
-             top_p: float | None = None, rng: jax.Array | None = None, eos_token_id=None,
-             pad_token_id: int | None = None, pad_to_multiple_of: int | None = None) -> jnp.ndarray:
+def generate(
+  model,
+  params,
+  input_ids,
+  *,
+  max_new_tokens: int,
+  attention_mask=None,
+  pixel_values=None,
+  tile_mask=None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  rng: jax.Array | None = None,
+  eos_token_id=None,
+  pad_token_id: int | None = None,
+  pad_to_multiple_of: int | None = None,
+) -> jnp.ndarray:
   """Generates `max_new_tokens` tokens per row: int32 [B, max_new_tokens], greedy by default.
 
   input_ids [B, L] with attention_mask [B, L] (1 = real token; any padding side). After a row emits
@@ -158,12 +186,24 @@ def generate(model, params, input_ids, *, max_new_tokens: int, attention_mask=No
   pixel_values / tile_mask are passed to multimodal models for the prefill. pad_to_multiple_of rounds
   the (left-padded) prompt width up, so that batches of similar length share one compiled program.
   """
-  prepared = _prepare(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                      pixel_values=pixel_values, tile_mask=tile_mask, temperature=temperature, top_k=top_k,
-                      top_p=top_p, rng=rng, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      pad_to_multiple_of=pad_to_multiple_of)
-  run = _compiled_generate(model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad,
-                           prepared.image_keys)
+  prepared = _prepare(
+    model,
+    input_ids,
+    max_new_tokens=max_new_tokens,
+    attention_mask=attention_mask,
+    pixel_values=pixel_values,
+    tile_mask=tile_mask,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    rng=rng,
+    eos_token_id=eos_token_id,
+    pad_token_id=pad_token_id,
+    pad_to_multiple_of=pad_to_multiple_of,
+  )
+  run = _compiled_generate(
+    model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad, prepared.image_keys
+  )
   return run(params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
 
 
@@ -182,15 +222,32 @@ class _Prepared:
   pad: int
 
 
-def _prepare(model, input_ids, *, max_new_tokens, attention_mask, pixel_values, tile_mask, temperature, top_k,
-             top_p, rng, eos_token_id, pad_token_id, pad_to_multiple_of) -> _Prepared:
+def _prepare(
+  model,
+  input_ids,
+  *,
+  max_new_tokens,
+  attention_mask,
+  pixel_values,
+  tile_mask,
+  temperature,
+  top_k,
+  top_p,
+  rng,
+  eos_token_id,
+  pad_token_id,
+  pad_to_multiple_of,
+) -> _Prepared:
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   cfg = language_config(model)
   eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
   eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (tuple, list)) else ([] if eos is None else [eos])))
-  pad = pad_token_id if pad_token_id is not None else (cfg.pad_token_id if cfg.pad_token_id is not None
-                                                       else (eos_ids[0] if eos_ids else 0))
+  pad = (
+    pad_token_id
+    if pad_token_id is not None
+    else (cfg.pad_token_id if cfg.pad_token_id is not None else (eos_ids[0] if eos_ids else 0))
+  )
   input_ids = np.asarray(input_ids)
   if input_ids.ndim != 2:
     raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -202,23 +259,50 @@ def _prepare(model, input_ids, *, max_new_tokens, attention_mask, pixel_values, 
     if not sampling.greedy:
       raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: rng=jax.random.key(seed)")
     rng = jax.random.key(0)
-  return _Prepared(jnp.asarray(ids), jnp.asarray(segments), tuple(jnp.asarray(v) for v in images.values()),
-                   tuple(images), rng, int(max_new_tokens), sampling, eos_ids, int(pad))
+  return _Prepared(
+    jnp.asarray(ids),
+    jnp.asarray(segments),
+    tuple(jnp.asarray(v) for v in images.values()),
+    tuple(images),
+    rng,
+    int(max_new_tokens),
+    sampling,
+    eos_ids,
+    int(pad),
+  )
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_stream(model, max_new_tokens: int, sampling: SamplingConfig, eos_ids: tuple[int, ...],
-                     pad_id: int, image_keys: tuple[str, ...]):
+def _compiled_stream(
+  model,
+  max_new_tokens: int,
+  sampling: SamplingConfig,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+  image_keys: tuple[str, ...],
+):
   """(prefill, step) of `_compiled_generate`'s program, compiled separately (same PRNG splits)."""
   prefill, step = _decode_halves(model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
   return jax.jit(prefill), jax.jit(step, donate_argnums=(2,))
 
 
-def stream_generate(model, params, input_ids, *, max_new_tokens: int, attention_mask=None,
-                    pixel_values=None, tile_mask=None, temperature: float = 0.0, top_k: int | None = None,
-                    top_p: float | None = None, rng: jax.Array | None = None, eos_token_id=None,
-                    pad_token_id: int | None = None, pad_to_multiple_of: int | None = None
-                    ) -> Iterator[np.ndarray]:
+def stream_generate(
+  model,
+  params,
+  input_ids,
+  *,
+  max_new_tokens: int,
+  attention_mask=None,
+  pixel_values=None,
+  tile_mask=None,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  rng: jax.Array | None = None,
+  eos_token_id=None,
+  pad_token_id: int | None = None,
+  pad_to_multiple_of: int | None = None,
+) -> Iterator[np.ndarray]:
   """`generate`, one step at a time: yields int32 [B] numpy arrays, the next token of every row.
 
   Same arguments and the same tokens as `generate` (also when sampling with the same `rng`): column t
@@ -226,12 +310,24 @@ def stream_generate(model, params, input_ids, *, max_new_tokens: int, attention_
   the iteration stops once every row has emitted EOS or after `max_new_tokens` arrays. Each token is
   copied to the host as it is produced, which is what streaming needs and costs one sync per token.
   """
-  prepared = _prepare(model, input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask,
-                      pixel_values=pixel_values, tile_mask=tile_mask, temperature=temperature, top_k=top_k,
-                      top_p=top_p, rng=rng, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-                      pad_to_multiple_of=pad_to_multiple_of)
-  prefill, step = _compiled_stream(model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids,
-                                   prepared.pad, prepared.image_keys)
+  prepared = _prepare(
+    model,
+    input_ids,
+    max_new_tokens=max_new_tokens,
+    attention_mask=attention_mask,
+    pixel_values=pixel_values,
+    tile_mask=tile_mask,
+    temperature=temperature,
+    top_k=top_k,
+    top_p=top_p,
+    rng=rng,
+    eos_token_id=eos_token_id,
+    pad_token_id=pad_token_id,
+    pad_to_multiple_of=pad_to_multiple_of,
+  )
+  prefill, step = _compiled_stream(
+    model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad, prepared.image_keys
+  )
   token, cache, done, rng = prefill(params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
   for produced in range(1, prepared.max_new_tokens + 1):
     host_token, host_done = jax.device_get((token, done))

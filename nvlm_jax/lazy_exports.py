@@ -1,6 +1,7 @@
 """Lazy package attributes: `import nvlm_jax` (or a subpackage) stays cheap, and a name is imported from
 its module the first time it is used (PEP 562 module `__getattr__`); subpackages too, so a dotted name such as
 `nvlm_jax.fusion.NVLMD` works after a plain `import nvlm_jax`."""
+
 from __future__ import annotations
 
 import importlib

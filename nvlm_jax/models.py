@@ -15,6 +15,7 @@ checkpoint directory can rebuild its model without the training config.
 `load_model(path)` is the one way to load a checkpoint, ours (a trainer workdir or `convert` output) or a
 Hugging Face directory; `checkpoint_format(path)` is the one place that tells them apart.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -130,10 +131,14 @@ def apply_settings(cfg, model_settings):
 
 # --- JSON description ------------------------------------------------------------------------------
 
+
 def describe_model(model_config) -> dict:
   """A JSON-able description from which `model_from_description` rebuilds the same module."""
-  return {"format": DESCRIPTION_FORMAT, "config_class": type(model_config).__name__,
-          "config": dataclasses.asdict(model_config)}
+  return {
+    "format": DESCRIPTION_FORMAT,
+    "config_class": type(model_config).__name__,
+    "config": dataclasses.asdict(model_config),
+  }
 
 
 def _from_dict(cls, data: Mapping[str, Any]):
@@ -151,8 +156,9 @@ def _from_dict(cls, data: Mapping[str, Any]):
     kwargs[f.name] = value
   unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
   if unknown:
-    raise ValueError(f"model description: {cls.__name__} has no fields {sorted(unknown)} "
-                     "(checkpoint written by a newer nvlm_jax?)")
+    raise ValueError(
+      f"model description: {cls.__name__} has no fields {sorted(unknown)} (checkpoint written by a newer nvlm_jax?)"
+    )
   return cls(**kwargs)
 
 
@@ -172,11 +178,14 @@ def model_from_description(description: Mapping[str, Any]) -> nn.Module:
 
 # --- initialization --------------------------------------------------------------------------------
 
+
 def init_inputs(model_config, batch_size: int = 1, seq_len: int = 8, num_tiles: int | None = None):
   """(input_ids, kwargs) of zeros with the training-batch signature, for `model.init`."""
   ids = jnp.zeros((batch_size, seq_len), jnp.int32)
-  kwargs = {"positions": jnp.zeros((batch_size, seq_len), jnp.int32),
-            "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32)}
+  kwargs = {
+    "positions": jnp.zeros((batch_size, seq_len), jnp.int32),
+    "segment_ids": jnp.ones((batch_size, seq_len), jnp.int32),
+  }
   if is_multimodal(model_config):
     v = model_config.vision
     tiles = num_tiles or 1
@@ -226,8 +235,15 @@ def saved_dtype(path: str | os.PathLike) -> str:
   return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
-               axis_rules=None, **hf_options) -> tuple[nn.Module, Any]:
+def load_model(
+  path: str | os.PathLike,
+  *,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  mesh=None,
+  axis_rules=None,
+  **hf_options,
+) -> tuple[nn.Module, Any]:
   """(model, params) from one of our checkpoints or a Hugging Face checkpoint directory.
 
   dtype / param_dtype: compute / storage dtype names; default: as saved (ours: the saved model description;
@@ -243,15 +259,24 @@ def load_model(path: str | os.PathLike, *, dtype: str | None = None, param_dtype
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   axis_rules = sharding.LOGICAL_AXIS_RULES if axis_rules is None else axis_rules
   if checkpoint_format(path) == OURS:
-    return checkpointing.load_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype,
-                                         rules=axis_rules)
+    return checkpointing.load_checkpoint(
+      path, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, rules=axis_rules
+    )
   dtype = dtype or saved_dtype(path)
-  return hf_import.load_hf_checkpoint(path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh,
-                                      axis_rules=axis_rules, **hf_options)
+  return hf_import.load_hf_checkpoint(
+    path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, axis_rules=axis_rules, **hf_options
+  )
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, mesh=None,
-                    axis_rules=sharding.LOGICAL_AXIS_RULES, **hf_options) -> tuple[nn.Module, Any]:
+def load_pretrained(
+  path: str | os.PathLike,
+  dtype=jnp.float32,
+  *,
+  param_dtype=None,
+  mesh=None,
+  axis_rules=sharding.LOGICAL_AXIS_RULES,
+  **hf_options,
+) -> tuple[nn.Module, Any]:
   """`nvlm_jax.load_pretrained`: a Hugging Face checkpoint directory or one of our own checkpoints.
 
   Our checkpoints (a trainer workdir, its `checkpoints/` dir, one `checkpoints/<step>` dir, or the output
@@ -263,5 +288,6 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=N
   Returns (model, params): run it with `model.apply({"params": params}, input_ids)`.
   """
   name = jnp.dtype(dtype).name
-  return load_model(path, dtype=name, param_dtype=jnp.dtype(param_dtype or dtype).name, mesh=mesh,
-                    axis_rules=axis_rules, **hf_options)
+  return load_model(
+    path, dtype=name, param_dtype=jnp.dtype(param_dtype or dtype).name, mesh=mesh, axis_rules=axis_rules, **hf_options
+  )

@@ -4,6 +4,7 @@ Every parameter and large activation carries logical axis names ("embed", "heads
 table maps them onto the mesh axes `data`, `fsdp` and `tensor`. Changing the parallelism layout means
 changing the mesh shape or this table, never the model code.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -18,29 +19,29 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # (logical axis, mesh axes). Weights: the model dim is split over fsdp, the "wide" dims (heads, mlp,
 # vocab) over tensor (Megatron-style tensor parallelism). Activations: batch over data x fsdp.
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("activation_tiles", None),
-    ("activation_vision_heads", None),  # see "vision_heads"
-    # parameters
-    ("layers", None),
-    ("layer_groups", None),  # NVLM-X/H: groups of decoder layers + one cross-attention block
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    # InternViT-6B has 25 heads, not divisible by tensor-parallel degrees 2/4/8 (docs/paper.md a.2): unsharded by
-    # default; its MLP ("mlp", 12800 wide) and model dim ("embed") still shard.
-    ("vision_heads", None),
-    ("mlp", "tensor"),
-    ("norm", None),
+  # activations
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("activation_tiles", None),
+  ("activation_vision_heads", None),  # see "vision_heads"
+  # parameters
+  ("layers", None),
+  ("layer_groups", None),  # NVLM-X/H: groups of decoder layers + one cross-attention block
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  # InternViT-6B has 25 heads, not divisible by tensor-parallel degrees 2/4/8 (docs/paper.md a.2): unsharded by
+  # default; its MLP ("mlp", 12800 wide) and model dim ("embed") still shard.
+  ("vision_heads", None),
+  ("mlp", "tensor"),
+  ("norm", None),
 )
 
 
@@ -53,8 +54,10 @@ def checked_rules(rules, where: str = "sharding rules") -> tuple[tuple[str, Any]
     target = rule[1] if len(rule) == 2 else "?"
     axes = target if isinstance(target, (list, tuple)) else () if target is None else (target,)
     if len(rule) != 2 or not isinstance(rule[0], str) or any(a not in MESH_AXES for a in axes):
-      raise ValueError(f"{where}[{i}] = {rule!r}: expected (logical axis name, mesh axis or tuple of mesh axes "
-                       f"or None) with mesh axes in {MESH_AXES}")
+      raise ValueError(
+        f"{where}[{i}] = {rule!r}: expected (logical axis name, mesh axis or tuple of mesh axes "
+        f"or None) with mesh axes in {MESH_AXES}"
+      )
     out.append((rule[0], tuple(axes) if isinstance(target, (list, tuple)) else target))
   return tuple(out)
 
@@ -73,8 +76,10 @@ def parse_mesh(text: str, *, allow_rest: bool = True) -> dict[str, int]:
       value = 0
     if not sep or name not in MESH_AXES or not (value >= 1 or (allow_rest and value == -1)):
       sizes = "a positive integer" + (" or -1 (the remaining devices)" if allow_rest else "")
-      raise ValueError(f"--mesh {text!r}: entry {part!r}: expected AXIS=SIZE with AXIS in {', '.join(MESH_AXES)} "
-                       f"and SIZE {sizes}, e.g. fsdp=4,tensor=2")
+      raise ValueError(
+        f"--mesh {text!r}: entry {part!r}: expected AXIS=SIZE with AXIS in {', '.join(MESH_AXES)} "
+        f"and SIZE {sizes}, e.g. fsdp=4,tensor=2"
+      )
     mesh[name] = value
   return mesh
 
@@ -98,13 +103,17 @@ def create_mesh(shape: dict[str, int] | Sequence[int], devices: Sequence[jax.Dev
     known = int(np.prod([d for d in dims if d != -1]))
     if len(devices) % known:
       fixed = {a: d for a, d in named.items() if d != -1}
-      raise ValueError(f"mesh axes {named}: the fixed axes {fixed} multiply to {known}, which does not divide "
-                       f"the {len(devices)} device(s); choose sizes whose product divides {len(devices)}")
+      raise ValueError(
+        f"mesh axes {named}: the fixed axes {fixed} multiply to {known}, which does not divide "
+        f"the {len(devices)} device(s); choose sizes whose product divides {len(devices)}"
+      )
     dims[dims.index(-1)] = len(devices) // known
   if int(np.prod(dims)) != len(devices):
     product = int(np.prod(dims))
-    raise ValueError(f"mesh axes {named} multiply to {product}: needs {product} devices, found {len(devices)}; "
-                     "the product must equal the device count (or set one axis to -1)")
+    raise ValueError(
+      f"mesh axes {named} multiply to {product}: needs {product} devices, found {len(devices)}; "
+      "the product must equal the device count (or set one axis to -1)"
+    )
   grid = np.asarray(devices, dtype=object).reshape(dims)
   return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -128,9 +137,11 @@ def check_divisible(shapes: Any, shardings: Any, logical_specs: Any) -> None:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
         split = " x ".join(f"{a}={sharding.mesh.shape[a]}" for a in axes)
         logical_name = logical[dim] if dim < len(logical) else None
-        raise ValueError(f"mesh {dict(sharding.mesh.shape)}: parameter {name} {tuple(shape.shape)} has "
-                         f"dimension {dim} (logical axis {logical_name!r}) of size {size}, which mesh axes {split} "
-                         f"cannot split into {parts} equal parts; choose mesh sizes that divide it")
+        raise ValueError(
+          f"mesh {dict(sharding.mesh.shape)}: parameter {name} {tuple(shape.shape)} has "
+          f"dimension {dim} (logical axis {logical_name!r}) of size {size}, which mesh axes {split} "
+          f"cannot split into {parts} equal parts; choose mesh sizes that divide it"
+        )
 
 
 def init_sharded(init_fn: Callable[..., Any], mesh: Mesh, *args, rules=LOGICAL_AXIS_RULES):

@@ -5,6 +5,7 @@ a few layers), random weights (norm scales and biases randomized too: HF initial
 which would hide a mis-mapped norm or bias), `save_pretrained` with small shards so the
 `model.safetensors.index.json` path is exercised, and an fp32 eager forward.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,9 +15,17 @@ import numpy as np
 import torch
 import transformers
 
-TINY_TEXT = dict(vocab_size=384, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                 num_key_value_heads=2, intermediate_size=160, rope_theta=1e6, rms_norm_eps=1e-6,
-                 max_position_embeddings=2048)
+TINY_TEXT = dict(
+  vocab_size=384,
+  hidden_size=64,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  intermediate_size=160,
+  rope_theta=1e6,
+  rms_norm_eps=1e-6,
+  max_position_embeddings=2048,
+)
 
 
 def tiny_qwen2_config(**overrides) -> "transformers.Qwen2Config":
@@ -49,8 +58,9 @@ def build_causal_lm(config, seed: int = 0) -> torch.nn.Module:
   return model.eval().to(torch.float32)
 
 
-def save(model: torch.nn.Module, directory: str | Path, max_shard_size: str = "200KB",
-         dtype: torch.dtype | None = None) -> Path:
+def save(
+  model: torch.nn.Module, directory: str | Path, max_shard_size: str = "200KB", dtype: torch.dtype | None = None
+) -> Path:
   """save_pretrained in small shards (index.json exercised); optionally a cast (e.g. bf16) copy."""
   directory = Path(directory)
   if dtype is not None:

@@ -1,4 +1,5 @@
 """dot_product_attention: GQA against a plain numpy softmax, and the causal block path against the full one."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -6,6 +6,7 @@ Tiny checkpoints are built here: transformers Qwen2 / Llama / InternVL models sa
 with zero dummy heads; test_nvlm_d.write_nvlm_d_checkpoint). The CLI runs in-process through
 `convert.main`, except for the one test that kills a conversion midway.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,15 +117,30 @@ EXPORT_ARGS = {"qwen2": [], "llama": [], "internvl": [], "nvlm_d": ["--pad-dummy
 @pytest.mark.parametrize("layout", ["qwen2", "llama", "internvl", "nvlm_d"])
 def test_import_export_import_is_bit_identical(hf, imported, tmp_path, layout):
   exported = tmp_path / "exported"
-  assert run_cli("export", "--checkpoint", imported[layout], "--out", exported, "--layout", layout,
-                 "--max-shard-size", "100KB", "--quiet", *EXPORT_ARGS[layout]) == 0
+  assert (
+    run_cli(
+      "export",
+      "--checkpoint",
+      imported[layout],
+      "--out",
+      exported,
+      "--layout",
+      layout,
+      "--max-shard-size",
+      "100KB",
+      "--quiet",
+      *EXPORT_ARGS[layout],
+    )
+    == 0
+  )
   assert_same_hf(hf[layout], exported)  # the files themselves, dummy heads and bf16 included
   assert (exported / sio.INDEX_FILE).is_file() and len(list(exported.glob("model-*.safetensors"))) > 1
   again = tmp_path / "again"
   assert run_cli("import", "--hf-dir", exported, "--out", again, "--quiet") == 0
   assert_same_params(stored_params(imported[layout]), stored_params(again))
-  assert json.loads((again / checkpointing.MODEL_DESCRIPTION_FILE).read_text()) == \
-      json.loads((imported[layout] / checkpointing.MODEL_DESCRIPTION_FILE).read_text())
+  assert json.loads((again / checkpointing.MODEL_DESCRIPTION_FILE).read_text()) == json.loads(
+    (imported[layout] / checkpointing.MODEL_DESCRIPTION_FILE).read_text()
+  )
 
 
 def test_stored_dtypes_follow_the_source(hf, imported):
@@ -141,8 +157,7 @@ def test_stored_dtypes_follow_the_source(hf, imported):
 def test_unpadded_nvlm_d_export_reimports(imported, tmp_path):
   """Without --pad-dummy-heads the ViT is stored with its real heads; the importer reads either."""
   exported = tmp_path / "unpadded"
-  assert run_cli("export", "--checkpoint", imported["nvlm_d"], "--out", exported, "--layout", "nvlm_d",
-                 "--quiet") == 0
+  assert run_cli("export", "--checkpoint", imported["nvlm_d"], "--out", exported, "--layout", "nvlm_d", "--quiet") == 0
   assert sio.SafetensorsCheckpoint(exported)[NVLM_D_KEY].shape == (3 * 4 * 8, 32)
   assert "num_dummy_heads" not in json.loads((exported / "config.json").read_text())["vision_config"]
   again = tmp_path / "again"
@@ -182,7 +197,9 @@ def test_bf16_to_fp32_import_is_exact(hf, tmp_path):
   params = stored_params(out)
   source = hf_tensors(hf["llama"])
   assert params["embed_tokens/embedding"].dtype == np.float32
-  np.testing.assert_array_equal(params["embed_tokens/embedding"], source["model.embed_tokens.weight"].astype(np.float32))
+  np.testing.assert_array_equal(
+    params["embed_tokens/embedding"], source["model.embed_tokens.weight"].astype(np.float32)
+  )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,10 +212,11 @@ def test_verify_against_importer_and_transformers_on_exported_files(imported, tm
   exported = tmp_path / "exported"
   assert run_cli("export", "--checkpoint", imported[layout], "--out", exported, "--layout", layout, "--quiet") == 0
   capsys.readouterr()
-  assert run_cli("verify", "--hf-dir", exported, "--checkpoint", imported[layout], "--seq-len", "96",
-                 "--atol", "1e-4") == 0
+  assert (
+    run_cli("verify", "--hf-dir", exported, "--checkpoint", imported[layout], "--seq-len", "96", "--atol", "1e-4") == 0
+  )
   out = capsys.readouterr().out
-  report = json.loads(out[out.index("{"):])
+  report = json.loads(out[out.index("{") :])
   print(report)
   assert report["param_max_abs_diff"] == 0.0 and report["vs_importer_max_abs_diff"] == 0.0
   assert report["vs_transformers_max_abs_diff"] <= 1e-4
@@ -254,17 +272,26 @@ def _drop_shard(d: Path) -> Path:
 
 
 BAD_INPUTS = {
-    "truncated shard": (lambda src, d: _truncate(_copy(src, d)), r"model-00002-of-\d+\.safetensors.*truncated"),
-    "shard missing": (lambda src, d: _drop_shard(_copy(src, d)),
-                      r"model\.safetensors\.index\.json: shard model-00001-of-\d+\.safetensors is missing"),
-    "unknown key": (lambda src, d: _rewrite(src, d, lambda t: t.update({"model.layers.1.mlp.extra.weight": np.ones(3)})),
-                    r"unknown key.*'model\.layers\.1\.mlp\.extra\.weight' \(model-0000\d-of-\d+\.safetensors\)"),
-    "missing key": (lambda src, d: _rewrite(src, d, lambda t: t.pop("model.layers.2.self_attn.k_proj.bias")),
-                    r"missing.*'model\.layers\.2\.self_attn\.k_proj\.bias'"),
-    "wrong shape": (lambda src, d: _rewrite(src, d, lambda t: t.update(
-        {"model.layers.0.mlp.up_proj.weight": np.zeros((100, 64), np.float32)})),
-                    r"'model\.layers\.0\.mlp\.up_proj\.weight' in model-0000\d-of-\d+\.safetensors: expected shape "
-                    r"\(160, 64\), found \(100, 64\)"),
+  "truncated shard": (lambda src, d: _truncate(_copy(src, d)), r"model-00002-of-\d+\.safetensors.*truncated"),
+  "shard missing": (
+    lambda src, d: _drop_shard(_copy(src, d)),
+    r"model\.safetensors\.index\.json: shard model-00001-of-\d+\.safetensors is missing",
+  ),
+  "unknown key": (
+    lambda src, d: _rewrite(src, d, lambda t: t.update({"model.layers.1.mlp.extra.weight": np.ones(3)})),
+    r"unknown key.*'model\.layers\.1\.mlp\.extra\.weight' \(model-0000\d-of-\d+\.safetensors\)",
+  ),
+  "missing key": (
+    lambda src, d: _rewrite(src, d, lambda t: t.pop("model.layers.2.self_attn.k_proj.bias")),
+    r"missing.*'model\.layers\.2\.self_attn\.k_proj\.bias'",
+  ),
+  "wrong shape": (
+    lambda src, d: _rewrite(
+      src, d, lambda t: t.update({"model.layers.0.mlp.up_proj.weight": np.zeros((100, 64), np.float32)})
+    ),
+    r"'model\.layers\.0\.mlp\.up_proj\.weight' in model-0000\d-of-\d+\.safetensors: expected shape "
+    r"\(160, 64\), found \(100, 64\)",
+  ),
 }
 
 
@@ -306,12 +333,18 @@ def test_existing_target_is_refused_and_left_alone(hf, imported, tmp_path, capsy
 
 
 def test_export_refuses_layouts_that_cannot_hold_the_model(imported, tmp_path, capsys):
-  cases = [(imported["qwen2"], "llama", "has q/k/v biases"), (imported["llama"], "qwen2", "no q/k/v biases"),
-           (imported["nvlm_d"], "internvl", "use --layout nvlm_d"), (imported["qwen2"], "nvlm_d", "needs an NVLM-D"),
-           (imported["internvl"], "qwen2 --pad-dummy-heads", "--pad-dummy-heads applies to --layout nvlm_d only")]
+  cases = [
+    (imported["qwen2"], "llama", "has q/k/v biases"),
+    (imported["llama"], "qwen2", "no q/k/v biases"),
+    (imported["nvlm_d"], "internvl", "use --layout nvlm_d"),
+    (imported["qwen2"], "nvlm_d", "needs an NVLM-D"),
+    (imported["internvl"], "qwen2 --pad-dummy-heads", "--pad-dummy-heads applies to --layout nvlm_d only"),
+  ]
   for checkpoint, layout, message in cases:
-    assert run_cli("export", "--checkpoint", checkpoint, "--out", tmp_path / "out", "--layout", *layout.split(),
-                   "--quiet") == 1
+    assert (
+      run_cli("export", "--checkpoint", checkpoint, "--out", tmp_path / "out", "--layout", *layout.split(), "--quiet")
+      == 1
+    )
     assert message in capsys.readouterr().err
     assert_nothing_written(tmp_path, "out")
 
@@ -322,7 +355,9 @@ def test_export_of_the_language_model_of_an_nvlm_checkpoint(imported, hf, tmp_pa
   source = hf_tensors(hf["internvl"])
   exported = hf_tensors(out)
   for key, value in exported.items():
-    original = key.replace("model.", "language_model.model.", 1) if key.startswith("model.") else "language_model." + key
+    original = (
+      key.replace("model.", "language_model.model.", 1) if key.startswith("model.") else "language_model." + key
+    )
     np.testing.assert_array_equal(value, source[original], err_msg=key)
 
 
@@ -377,8 +412,9 @@ def test_stitch_d_loads_and_generates(hf, imported, tmp_path):
 
   out = tmp_path / "stitched"
   # the ViT from a Hugging Face directory, the LLM from one of our checkpoints
-  assert run_cli("stitch", "--vision", hf["vit"], "--llm", imported["qwen2"], "--variant", "d", "--out", out,
-                 "--quiet") == 0
+  assert (
+    run_cli("stitch", "--vision", hf["vit"], "--llm", imported["qwen2"], "--variant", "d", "--out", out, "--quiet") == 0
+  )
   model, params = checkpointing.load_checkpoint(out)
   cfg = model.config
   assert isinstance(model, NVLMD) and cfg.image_token_id == rm.TINY_TEXT["vocab_size"]  # one past the vocabulary
@@ -390,30 +426,66 @@ def test_stitch_d_loads_and_generates(hf, imported, tmp_path):
   vit = hf_tensors(hf["vit"])
   np.testing.assert_array_equal(stored["vision_model/encoder/layers/ls1"][2], vit["encoder.layer.2.lambda_1"])
   fresh = [p for p in stored if p.startswith("projector/")]
-  assert sorted(fresh) == ["projector/linear_1/kernel", "projector/linear_2/kernel", "projector/norm/bias",
-                           "projector/norm/scale"]
+  assert sorted(fresh) == [
+    "projector/linear_1/kernel",
+    "projector/linear_2/kernel",
+    "projector/norm/bias",
+    "projector/norm/scale",
+  ]
   assert np.std(stored["projector/linear_1/kernel"]) > 0
   summary = json.loads((out / "nvlm_convert.json").read_text())
   assert summary["fresh_params"] == sorted(fresh)
 
   tiles, per_tile = 2, cfg.tokens_per_tile
   ids = np.full((1, 8 + tiles * per_tile), 5, np.int32)
-  ids[0, 4:4 + tiles * per_tile] = cfg.image_token_id
+  ids[0, 4 : 4 + tiles * per_tile] = cfg.image_token_id
   pixels = np.random.default_rng(0).standard_normal((1, tiles, 56, 56, 3)).astype(np.float32)
   tokens = generate(model, params, ids, max_new_tokens=4, pixel_values=pixels, tile_mask=np.ones((1, tiles), bool))
   assert tokens.shape == (1, 4) and np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < 384))
 
 
 def test_stitch_checks_the_towers_and_the_variant(hf, imported, tmp_path, capsys):
-  assert run_cli("stitch", "--vision", imported["qwen2"], "--llm", imported["qwen2"], "--variant", "d",
-                 "--out", tmp_path / "out", "--quiet") == 1
+  assert (
+    run_cli(
+      "stitch",
+      "--vision",
+      imported["qwen2"],
+      "--llm",
+      imported["qwen2"],
+      "--variant",
+      "d",
+      "--out",
+      tmp_path / "out",
+      "--quiet",
+    )
+    == 1
+  )
   assert "expected a VisionConfig" in capsys.readouterr().err
   # 3 LLM layers cannot hold the paper's 10 cross-attention blocks: the error says what to set
-  assert run_cli("stitch", "--vision", hf["vit"], "--llm", hf["qwen2"], "--variant", "x", "--out", tmp_path / "out",
-                 "--quiet") == 1
+  assert (
+    run_cli(
+      "stitch", "--vision", hf["vit"], "--llm", hf["qwen2"], "--variant", "x", "--out", tmp_path / "out", "--quiet"
+    )
+    == 1
+  )
   assert "--xattn-every" in capsys.readouterr().err
-  assert run_cli("stitch", "--vision", hf["vit"], "--llm", hf["qwen2"], "--variant", "d", "--xattn-every", "1",
-                 "--out", tmp_path / "out", "--quiet") == 1
+  assert (
+    run_cli(
+      "stitch",
+      "--vision",
+      hf["vit"],
+      "--llm",
+      hf["qwen2"],
+      "--variant",
+      "d",
+      "--xattn-every",
+      "1",
+      "--out",
+      tmp_path / "out",
+      "--quiet",
+    )
+    == 1
+  )
   assert "apply to --variant x and h only" in capsys.readouterr().err
   assert_nothing_written(tmp_path, "out")
 
@@ -427,8 +499,12 @@ def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   qwen = rm.build_causal_lm(rm.tiny_qwen2_config(num_hidden_layers=4), seed=11)
   llm_dir = rm.save(qwen, tmp_path / "qwen2_4l")
   out = tmp_path / "x"
-  assert run_cli("stitch", "--vision", hf["vit"], "--llm", llm_dir, "--variant", "x", "--xattn-every", "2",
-                 "--out", out, "--quiet") == 0
+  assert (
+    run_cli(
+      "stitch", "--vision", hf["vit"], "--llm", llm_dir, "--variant", "x", "--xattn-every", "2", "--out", out, "--quiet"
+    )
+    == 0
+  )
   model, params = checkpointing.load_checkpoint(out)
   assert isinstance(model, NVLMX) and model.config.cross_attention.every == 2
   flat = traverse_util.flatten_dict(params, sep="/")
@@ -492,11 +568,13 @@ def test_export_of_a_trainer_workdir_stands_alone(trainer_workdir, tmp_path):
   b = nvlm_jax.Processor.from_pretrained(out)(messages, [image], add_generation_prompt=True)
   for key in a:
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-  run = lambda model, params: model.apply({"params": params}, jnp.asarray(a["input_ids"]),
-                                          pixel_values=jnp.asarray(a["pixel_values"]),
-                                          tile_mask=jnp.asarray(a["tile_mask"]))
-  np.testing.assert_allclose(np.asarray(run(exported, exported_params)), np.asarray(run(ours, ours_params)),
-                             atol=1e-5)
+  run = lambda model, params: model.apply(
+    {"params": params},
+    jnp.asarray(a["input_ids"]),
+    pixel_values=jnp.asarray(a["pixel_values"]),
+    tile_mask=jnp.asarray(a["tile_mask"]),
+  )
+  np.testing.assert_allclose(np.asarray(run(exported, exported_params)), np.asarray(run(ours, ours_params)), atol=1e-5)
 
 
 def test_config_json_image_token_id_decides_the_placeholder_of_every_loader(trainer_workdir, tmp_path):

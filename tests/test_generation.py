@@ -1,4 +1,5 @@
 """Generation against transformers `generate`: greedy tokens identical, padded batches, EOS, sampling."""
+
 from __future__ import annotations
 
 import jax
@@ -25,9 +26,15 @@ def pair(request, tmp_path_factory):
 def reference_greedy(reference, prompt: np.ndarray) -> np.ndarray:
   ids = torch.as_tensor(prompt[None], dtype=torch.long)
   with torch.no_grad():  # an explicit mask: with pad_token_id set, transformers would hide prompt tokens == pad
-    out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                             do_sample=False, eos_token_id=None, pad_token_id=0)
-  return out[0, len(prompt):].numpy()
+    out = reference.generate(
+      ids,
+      attention_mask=torch.ones_like(ids),
+      max_new_tokens=NEW_TOKENS,
+      do_sample=False,
+      eos_token_id=None,
+      pad_token_id=0,
+    )
+  return out[0, len(prompt) :].numpy()
 
 
 def test_greedy_tokens_equal_transformers_generate(pair):
@@ -58,8 +65,7 @@ def test_padded_batch_equals_each_prompt_alone(pair):
     for row, p in enumerate(prompts):
       span = slice(width - len(p), width) if side == "left" else slice(0, len(p))
       ids[row, span], mask[row, span] = p, 1
-    batch = np.asarray(nvlm_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=16,
-                                         eos_token_id=[]))
+    batch = np.asarray(nvlm_jax.generate(model, params, ids, attention_mask=mask, max_new_tokens=16, eos_token_id=[]))
     for row, p in enumerate(prompts):
       alone = nvlm_jax.generate(model, params, p[None], max_new_tokens=16, eos_token_id=[])
       np.testing.assert_array_equal(batch[row], np.asarray(alone[0]), err_msg=f"{side} padding, row {row}")
@@ -70,11 +76,12 @@ def test_stops_at_eos_then_pads(pair):
   prompt = rm.random_tokens(rm.TINY_TEXT["vocab_size"], (1, 40), seed=9)
   free = np.asarray(nvlm_jax.generate(model, params, prompt, max_new_tokens=12, eos_token_id=[]))[0]
   eos = int(free[4])  # pretend the 5th generated token is EOS
-  stopped = np.asarray(nvlm_jax.generate(model, params, prompt, max_new_tokens=12, eos_token_id=eos,
-                                         pad_token_id=-7))[0]
+  stopped = np.asarray(nvlm_jax.generate(model, params, prompt, max_new_tokens=12, eos_token_id=eos, pad_token_id=-7))[
+    0
+  ]
   first = int(np.flatnonzero(free == eos)[0])
-  np.testing.assert_array_equal(stopped[:first + 1], free[:first + 1])
-  assert (stopped[first + 1:] == -7).all()
+  np.testing.assert_array_equal(stopped[: first + 1], free[: first + 1])
+  assert (stopped[first + 1 :] == -7).all()
 
 
 def test_sampling_is_reproducible_per_key_and_top_k_1_is_greedy(pair):

@@ -1,4 +1,5 @@
 """HF Qwen2 / Llama checkpoint import: logits parity with transformers, layouts, sharding, export, errors."""
+
 from __future__ import annotations
 
 import copy
@@ -35,9 +36,9 @@ def tokens():
 def refs(tmp_path_factory, tokens):
   """name -> (torch model, saved directory, reference logits); each built once."""
   configs = {
-      "qwen2": rm.tiny_qwen2_config(),
-      "llama": rm.tiny_llama_config(),
-      "llama_tied": rm.tiny_llama_config(tie_word_embeddings=True),
+    "qwen2": rm.tiny_qwen2_config(),
+    "llama": rm.tiny_llama_config(),
+    "llama_tied": rm.tiny_llama_config(tie_word_embeddings=True),
   }
   out = {}
   for seed, (name, config) in enumerate(configs.items()):
@@ -123,8 +124,7 @@ def test_bf16_checkpoint_loads_as_exact_fp32_upcast(refs, qwen2_bf16, tokens):
   assert {ckpt[k].dtype for k in ckpt} == {"BF16"}
   model, params = nvlm_jax.load_pretrained(directory, dtype=jnp.float32)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-  np.testing.assert_array_equal(np.asarray(params["embed_tokens"]["embedding"]),
-                                reference["model.embed_tokens.weight"])
+  np.testing.assert_array_equal(np.asarray(params["embed_tokens"]["embedding"]), reference["model.embed_tokens.weight"])
   q = np.asarray(params["decoder"]["layers"]["self_attn"]["q_proj"]["kernel"][2])
   np.testing.assert_array_equal(q, reference["model.layers.2.self_attn.q_proj.weight"].T.reshape(64, 4, 16))
   exported = dict(text_layouts.qwen2_rules(model.config).to_hf(params))
@@ -155,8 +155,9 @@ def test_bf16_params_keep_the_exact_bits(qwen2_bf16):
 def test_export_round_trips_bit_exactly(refs, qwen2_bf16, tmp_path, dtype):
   source = refs["qwen2"][1] if dtype is None else qwen2_bf16[0]
   model, params = nvlm_jax.load_pretrained(source)
-  index = sio.save_sharded(text_layouts.qwen2_rules(model.config).to_hf(params, dtype=dtype), tmp_path,
-                           max_shard_bytes=60_000)
+  index = sio.save_sharded(
+    text_layouts.qwen2_rules(model.config).to_hf(params, dtype=dtype), tmp_path, max_shard_bytes=60_000
+  )
   shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
   assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
   assert json.loads(index.read_text())["metadata"]["total_size"] > 0
@@ -171,17 +172,26 @@ def test_export_round_trips_bit_exactly(refs, qwen2_bf16, tmp_path, dtype):
 
 
 def test_save_sharded_splits_by_size_and_keeps_oversized_tensors_whole(tmp_path):
-  tensors = [("a", np.ones((10,), np.float32)), ("big", np.zeros((100,), ml_dtypes.bfloat16)),
-             ("c", np.arange(6, dtype=np.int64).reshape(2, 3)), ("d", np.ones((3,), np.float32))]
+  tensors = [
+    ("a", np.ones((10,), np.float32)),
+    ("big", np.zeros((100,), ml_dtypes.bfloat16)),
+    ("c", np.arange(6, dtype=np.int64).reshape(2, 3)),
+    ("d", np.ones((3,), np.float32)),
+  ]
   sio.save_sharded(iter(tensors), tmp_path, max_shard_bytes=64)
   weight_map = json.loads((tmp_path / sio.INDEX_FILE).read_text())["weight_map"]
-  assert weight_map == {"a": "model-00001-of-00003.safetensors", "big": "model-00002-of-00003.safetensors",
-                        "c": "model-00003-of-00003.safetensors", "d": "model-00003-of-00003.safetensors"}
+  assert weight_map == {
+    "a": "model-00001-of-00003.safetensors",
+    "big": "model-00002-of-00003.safetensors",
+    "c": "model-00003-of-00003.safetensors",
+    "d": "model-00003-of-00003.safetensors",
+  }
   ckpt = sio.SafetensorsCheckpoint(tmp_path)
   for name, value in tensors:
     np.testing.assert_array_equal(ckpt.read(name), value)
     assert ckpt.read(name).dtype == value.dtype
   from safetensors import safe_open  # the reference reader accepts our files
+
   with safe_open(str(tmp_path / weight_map["c"]), framework="numpy") as f:
     np.testing.assert_array_equal(f.get_tensor("c"), tensors[2][1])
   with pytest.raises(CheckpointError, match="given twice"):
@@ -232,8 +242,11 @@ def test_truncated_shard_names_the_file(broken):
   shard = broken.shard_of("model.norm.weight")
   data = shard.read_bytes()
   shard.write_bytes(data[:-100])
-  with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated safetensors file: header says "
-                                            rf"{len(data)} bytes .*file has {len(data) - 100}"):
+  with pytest.raises(
+    CheckpointError,
+    match=rf"{shard.name}: truncated safetensors file: header says "
+    rf"{len(data)} bytes .*file has {len(data) - 100}",
+  ):
     nvlm_jax.load_pretrained(broken.path)
 
 
@@ -248,8 +261,11 @@ def test_wrong_shape_names_key_file_and_both_shapes(broken):
 def test_unknown_key_is_listed_with_its_file(broken):
   shard = broken.shard_of("model.layers.0.mlp.down_proj.weight")
   broken.rewrite(shard, lambda t: t.update({"model.layers.0.mlp.extra_proj.weight": np.zeros((2, 2), np.float32)}))
-  with pytest.raises(CheckpointError, match=rf"(?s)1 unknown key.*'model\.layers\.0\.mlp\.extra_proj\.weight' "
-                                            rf"\({shard.name}\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=rf"(?s)1 unknown key.*'model\.layers\.0\.mlp\.extra_proj\.weight' "
+    rf"\({shard.name}\)",
+  ):
     nvlm_jax.load_pretrained(broken.path)
 
 
@@ -289,14 +305,22 @@ def _edit_config(path: Path, **changes):
   (path / "config.json").write_text(json.dumps(cfg))
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6, "short_factor": [1.0] * 8}),
-     r"config\.json: field 'rope_parameters' asks for RoPE scaling type 'longrope'"),
+@pytest.mark.parametrize(
+  "changes, message",
+  [
+    (
+      dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6, "short_factor": [1.0] * 8}),
+      r"config\.json: field 'rope_parameters' asks for RoPE scaling type 'longrope'",
+    ),
     (dict(rope_scaling={"type": "su", "factor": 2.0}), r"config\.json: field 'rope_scaling' asks for .*'su'"),
     (dict(hidden_size=None), r"config\.json: required field 'hidden_size' is missing"),
     (dict(use_sliding_window=True), r"config\.json: field 'use_sliding_window' is true"),
-    (dict(architectures=["MambaForCausalLM"]), r"config\.json: field 'architectures' is \['MambaForCausalLM'\].*Known layouts"),
-])
+    (
+      dict(architectures=["MambaForCausalLM"]),
+      r"config\.json: field 'architectures' is \['MambaForCausalLM'\].*Known layouts",
+    ),
+  ],
+)
 def test_config_errors_name_file_and_field(broken, changes, message):
   _edit_config(broken.path, **changes)
   with pytest.raises(ConfigError, match=message):
@@ -305,8 +329,11 @@ def test_config_errors_name_file_and_field(broken, changes, message):
 
 def test_config_that_disagrees_with_the_weights_reports_shapes(broken):
   _edit_config(broken.path, intermediate_size=128)
-  with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' in model-\d+-of-\d+\.safetensors: "
-                                            r"expected shape \(128, 64\), found \(160, 64\)"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"'model\.layers\.0\.mlp\.gate_proj\.weight' in model-\d+-of-\d+\.safetensors: "
+    r"expected shape \(128, 64\), found \(160, 64\)",
+  ):
     nvlm_jax.load_pretrained(broken.path)
 
 
@@ -315,17 +342,34 @@ def test_config_that_disagrees_with_the_weights_reports_shapes(broken):
 
 
 def test_decoder_config_reads_every_rope_vintage():
-  base = dict(model_type="qwen2", vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-              num_key_value_heads=1, intermediate_size=8)
-  assert decoder_config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
+  base = dict(
+    model_type="qwen2",
+    vocab_size=32,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=8,
+  )
+  assert (
+    decoder_config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
+  )
   assert decoder_config_from_hf({**base, "rope_theta": 1e6, "rope_scaling": None}).rope_theta == 1e6  # transformers 4
   assert decoder_config_from_hf(base).rope_theta == 1e4  # transformers' default
   nested = {"full_attention": {"rope_type": "default", "rope_theta": 2e6}}
-  assert decoder_config_from_hf({**base, "layer_types": ["full_attention"], "rope_parameters": nested}).rope_theta == 2e6
-  llama = decoder_config_from_hf({**base, "model_type": "llama", "eos_token_id": [2, 7], "head_dim": 4},
-                                 scan_layers=False, dtype="bfloat16")
+  assert (
+    decoder_config_from_hf({**base, "layer_types": ["full_attention"], "rope_parameters": nested}).rope_theta == 2e6
+  )
+  llama = decoder_config_from_hf(
+    {**base, "model_type": "llama", "eos_token_id": [2, 7], "head_dim": 4}, scan_layers=False, dtype="bfloat16"
+  )
   assert (llama.qkv_bias, llama.eos_token_id, llama.kv_head_dim, llama.scan_layers, llama.dtype) == (
-      False, (2, 7), 4, False, "bfloat16")
+    False,
+    (2, 7),
+    4,
+    False,
+    "bfloat16",
+  )
   with pytest.raises(ConfigError, match="'attention_bias' is true"):
     decoder_config_from_hf({**base, "model_type": "llama", "attention_bias": True})
   with pytest.raises(ConfigError, match="partial_rotary_factor"):
@@ -335,10 +379,20 @@ def test_decoder_config_reads_every_rope_vintage():
 
 
 def test_multimodal_prefixes_reroot_the_llm_rules():
-  cfg = decoder_config_from_hf(dict(model_type="qwen2", vocab_size=32, hidden_size=16, num_hidden_layers=2,
-                                    num_attention_heads=2, num_key_value_heads=1, intermediate_size=8))
-  table = text_layouts.decoder_rules(cfg, prefix="language_model.model.", lm_head_key="language_model.lm_head.weight",
-                                     param_prefix="language_model")
+  cfg = decoder_config_from_hf(
+    dict(
+      model_type="qwen2",
+      vocab_size=32,
+      hidden_size=16,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      intermediate_size=8,
+    )
+  )
+  table = text_layouts.decoder_rules(
+    cfg, prefix="language_model.model.", lm_head_key="language_model.lm_head.weight", param_prefix="language_model"
+  )
   keys, paths = table.hf_shapes(), table.param_shapes()
   assert keys["language_model.model.layers.1.self_attn.q_proj.bias"] == (16,)
   assert keys["language_model.lm_head.weight"] == (32, 16)

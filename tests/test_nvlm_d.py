@@ -6,6 +6,7 @@ text model) in fp32 eager mode. Its image features go into the placeholder posit
 NVLM-D's do, so with a bias-free projector whose width equals the LLM's intermediate size it *is* an
 NVLM-D model; that is how the NVLM-D-72B layout test gets its reference.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ TAG_TOKENS = 5  # `<tile_k>` is 5 text tokens for the Qwen2 tokenizer (docs/pape
 def build_torch_internvl(seed: int, **text_overrides):
   vision = transformers.InternVLVisionConfig(**TINY_VISION, **VIT_STYLES["6b"])
   text = rm.tiny_qwen2_config(tie_word_embeddings=False, **text_overrides)
-  config = transformers.InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                       image_token_id=IMAGE_TOKEN, tie_word_embeddings=False)
+  config = transformers.InternVLConfig(
+    vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=IMAGE_TOKEN, tie_word_embeddings=False
+  )
   torch.manual_seed(seed)
   model = transformers.InternVLForConditionalGeneration(config)
   for sub in (model.config, model.config.vision_config, model.config.text_config):
@@ -63,7 +65,7 @@ def multimodal_prompt(num_tiles: int, tokens_per_tile: int, length: int, seed: i
   pos = start
   for _ in range(num_tiles):
     pos += TAG_TOKENS  # tile tag text stays as random text tokens
-    ids[pos:pos + tokens_per_tile] = IMAGE_TOKEN
+    ids[pos : pos + tokens_per_tile] = IMAGE_TOKEN
     pos += tokens_per_tile
   assert pos < length
   return ids
@@ -110,8 +112,8 @@ def test_batch_with_padded_tiles_matches_per_row_reference(internvl):
   pixels = np.full((2, max_tiles, 56, 56, 3), 7.0, np.float32)  # padded slots hold garbage
   mask = np.zeros((2, max_tiles), bool)
   for b, t in enumerate(tiles):
-    pixels[b, :len(t)] = t
-    mask[b, :len(t)] = True
+    pixels[b, : len(t)] = t
+    mask[b, : len(t)] = True
   logits = np.asarray(run(params, jnp.asarray(np.stack(rows)), jnp.asarray(pixels), jnp.asarray(mask)))
   for b in range(2):
     ref = torch_logits(model, rows[b][None], tiles[b])
@@ -132,7 +134,7 @@ def test_prefill_with_images_then_decode_text_matches_full_forward(internvl):
   logits, cache = prefill(params, jnp.asarray(ids[None, :prompt]), tiles, cache)
   got = [np.asarray(logits)]
   for i in range(prompt, prompt + steps):
-    logits, cache = decode(params, jnp.asarray(ids[None, i:i + 1]), cache)
+    logits, cache = decode(params, jnp.asarray(ids[None, i : i + 1]), cache)
     got.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=ATOL, rtol=0)
 
@@ -209,8 +211,12 @@ def test_tile_budget_gives_the_same_logits(tiny):
   ids[1, 40:56] = 255
   pixels = jnp.asarray(np.stack([tiles_of(3, 0), tiles_of(3, 1)]))
   mask = jnp.array([[True, False, True], [False, True, False]])
-  run = jax.jit(lambda p, budget: model.apply({"params": p}, jnp.asarray(ids), pixel_values=pixels, tile_mask=mask,
-                                              tile_budget=budget), static_argnums=1)
+  run = jax.jit(
+    lambda p, budget: model.apply(
+      {"params": p}, jnp.asarray(ids), pixel_values=pixels, tile_mask=mask, tile_budget=budget
+    ),
+    static_argnums=1,
+  )
   np.testing.assert_allclose(np.asarray(run(params, 3)), np.asarray(run(params, None)), atol=1e-5)
 
 
@@ -228,31 +234,40 @@ def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tupl
     return torch.cat([w, torch.zeros((width - w.shape[0],) + tuple(w.shape[1:]), dtype=w.dtype)])
 
   out = {
-      "vision_model.embeddings.class_embedding": sd[f"{vt}embeddings.cls_token"],
-      "vision_model.embeddings.patch_embedding.weight": sd[f"{vt}embeddings.patch_embeddings.projection.weight"],
-      "vision_model.embeddings.patch_embedding.bias": sd[f"{vt}embeddings.patch_embeddings.projection.bias"],
-      "vision_model.embeddings.position_embedding": sd[f"{vt}embeddings.position_embeddings"],
+    "vision_model.embeddings.class_embedding": sd[f"{vt}embeddings.cls_token"],
+    "vision_model.embeddings.patch_embedding.weight": sd[f"{vt}embeddings.patch_embeddings.projection.weight"],
+    "vision_model.embeddings.patch_embedding.bias": sd[f"{vt}embeddings.patch_embeddings.projection.bias"],
+    "vision_model.embeddings.position_embedding": sd[f"{vt}embeddings.position_embeddings"],
   }
   for i in range(TINY_VISION["num_hidden_layers"]):
     src, dst = f"{vt}encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
     qkv = torch.cat([pad_rows(sd[f"{src}attention.{x}_proj.weight"]) for x in "qkv"])
-    out.update({
+    out.update(
+      {
         f"{dst}attn.qkv.weight": qkv,
         f"{dst}attn.q_norm.weight": pad_rows(sd[f"{src}attention.q_norm.weight"]),
         f"{dst}attn.k_norm.weight": pad_rows(sd[f"{src}attention.k_norm.weight"]),
         f"{dst}attn.proj.weight": pad_rows(sd[f"{src}attention.projection_layer.weight"].T).T.contiguous(),
         f"{dst}attn.proj.bias": sd[f"{src}attention.projection_layer.bias"],
-        f"{dst}ls1": sd[f"{src}lambda_1"], f"{dst}ls2": sd[f"{src}lambda_2"],
+        f"{dst}ls1": sd[f"{src}lambda_1"],
+        f"{dst}ls2": sd[f"{src}lambda_2"],
         f"{dst}norm1.weight": sd[f"{src}layernorm_before.weight"],
         f"{dst}norm2.weight": sd[f"{src}layernorm_after.weight"],
         **{f"{dst}mlp.{n}.{p}": sd[f"{src}mlp.{n}.{p}"] for n in ("fc1", "fc2") for p in ("weight", "bias")},
-    })
+      }
+    )
   proj = "model.multi_modal_projector."
-  out.update({"mlp1.0.weight": sd[f"{proj}layer_norm.weight"], "mlp1.0.bias": sd[f"{proj}layer_norm.bias"],
-              "mlp1.1.weight": sd[f"{proj}linear_1.weight"], "mlp1.3.weight": sd[f"{proj}linear_2.weight"]})
+  out.update(
+    {
+      "mlp1.0.weight": sd[f"{proj}layer_norm.weight"],
+      "mlp1.0.bias": sd[f"{proj}layer_norm.bias"],
+      "mlp1.1.weight": sd[f"{proj}linear_1.weight"],
+      "mlp1.3.weight": sd[f"{proj}linear_2.weight"],
+    }
+  )
   for k, v in sd.items():
     if k.startswith("model.language_model."):
-      out["language_model.model." + k[len("model.language_model."):]] = v
+      out["language_model.model." + k[len("model.language_model.") :]] = v
   out["language_model.lm_head.weight"] = sd["lm_head.weight"]
   if poison is not None:
     key, row = poison
@@ -266,18 +281,54 @@ def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tupl
   index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
   (directory / "model.safetensors.index.json").write_text(json.dumps(index))
   text = model.config.text_config.to_dict()
-  llm_config = {k: text[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                     "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "vocab_size")}
-  llm_config.update(architectures=["Qwen2ForCausalLM"], model_type="llama", attention_bias=True, hidden_act="silu",
-                    rope_theta=text["rope_parameters"]["rope_theta"], tie_word_embeddings=False)
-  vision_config = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_act": "gelu",
-                   "hidden_size": TINY_VISION["hidden_size"], "num_hidden_layers": TINY_VISION["num_hidden_layers"],
-                   "num_attention_heads": TINY_VISION["num_attention_heads"],
-                   "intermediate_size": TINY_VISION["intermediate_size"], "image_size": 56, "patch_size": 7,
-                   "qk_normalization": True, "qkv_bias": False, "norm_type": "rms_norm", "layer_norm_eps": 1e-6}
-  config = {"architectures": ["NVLM_D"], "downsample_ratio": 0.5, "force_image_size": 56, "dynamic_image_size": True,
-            "ps_version": "v2", "select_layer": -1, "use_thumbnail": True, "max_dynamic_patch": 6,
-            "llm_config": llm_config, "vision_config": vision_config}
+  llm_config = {
+    k: text[k]
+    for k in (
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+      "num_key_value_heads",
+      "rms_norm_eps",
+      "max_position_embeddings",
+      "vocab_size",
+    )
+  }
+  llm_config.update(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="llama",
+    attention_bias=True,
+    hidden_act="silu",
+    rope_theta=text["rope_parameters"]["rope_theta"],
+    tie_word_embeddings=False,
+  )
+  vision_config = {
+    "architectures": ["InternVisionModel"],
+    "model_type": "intern_vit_6b",
+    "hidden_act": "gelu",
+    "hidden_size": TINY_VISION["hidden_size"],
+    "num_hidden_layers": TINY_VISION["num_hidden_layers"],
+    "num_attention_heads": TINY_VISION["num_attention_heads"],
+    "intermediate_size": TINY_VISION["intermediate_size"],
+    "image_size": 56,
+    "patch_size": 7,
+    "qk_normalization": True,
+    "qkv_bias": False,
+    "norm_type": "rms_norm",
+    "layer_norm_eps": 1e-6,
+  }
+  config = {
+    "architectures": ["NVLM_D"],
+    "downsample_ratio": 0.5,
+    "force_image_size": 56,
+    "dynamic_image_size": True,
+    "ps_version": "v2",
+    "select_layer": -1,
+    "use_thumbnail": True,
+    "max_dynamic_patch": 6,
+    "llm_config": llm_config,
+    "vision_config": vision_config,
+  }
   (directory / "config.json").write_text(json.dumps(config))
   tokenizer_config = {"added_tokens_decoder": {str(IMAGE_TOKEN): {"content": "<|vision_pad|>", "special": True}}}
   (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
@@ -315,8 +366,12 @@ def test_nvlm_d_72b_layout_imports_and_matches(nvlm_d_oracle, tmp_path):
   table = vision_layouts.nvlm_d_rules(cfg)
   exported = dict(table.to_hf(params))
   assert set(exported) == set(ckpt)
-  for key in ("vision_model.encoder.layers.2.attn.qkv.weight", "vision_model.encoder.layers.0.attn.proj.weight",
-              "vision_model.encoder.layers.1.attn.k_norm.weight", "mlp1.3.weight"):
+  for key in (
+    "vision_model.encoder.layers.2.attn.qkv.weight",
+    "vision_model.encoder.layers.0.attn.proj.weight",
+    "vision_model.encoder.layers.1.attn.k_norm.weight",
+    "mlp1.3.weight",
+  ):
     np.testing.assert_array_equal(exported[key].astype(np.float32), ckpt.read(key).astype(np.float32))
 
 
@@ -335,8 +390,16 @@ def test_get_preset_names_the_choices():
   with pytest.raises(KeyError, match="nvlm_d_72b"):
     get_preset("nvlm_d_70b")
   assert get_preset("tiny_nvlm_d", freeze_vision=False).freeze_vision is False
-  assert {"nvlm_d_72b", "nvlm_d_34b", "tiny_nvlm_d", "qwen2_72b_instruct", "nous_hermes_2_yi_34b",
-          "internvit_6b_448px_v1_5", "tiny_vit", "tiny_llm"} <= set(PRESETS)
+  assert {
+    "nvlm_d_72b",
+    "nvlm_d_34b",
+    "tiny_nvlm_d",
+    "qwen2_72b_instruct",
+    "nous_hermes_2_yi_34b",
+    "internvit_6b_448px_v1_5",
+    "tiny_vit",
+    "tiny_llm",
+  } <= set(PRESETS)
 
 
 def test_nvlm_config_checks_projector_widths():
@@ -379,6 +442,7 @@ def test_sharded_forward_equals_single_device(tiny):
   expected = forward(model)(params, jnp.asarray(ids), pixels, mask)
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-    logits = forward(model)(sharded, jax.device_put(jnp.asarray(ids), batch), jax.device_put(pixels, batch),
-                            jax.device_put(mask, batch))
+    logits = forward(model)(
+      sharded, jax.device_put(jnp.asarray(ids), batch), jax.device_put(pixels, batch), jax.device_put(mask, batch)
+    )
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5, rtol=0)

@@ -4,6 +4,7 @@ and a few training steps, processor outputs for D/X/H, presets, and building X/H
 Streams are written by hand (ids below) or by the Processor with the tiny tokenizer; models are the tiny
 presets (4-layer LLM, 2 gated blocks before layers 1 and 3) with random weights.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -35,8 +36,16 @@ CLASSES = {"x": NVLMX, "h": NVLMH}
 
 
 # The stream-structure functions, jitted (eagerly, each of their small ops would compile on its own).
-layout_of = jax.jit(tile_layout, static_argnames=("image_token_id", "max_tiles", "one_tile_per_placeholder",
-                                                  "image_start_token_ids", "max_tag_tokens"))
+layout_of = jax.jit(
+  tile_layout,
+  static_argnames=(
+    "image_token_id",
+    "max_tiles",
+    "one_tile_per_placeholder",
+    "image_start_token_ids",
+    "max_tag_tokens",
+  ),
+)
 cross_inputs = jax.jit(cross_attention_inputs, static_argnames=("max_tag_tokens",))
 
 
@@ -68,18 +77,18 @@ def random_params(model, seed: int, gate: float, std: float = 0.05) -> dict:
 
 def write_image(ids, pos, variant, tags_global):
   """Writes <Image> tags/placeholders </Image> at pos; returns (end, [(tag_start, anchor, run, cross)])."""
-  ids[pos:pos + 2] = START
+  ids[pos : pos + 2] = START
   pos += 2
   tiles = []
   for k, is_global in enumerate(tags_global):
     tag = GLOBAL_TAG if is_global else REGULAR_TAG(k)
-    ids[pos:pos + len(tag)] = tag
+    ids[pos : pos + len(tag)] = tag
     tag_start, pos = pos, pos + len(tag)
     run = N if (variant == "h" and is_global) else 1
-    ids[pos:pos + run] = PH
+    ids[pos : pos + run] = PH
     tiles.append((tag_start, pos, run, run == 1))
     pos += run
-  ids[pos:pos + 2] = END
+  ids[pos : pos + 2] = END
   return pos + 2, tiles
 
 
@@ -114,14 +123,17 @@ def tiny(request):
   variant = request.param
   model = CLASSES[variant](config_for(variant))
   params = random_params(model, seed=1, gate=0.7)
-  forward = jax.jit(lambda p, ids, seg, px, tm: model.apply({"params": p}, ids, segment_ids=seg, pixel_values=px,
-                                                            tile_mask=tm), compiler_options=O0)
+  forward = jax.jit(
+    lambda p, ids, seg, px, tm: model.apply({"params": p}, ids, segment_ids=seg, pixel_values=px, tile_mask=tm),
+    compiler_options=O0,
+  )
   return variant, model, params, forward
 
 
 def with_gates(params, value: float):
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.full_like(x, value) if str(getattr(path[-1], "key", "")).endswith("_gate") else x, params)
+    lambda path, x: jnp.full_like(x, value) if str(getattr(path[-1], "key", "")).endswith("_gate") else x, params
+  )
 
 
 def test_identity_at_init_text_and_images(tiny):
@@ -131,12 +143,21 @@ def test_identity_at_init_text_and_images(tiny):
   init = with_gates(params, 0.0)
   llm = CausalLM(cfg.llm)
   llm_params = build.llm_params_from_cross_attention(init["language_model"], cfg)
-  llm_forward = jax.jit(lambda p, x, seg: llm.apply({"params": p}, inputs_embeds=x, segment_ids=seg),
-                        compiler_options=O0)
+  llm_forward = jax.jit(
+    lambda p, x, seg: llm.apply({"params": p}, inputs_embeds=x, segment_ids=seg), compiler_options=O0
+  )
   ids, seg, pixels, mask, _ = hand_batch(variant)
-  embeds, cross = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids), jnp.asarray(pixels),
-                                                jnp.asarray(mask), segment_ids=jnp.asarray(seg),
-                                                method="prepare_inputs"), compiler_options=O0)(init)
+  embeds, cross = jax.jit(
+    lambda p: model.apply(
+      {"params": p},
+      jnp.asarray(ids),
+      jnp.asarray(pixels),
+      jnp.asarray(mask),
+      segment_ids=jnp.asarray(seg),
+      method="prepare_inputs",
+    ),
+    compiler_options=O0,
+  )(init)
   assert bool(jnp.any(cross["mask"]))  # the images are really there
   ours = forward(init, ids, seg, pixels, mask)
   theirs = llm_forward(llm_params, embeds, jnp.asarray(seg))
@@ -184,15 +205,23 @@ def test_layout_and_masks_directly():
   keys, segments, the zero-key rows, and what decode steps may see."""
   for variant in ("x", "h"):
     ids, seg, _, mask, facts = hand_batch(variant)
-    layout = layout_of(jnp.asarray(ids), jnp.asarray(seg), image_token_id=PH, max_tiles=T,
-                         one_tile_per_placeholder=variant == "x", image_start_token_ids=START, max_tag_tokens=8)
+    layout = layout_of(
+      jnp.asarray(ids),
+      jnp.asarray(seg),
+      image_token_id=PH,
+      max_tiles=T,
+      one_tile_per_placeholder=variant == "x",
+      image_start_token_ids=START,
+      max_tag_tokens=8,
+    )
     np.testing.assert_array_equal(np.asarray(layout.num_groups), [4, 4])
     e, per = 8, 4  # small fake features: N = 4 image tokens per tile
     embeds = jnp.asarray(np.random.default_rng(0).standard_normal((2, L, 6)), jnp.float32)
     features = jnp.ones((2, T, per, 6))
     cross_groups = layout.run_length == 1
-    out = cross_inputs(layout, embeds, features, jnp.asarray(mask), jnp.asarray(seg),
-                                 cross_groups=cross_groups, max_tag_tokens=e)
+    out = cross_inputs(
+      layout, embeds, features, jnp.asarray(mask), jnp.asarray(seg), cross_groups=cross_groups, max_tag_tokens=e
+    )
     sees = np.asarray(out["mask"][:, 0]).reshape(2, L, T, e + per)
     for row in (0, 1):
       for slot, (tag_start, anchor, run, cross, seg_end) in facts[row].items():
@@ -212,12 +241,18 @@ def test_layout_and_masks_directly():
         np.testing.assert_allclose(kv[:tag_len], np.asarray(embeds)[row, tag_start:anchor])
         np.testing.assert_allclose(kv[e:], 1.0)
     assert not np.asarray(out["has_keys"])[0, :8].any()  # text before the first image sees nothing
-    assert not np.asarray(out["mask"])[..., 2 * (e + per):3 * (e + per)].any()  # padded slot 2
+    assert not np.asarray(out["mask"])[..., 2 * (e + per) : 3 * (e + per)].any()  # padded slot 2
     visible = np.asarray(out["visible"]).reshape(2, T, e + per)
     assert visible[0, [0, 1]].any() and not visible[1, [0, 1]].any()  # decode steps: the last sample's tiles only
     # Concrete inputs whose placeholders do not match the tiles are refused, naming the row.
-    check_tile_layout(layout, jnp.asarray(mask), image_token_id=PH, max_tiles=T,
-                      tokens_per_tile=None if variant == "x" else N, check_truncation=True)
+    check_tile_layout(
+      layout,
+      jnp.asarray(mask),
+      image_token_id=PH,
+      max_tiles=T,
+      tokens_per_tile=None if variant == "x" else N,
+      check_truncation=True,
+    )
     fewer = mask.copy()
     fewer[1, 4] = False
     with pytest.raises(ValueError, match=r"row 1: 4 tile placeholder groups \(id 255\) but 3 valid tiles"):
@@ -236,8 +271,10 @@ def test_kv_cache_matches_full_recompute(tiny):
   steps = 4
   prompt = L - steps
 
-  prefill = jax.jit(lambda p, x, px, tm: model.apply({"params": p}, x, pixel_values=px, tile_mask=tm,
-                                                     cache=model.init_cache(2, L)), compiler_options=O0)
+  prefill = jax.jit(
+    lambda p, x, px, tm: model.apply({"params": p}, x, pixel_values=px, tile_mask=tm, cache=model.init_cache(2, L)),
+    compiler_options=O0,
+  )
   decode = jax.jit(lambda p, x, cache: model.apply({"params": p}, x, cache=cache), compiler_options=O0)
   logits, cache = prefill(params, ids[:, :prompt], pixels, mask)
   last = model.apply({"params": params}, ids[:, :prompt], pixel_values=pixels, tile_mask=mask, logits_to_keep=1)
@@ -245,19 +282,20 @@ def test_kv_cache_matches_full_recompute(tiny):
   assert cache["cross"]["k"].shape == (2, 2, T * (8 + N), 2, 16)  # [blocks, B, keys, kv_heads, head_dim]
   got = [np.asarray(logits)]
   for i in range(prompt, L):
-    logits, cache = decode(params, ids[:, i:i + 1], cache)
+    logits, cache = decode(params, ids[:, i : i + 1], cache)
     got.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-4, rtol=0)
   # Greedy generation through the generic generate() vs recomputation (right-padded to L: same compile).
   new = 5
   prompt = L - new
-  tokens = np.asarray(generate(model, params, ids[:, :prompt], pixel_values=pixels, tile_mask=mask,
-                               max_new_tokens=new, eos_token_id=-1))
+  tokens = np.asarray(
+    generate(model, params, ids[:, :prompt], pixel_values=pixels, tile_mask=mask, max_new_tokens=new, eos_token_id=-1)
+  )
   seq = ids.copy()
   seq[:, prompt:] = 0
   seg = np.zeros((2, L), np.int32)
   for step in range(new):
-    seg[:, :prompt + step] = 1
+    seg[:, : prompt + step] = 1
     logits = np.asarray(forward(params, seq, seg, pixels, mask))
     seq[:, prompt + step] = np.argmax(logits[:, prompt + step - 1], axis=-1)
   np.testing.assert_array_equal(tokens, seq[:, prompt:])
@@ -273,13 +311,19 @@ def test_gradients_reach_the_gates_then_the_weights_and_training_lowers_the_loss
   targets = np.array([11, 12])  # the answer at the last position of each row depends on its last image
   pixels[1, 4] = -pixels[0, 4]
   from nvlm_jax.training.optimizer import trainable_labels
+
   labels = trainable_labels(params, ("projector", "language_model/*cross_attn*"))
   tx = optax.multi_transform({"trainable": optax.adam(3e-2), "frozen": optax.set_to_zero()}, labels)
   last = np.array([L - 1, L - 4])
 
   def loss_fn(p):
-    logits = model.apply({"params": p}, jnp.asarray(ids), segment_ids=jnp.asarray(seg),
-                         pixel_values=jnp.asarray(pixels), tile_mask=jnp.asarray(mask))
+    logits = model.apply(
+      {"params": p},
+      jnp.asarray(ids),
+      segment_ids=jnp.asarray(seg),
+      pixel_values=jnp.asarray(pixels),
+      tile_mask=jnp.asarray(mask),
+    )
     picked = logits[jnp.arange(2), last]
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(picked, jnp.asarray(targets)))
 
@@ -312,21 +356,28 @@ def test_gradients_reach_the_gates_then_the_weights_and_training_lowers_the_loss
 @pytest.fixture(scope="module")
 def tokenizer():
   from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
+
   return build_tiny_tokenizer(None, vocab_size=420)
 
 
 def processor(tok, fusion: str):
   from nvlm_jax.processing.processor import Processor
+
   return Processor(tok, image_size=56, patch_size=7, downsample_ratio=0.5, max_tiles_per_image=4, fusion=fusion)
 
 
 def test_processor_outputs_for_d_x_h(tokenizer):
   from nvlm_jax.processing.tokenizer import VISION_PAD
+
   rng = np.random.default_rng(0)
-  images = [Image.fromarray(rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))]
-  messages = [{"role": "user", "content": "<image>\nCompare it with <image>, please."},
-              {"role": "assistant", "content": "They differ."}]
+  images = [
+    Image.fromarray(rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)),
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
+  ]
+  messages = [
+    {"role": "user", "content": "<image>\nCompare it with <image>, please."},
+    {"role": "assistant", "content": "They differ."},
+  ]
   out = {f: processor(tokenizer, f)(messages, images) for f in "dxh"}
   proc = {f: processor(tokenizer, f) for f in "dxh"}
   for f in "xh":  # the image side is identical
@@ -336,29 +387,40 @@ def test_processor_outputs_for_d_x_h(tokenizer):
     np.testing.assert_array_equal(answer(out[f]), answer(out["d"]))
   text = {f: proc[f].decode(out[f]["input_ids"][0]) for f in "dxh"}
   g = "<tile_global_thumbnail>"
-  img1 = {"d": f"<tile_1>{VISION_PAD * 16}<tile_2>{VISION_PAD * 16}{g}{VISION_PAD * 16}",
-          "x": f"<tile_1>{VISION_PAD}<tile_2>{VISION_PAD}{g}{VISION_PAD}",
-          "h": f"<tile_1>{VISION_PAD}<tile_2>{VISION_PAD}{g}{VISION_PAD * 16}"}
+  img1 = {
+    "d": f"<tile_1>{VISION_PAD * 16}<tile_2>{VISION_PAD * 16}{g}{VISION_PAD * 16}",
+    "x": f"<tile_1>{VISION_PAD}<tile_2>{VISION_PAD}{g}{VISION_PAD}",
+    "h": f"<tile_1>{VISION_PAD}<tile_2>{VISION_PAD}{g}{VISION_PAD * 16}",
+  }
   img2 = {"d": g + VISION_PAD * 16, "x": g + VISION_PAD, "h": g + VISION_PAD * 16}  # a 1x1 image
   for f in "dxh":
-    assert text[f] == (f"<|im_start|>user\n<Image>{img1[f]}</Image>\nCompare it with <Image>{img2[f]}</Image>, "
-                       "please.<|im_end|>\n<|im_start|>assistant\nThey differ.<|im_end|>\n"), f
+    assert text[f] == (
+      f"<|im_start|>user\n<Image>{img1[f]}</Image>\nCompare it with <Image>{img2[f]}</Image>, "
+      "please.<|im_end|>\n<|im_start|>assistant\nThey differ.<|im_end|>\n"
+    ), f
   # X/H: the model finds every tile and exactly its tag's tokens in the processor's ids.
   for f in "xh":
     ids = out[f]["input_ids"]
     cfg = proc[f].model_token_ids()
     assert cfg["image_start_token_ids"] == tuple(tokenizer.encode("<Image>"))
-    layout = layout_of(jnp.asarray(ids), None, image_token_id=cfg["image_token_id"], max_tiles=4,
-                         one_tile_per_placeholder=f == "x", image_start_token_ids=cfg["image_start_token_ids"],
-                         max_tag_tokens=12)
+    layout = layout_of(
+      jnp.asarray(ids),
+      None,
+      image_token_id=cfg["image_token_id"],
+      max_tiles=4,
+      one_tile_per_placeholder=f == "x",
+      image_start_token_ids=cfg["image_start_token_ids"],
+      max_tag_tokens=12,
+    )
     assert int(layout.num_groups[0]) == int(out[f]["tile_mask"].sum()) == 4
     tags = ["<tile_1>", "<tile_2>", g, g]
     for j, tag in enumerate(tags):
       start, n = int(layout.tag_start[0, j]), int(layout.tag_length[0, j])
-      assert ids[0, start:start + n].tolist() == tokenizer.encode(tag), (f, tag)
+      assert ids[0, start : start + n].tolist() == tokenizer.encode(tag), (f, tag)
     np.testing.assert_array_equal(np.asarray(layout.run_length[0]), [1, 1, 1, 1] if f == "x" else [1, 1, 16, 16])
   with pytest.raises(ValueError, match="needs tile tags"):
     from nvlm_jax.processing.processor import Processor
+
     Processor(tokenizer, image_size=56, patch_size=7, fusion="h", tile_tag_format="none")
 
 
@@ -366,31 +428,48 @@ def test_generate_from_processor_prompts(tokenizer):
   """The whole path: Processor(fusion=x|h) -> generate(): batched, left-aligned, with a 2+1-tile and a 1x1
   image, equals recomputing the full sequence for each row."""
   rng = np.random.default_rng(1)
-  images = [Image.fromarray(rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)),
-            Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))]
+  images = [
+    Image.fromarray(rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)),
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)),
+  ]
   convs = [[{"role": "user", "content": "<image>\nWhat is it?"}], [{"role": "user", "content": "Name <image> now."}]]
   for variant in ("x", "h"):
     proc = processor(tokenizer, variant)
     batch = proc(convs, [[images[0]], [images[1]]], add_generation_prompt=True)
-    cfg = get_preset(f"tiny_nvlm_{variant}", llm=get_preset("tiny_llm").replace(num_layers=4, vocab_size=512),
-                     cross_attention=CrossAttentionConfig(every=2, max_tag_tokens=12), **proc.model_token_ids())
+    cfg = get_preset(
+      f"tiny_nvlm_{variant}",
+      llm=get_preset("tiny_llm").replace(num_layers=4, vocab_size=512),
+      cross_attention=CrossAttentionConfig(every=2, max_tag_tokens=12),
+      **proc.model_token_ids(),
+    )
     model = CLASSES[variant](cfg)
     params = random_params(model, seed=7, gate=0.8)
     new = 4
-    tokens = np.asarray(generate(model, params, batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 pixel_values=batch["pixel_values"], tile_mask=batch["tile_mask"],
-                                 max_new_tokens=new, eos_token_id=-1))
-    forward = jax.jit(lambda p, ids, seg, px, tm: model.apply({"params": p}, ids, segment_ids=seg, pixel_values=px,
-                                                              tile_mask=tm), compiler_options=O0)
+    tokens = np.asarray(
+      generate(
+        model,
+        params,
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        tile_mask=batch["tile_mask"],
+        max_new_tokens=new,
+        eos_token_id=-1,
+      )
+    )
+    forward = jax.jit(
+      lambda p, ids, seg, px, tm: model.apply({"params": p}, ids, segment_ids=seg, pixel_values=px, tile_mask=tm),
+      compiler_options=O0,
+    )
     lengths = batch["attention_mask"].sum(axis=1)
     seq = np.zeros((2, batch["input_ids"].shape[1] + new), np.int32)  # right-padded, as the processor pads
-    seq[:, :batch["input_ids"].shape[1]] = batch["input_ids"] * batch["attention_mask"]
+    seq[:, : batch["input_ids"].shape[1]] = batch["input_ids"] * batch["attention_mask"]
     for step in range(new):
       seg = (np.arange(seq.shape[1])[None] < (lengths + step)[:, None]).astype(np.int32)
       logits = np.asarray(forward(params, seq, seg, batch["pixel_values"], batch["tile_mask"]))
       for row in range(2):
         seq[row, lengths[row] + step] = np.argmax(logits[row, lengths[row] + step - 1])
-    expected = np.stack([seq[row, lengths[row]:lengths[row] + new] for row in range(2)])
+    expected = np.stack([seq[row, lengths[row] : lengths[row] + new] for row in range(2)])
     np.testing.assert_array_equal(tokens, expected, err_msg=f"NVLM-{variant.upper()}")
 
 
@@ -400,6 +479,7 @@ def test_generate_from_processor_prompts(tokenizer):
 
 def test_config_checks_and_presets():
   from nvlm_jax.presets import PRESETS
+
   assert {"nvlm_x_72b", "nvlm_h_72b", "nvlm_x_34b", "nvlm_h_34b", "tiny_nvlm_x", "tiny_nvlm_h"} <= set(PRESETS)
   assert get_preset("nvlm_x_72b").cross_attention.positions(80) == tuple(range(7, 80, 8))
   assert get_preset("nvlm_h_34b").cross_attention.positions(60) == tuple(range(5, 60, 6))
@@ -426,18 +506,24 @@ def test_unrolled_decoder_computes_the_same_and_params_round_trip():
   flat = NVLMX(flat_cfg)
   lm = params["language_model"]
   llm = build.llm_params_from_cross_attention(lm, cfg)
-  np.testing.assert_array_equal(build.llm_to_cross_attention_params(llm, cfg)["decoder"]["groups"]["layers_after"]
-                                ["mlp"]["up_proj"]["kernel"], lm["decoder"]["groups"]["layers_after"]["mlp"]["up_proj"]["kernel"])
+  np.testing.assert_array_equal(
+    build.llm_to_cross_attention_params(llm, cfg)["decoder"]["groups"]["layers_after"]["mlp"]["up_proj"]["kernel"],
+    lm["decoder"]["groups"]["layers_after"]["mlp"]["up_proj"]["kernel"],
+  )
   unstacked = {f"layers_{i}": jax.tree.map(lambda x: x[i], llm["decoder"]["layers"]) for i in range(4)}
   blocks = {f"cross_attn_{g}": jax.tree.map(lambda x: x[g], lm["decoder"]["groups"]["cross_attn"]) for g in range(2)}
-  flat_params = {**params, "language_model": {**{k: v for k, v in lm.items() if k != "decoder"},
-                                              "decoder": {**unstacked, **blocks}}}
+  flat_params = {
+    **params,
+    "language_model": {**{k: v for k, v in lm.items() if k != "decoder"}, "decoder": {**unstacked, **blocks}},
+  }
   ids, seg, pixels, mask, _ = hand_batch("x", seed=6)
-  run = lambda m, p: m.apply({"params": p}, jnp.asarray(ids[:1]), pixel_values=jnp.asarray(pixels[:1]),
-                             tile_mask=jnp.asarray(mask[:1]))
+  run = lambda m, p: m.apply(
+    {"params": p}, jnp.asarray(ids[:1]), pixel_values=jnp.asarray(pixels[:1]), tile_mask=jnp.asarray(mask[:1])
+  )
   jitted = jax.jit(run, static_argnums=0, compiler_options=O0)
-  np.testing.assert_allclose(np.asarray(jitted(flat, flat_params)), np.asarray(jitted(model, params)),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(jitted(flat, flat_params)), np.asarray(jitted(model, params)), atol=1e-5, rtol=0
+  )
 
 
 def test_every_param_has_logical_axes_the_rules_can_place():
@@ -446,6 +532,7 @@ def test_every_param_has_logical_axes_the_rules_can_place():
   from jax.sharding import PartitionSpec as P
 
   from nvlm_jax import sharding
+
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py sets XLA_FLAGS before jax loads)")
   mesh = sharding.create_mesh({"data": 1, "fsdp": 4, "tensor": 2}, jax.devices()[:8])
@@ -468,6 +555,7 @@ def test_sharded_forward_equals_single_device(tiny):
   from jax.sharding import PartitionSpec as P
 
   from nvlm_jax import sharding
+
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices")
   variant, model, params, forward = tiny
@@ -492,13 +580,15 @@ def param_count(cfg) -> int:
 def block_params(llm) -> int:
   """One gated cross-attention block: q/o, k/v, SwiGLU, attn/memory/mlp norms, q/k norms, two gates."""
   d, hd = llm.hidden_size, llm.kv_head_dim
-  return (2 * d * llm.num_heads * hd + 2 * d * llm.num_kv_heads * hd + 3 * d * llm.intermediate_size
-          + 3 * d + 2 * hd + 2)
+  return 2 * d * llm.num_heads * hd + 2 * d * llm.num_kv_heads * hd + 3 * d * llm.intermediate_size + 3 * d + 2 * hd + 2
 
 
 def projector_params(p) -> int:
-  widths = [(p.in_features, p.out_features)] if p.num_layers == 1 else [(p.in_features, p.hidden_size),
-                                                                         (p.hidden_size, p.out_features)]
+  widths = (
+    [(p.in_features, p.out_features)]
+    if p.num_layers == 1
+    else [(p.in_features, p.hidden_size), (p.hidden_size, p.out_features)]
+  )
   return 2 * p.in_features + sum(a * b for a, b in widths)
 
 
@@ -510,8 +600,9 @@ def test_full_size_parameter_counts():
       cfg = get_preset(f"nvlm_{variant}_{size}")
       count = param_count(cfg)
       print(f"nvlm_{variant}_{size}: {count:,} parameters ({block_params(cfg.llm):,} per gated block)")
-      assert count == (d_counts[size] - projector_params(d.projector) + projector_params(cfg.projector)
-                       + 10 * block_params(cfg.llm))
+      assert count == (
+        d_counts[size] - projector_params(d.projector) + projector_params(cfg.projector) + 10 * block_params(cfg.llm)
+      )
 
 
 def test_build_from_released_parts_save_and_load(tmp_path):
@@ -527,9 +618,18 @@ def test_build_from_released_parts_save_and_load(tmp_path):
   qwen = rm.build_causal_lm(rm.tiny_qwen2_config(num_hidden_layers=4, tie_word_embeddings=False), seed=3)
   llm_dir = rm.save(qwen, tmp_path / "llm")
   build_tiny_tokenizer(None, vocab_size=384, out_dir=llm_dir)
-  vision = transformers.InternVLVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                             intermediate_size=64, image_size=56, patch_size=7, layer_norm_eps=1e-6,
-                                             use_mean_pooling=True, use_qk_norm=True, norm_type="rms_norm")
+  vision = transformers.InternVLVisionConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=56,
+    patch_size=7,
+    layer_norm_eps=1e-6,
+    use_mean_pooling=True,
+    use_qk_norm=True,
+    norm_type="rms_norm",
+  )
   torch.manual_seed(0)
   vit_dir = rm.save(rm.randomize_(transformers.InternVLVisionModel(vision), 4).eval(), tmp_path / "vit")
   xattn = CrossAttentionConfig(every=2, max_tag_tokens=12)
@@ -555,6 +655,7 @@ def test_build_from_released_parts_save_and_load(tmp_path):
     from jax.sharding import PartitionSpec as P
 
     from nvlm_jax import sharding
+
     mesh = sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
     _, on_mesh = build.load_checkpoint(tmp_path / "nvlm_h_init", mesh=mesh)
     kernel = on_mesh["language_model"]["decoder"]["groups"]["cross_attn"]["mlp"]["up_proj"]["kernel"]

@@ -1,4 +1,5 @@
 """The decoder on an fsdp x tensor mesh of 8 virtual CPU devices equals the single-device decoder."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,7 @@ from nvlm_jax import sharding
 from nvlm_jax.config import DecoderConfig
 from nvlm_jax.language.decoder import CausalLM
 
-CONFIG = DecoderConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                       intermediate_size=128)
+CONFIG = DecoderConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,10 @@ def test_sharded_forward_equals_single_device(mesh, scan_layers):
     array = flat_params[path]
     expected_spec = P(*(rules.get(name) if name else None for name in logical))
     assert array.sharding.is_equivalent_to(NamedSharding(mesh, expected_spec), array.ndim), (
-        jax.tree_util.keystr(path), array.sharding.spec, expected_spec)
+      jax.tree_util.keystr(path),
+      array.sharding.spec,
+      expected_spec,
+    )
     shard_shape = array.sharding.shard_shape(array.shape)
     if "tensor" in str(expected_spec) or "fsdp" in str(expected_spec):
       assert shard_shape != array.shape, f"{jax.tree_util.keystr(path)} is not split: {shard_shape}"

@@ -13,8 +13,26 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "nvlm_jax"
-ORDER = ("lazy_exports", "config", "sharding", "presets", "layers", "language", "vision", "processing", "fusion",
-         "models", "generation", "data", "training", "checkpoint", "evaluation", "chat", "convert", "nvlm_jax")
+ORDER = (
+  "lazy_exports",
+  "config",
+  "sharding",
+  "presets",
+  "layers",
+  "language",
+  "vision",
+  "processing",
+  "fusion",
+  "models",
+  "generation",
+  "data",
+  "training",
+  "checkpoint",
+  "evaluation",
+  "chat",
+  "convert",
+  "nvlm_jax",
+)
 RANK = {unit: i for i, unit in enumerate(ORDER)}
 # Upward imports that stay inside a function, each with the reason it is not a cycle in practice.
 UPWARD_ALLOWED = {
@@ -51,10 +69,13 @@ def own_imports():
         targets = [a.name for a in node.names if a.name.startswith("nvlm_jax")]
       else:
         continue
-      said = lines[node.lineno - 1] + " " + (lines[node.lineno - 2] if lines[node.lineno - 2].strip()[:1] == "#" else "")
+      said = (
+        lines[node.lineno - 1] + " " + (lines[node.lineno - 2] if lines[node.lineno - 2].strip()[:1] == "#" else "")
+      )
       for target in dict.fromkeys(unit_of(t) for t in targets):
-        rows.append((file.relative_to(PACKAGE.parent), node.lineno, unit_of(module), target, id(node) in in_function,
-                     said))
+        rows.append(
+          (file.relative_to(PACKAGE.parent), node.lineno, unit_of(module), target, id(node) in in_function, said)
+        )
   return rows
 
 
@@ -66,8 +87,9 @@ def test_every_unit_has_a_place_in_the_order():
 
 def test_module_level_imports_flow_one_way():
   """No cycle between units: every module-level import points to the same unit or an earlier one."""
-  upward = [f"{f}:{line} ({a} -> {b})" for f, line, a, b, nested, _ in own_imports()
-            if not nested and RANK[b] > RANK[a]]
+  upward = [
+    f"{f}:{line} ({a} -> {b})" for f, line, a, b, nested, _ in own_imports() if not nested and RANK[b] > RANK[a]
+  ]
   assert not upward, "imports against the order:\n  " + "\n  ".join(upward)
 
 
@@ -77,6 +99,7 @@ def test_function_level_imports_are_few_say_why_and_go_upward_only_where_allowed
   assert len(nested) <= FUNCTION_LEVEL_BUDGET * len(rows), f"{len(nested)} of {len(rows)} imports inside functions"
   silent = [f"{f}:{line}" for f, line, *_, source in nested if "#" not in source]
   assert not silent, "function-level imports without a reason comment:\n  " + "\n  ".join(silent)
-  upward = [f"{f}:{line} ({a} -> {b})" for f, line, a, b, _, _ in nested
-            if RANK[b] > RANK[a] and (a, b) not in UPWARD_ALLOWED]
+  upward = [
+    f"{f}:{line} ({a} -> {b})" for f, line, a, b, _, _ in nested if RANK[b] > RANK[a] and (a, b) not in UPWARD_ALLOWED
+  ]
   assert not upward, "function-level imports against the order:\n  " + "\n  ".join(upward)

@@ -3,6 +3,7 @@
 Batches come from real grain pipelines (`grain.MapDataset` over small in-memory arrays). The tiny
 text-only CausalLM keeps compile times low; one test runs the tiny NVLM-D in its pretraining setup.
 """
+
 import json
 import math
 import os
@@ -24,8 +25,15 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 def lm_config(**changes):
   c = config_base.base_config()
-  c.model.decoder = dict(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=64, rope_theta=10_000.0)
+  c.model.decoder = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    rope_theta=10_000.0,
+  )
   c.model.dtype = "float32"
   c.trainable = ("decoder", "final_norm", "lm_head")  # the token embedding stays frozen
   c.optimizer.update(lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.01, grad_clip=1.0)
@@ -52,8 +60,11 @@ class Runner:
     self.setup = trainer.build_setup(config, devices=devices)
     self.initial = jax.device_get(trainer.fresh_state(self.setup, config.seed))
     with trainer._MeshContext(self.setup):
-      self.step = trainer.jitted_train_step(self.setup).lower(
-          self.setup.abstract_state, trainer.abstract_global_batch(self.setup)).compile()
+      self.step = (
+        trainer.jitted_train_step(self.setup)
+        .lower(self.setup.abstract_state, trainer.abstract_global_batch(self.setup))
+        .compile()
+      )
 
   def state(self):
     return jax.device_put(self.initial, self.setup.state_shardings)
@@ -80,6 +91,7 @@ def eight_devices():
 
 # --- contract and pieces -----------------------------------------------------------------------------
 
+
 def test_batch_contract_accepts_pipeline_rows_and_names_the_bad_key():
   batch = next(lm_batches())
   batch_lib.check_batch(batch, multimodal=False, batch_size=BATCH, seq_len=SEQ)
@@ -104,8 +116,10 @@ def test_lr_schedule_is_megatron_warmup_then_cosine_to_min():
   np.testing.assert_allclose(float(sched(10_000)), 2.5e-5, rtol=1e-6)
 
 
-@pytest.mark.parametrize("max_lr,min_lr,warmup,decay", [(1e-4, 2.5e-5, 10, 110), (3e-4, 0.0, 0, 50),
-                                                        (1e-3, 1e-4, 5, 5), (2e-5, 2e-5, 3, 20), (0.0, 0.0, 4, 9)])
+@pytest.mark.parametrize(
+  "max_lr,min_lr,warmup,decay",
+  [(1e-4, 2.5e-5, 10, 110), (3e-4, 0.0, 0, 50), (1e-3, 1e-4, 5, 5), (2e-5, 2e-5, 3, 20), (0.0, 0.0, 4, 9)],
+)
 def test_lr_schedule_matches_the_megatron_formula_at_every_step(max_lr, min_lr, warmup, decay):
   """optax's schedule (warmup one step ahead) against the formula re-derived in numpy, step by step."""
   steps = np.arange(decay + 20)
@@ -119,8 +133,11 @@ def test_lr_schedule_matches_the_megatron_formula_at_every_step(max_lr, min_lr, 
 
 
 def test_trainable_patterns_select_by_path_and_reject_typos():
-  params = {"vision_model": {"encoder": {"w": 0}}, "projector": {"linear_1": {"kernel": 0}},
-            "language_model": {"decoder": {"layers": {"xattn_cross_attention": {"q": 0}, "mlp": {"k": 0}}}}}
+  params = {
+    "vision_model": {"encoder": {"w": 0}},
+    "projector": {"linear_1": {"kernel": 0}},
+    "language_model": {"decoder": {"layers": {"xattn_cross_attention": {"q": 0}, "mlp": {"k": 0}}}},
+  }
   labels = optimizer.trainable_labels(params, ("projector", "*cross_attention*"))
   assert labels["projector"]["linear_1"]["kernel"] == "trainable"
   assert labels["language_model"]["decoder"]["layers"]["xattn_cross_attention"]["q"] == "trainable"
@@ -131,8 +148,13 @@ def test_trainable_patterns_select_by_path_and_reject_typos():
 
 
 def test_weight_decay_skips_biases_norms_and_stacked_vectors():
-  specs = {"kernel": P("layers", "embed", "mlp"), "bias": P("layers", "mlp"), "scale": P("heads", "head_dim"),
-           "embedding": P("vocab", "embed"), "ls1": P("embed")}
+  specs = {
+    "kernel": P("layers", "embed", "mlp"),
+    "bias": P("layers", "mlp"),
+    "scale": P("heads", "head_dim"),
+    "embedding": P("vocab", "embed"),
+    "ls1": P("embed"),
+  }
   mask = optimizer.weight_decay_mask(specs)
   assert mask == {"kernel": True, "bias": False, "scale": False, "embedding": True, "ls1": False}
 
@@ -147,6 +169,7 @@ def test_tensorboard_records_have_valid_crcs_and_decode(tmp_path):
   pb = pytest.importorskip("google.protobuf")
   del pb
   from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
   fd = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t", syntax="proto3")
   value = fd.message_type.add(name="Value")
   value.field.add(name="tag", number=1, type=9, label=1)
@@ -173,6 +196,7 @@ def test_tensorboard_records_have_valid_crcs_and_decode(tmp_path):
 
 def test_flops_follow_the_documented_multipliers():
   from nvlm_jax import presets
+
   lm = presets.get_preset("tiny_llm")
   fwd = flops.decoder_forward(lm, 2, 16)
   total = flops.train_step_flops(lm, batch_size=2, seq_len=16, trainable_towers={"language_model"})["total"]
@@ -190,6 +214,7 @@ def test_flops_follow_the_documented_multipliers():
 
 # --- the train step --------------------------------------------------------------------------------
 
+
 def test_loss_falls_frozen_params_stay_bit_identical_and_have_no_optimizer_state(one_device):
   state, history = one_device.run(lm_batches(), 12)
   losses = [float(m["loss"]) for m in history]
@@ -197,8 +222,11 @@ def test_loss_falls_frozen_params_stay_bit_identical_and_have_no_optimizer_state
   before = one_device.initial.params
   after = jax.device_get(state.params)
   np.testing.assert_array_equal(after["embed_tokens"]["embedding"], before["embed_tokens"]["embedding"])
-  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), {k: after[k] for k in ("decoder", "lm_head")},
-                         {k: before[k] for k in ("decoder", "lm_head")})
+  changed = jax.tree.map(
+    lambda a, b: not np.array_equal(a, b),
+    {k: after[k] for k in ("decoder", "lm_head")},
+    {k: before[k] for k in ("decoder", "lm_head")},
+  )
   assert all(jax.tree.leaves(changed)), changed
   moment_paths = [optimizer.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert any("mu/decoder" in p for p in moment_paths)
@@ -210,8 +238,7 @@ def test_eight_devices_give_the_same_losses_as_one(one_device, eight_devices):
   state1, hist1 = one_device.run(lm_batches(), 4)
   state8, hist8 = eight_devices.run(lm_batches(), 4)
   np.testing.assert_allclose([float(m["loss"]) for m in hist8], [float(m["loss"]) for m in hist1], rtol=1e-5)
-  np.testing.assert_allclose([float(m["grad_norm"]) for m in hist8], [float(m["grad_norm"]) for m in hist1],
-                             rtol=1e-4)
+  np.testing.assert_allclose([float(m["grad_norm"]) for m in hist8], [float(m["grad_norm"]) for m in hist1], rtol=1e-4)
   kernel = state8.params["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]
   assert kernel.sharding.spec == P(None, "fsdp", "tensor")  # really sharded, not replicated
   # Adam divides by sqrt(nu): tiny gradients amplify summation-order noise in the weights, not the loss.
@@ -226,8 +253,9 @@ def test_sharding_rules_come_from_the_config():
   config.mesh.update(fsdp=4, tensor=2)
   default = trainer.build_setup(config, devices=jax.devices()[:8])
   assert default.param_shardings["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"].spec == P(None, "fsdp", "tensor")
-  config.sharding_rules = tuple(("mlp", None) if name == "mlp" else (name, axes)
-                                for name, axes in config.sharding_rules)
+  config.sharding_rules = tuple(
+    ("mlp", None) if name == "mlp" else (name, axes) for name, axes in config.sharding_rules
+  )
   changed = trainer.build_setup(config, devices=jax.devices()[:8])
   assert changed.param_shardings["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"].spec == P(None, "fsdp", None)
   config.sharding_rules = config.sharding_rules + (("embed", "tensr"),)
@@ -303,9 +331,11 @@ def test_trainer_writes_metrics_and_a_loadable_checkpoint(tmp_path):
 
 # --- NVLM-D ------------------------------------------------------------------------------------------
 
+
 def nvlm_d_batches(config, batch_size=4, seq_len=48, tiles=2, n_batches=2, seed=0):
   """Rows: text, one run of tokens_per_tile placeholders per valid tile, then an answer that depends on the image."""
   from nvlm_jax import presets
+
   model_cfg = presets.get_preset("tiny_nvlm_d")
   per_tile, size, ph = model_cfg.tokens_per_tile, model_cfg.vision.image_size, model_cfg.image_token_id
   rng = np.random.default_rng(seed)
@@ -317,13 +347,18 @@ def nvlm_d_batches(config, batch_size=4, seq_len=48, tiles=2, n_batches=2, seed=
     pixels[:valid] = rng.normal(size=(valid, size, size, 3)) * 0.1 + (colour - 1.5)
     ids = [5, 6] + [ph] * (per_tile * valid) + [7] + [10 + colour] * 4
     n = len(ids)
-    row = {"input_ids": np.zeros(seq_len, np.int32), "targets": np.zeros(seq_len, np.int32),
-           "loss_mask": np.zeros(seq_len, np.float32), "segment_ids": np.zeros(seq_len, np.int32),
-           "positions": np.zeros(seq_len, np.int32), "pixel_values": pixels,
-           "tile_mask": np.arange(tiles) < valid}
+    row = {
+      "input_ids": np.zeros(seq_len, np.int32),
+      "targets": np.zeros(seq_len, np.int32),
+      "loss_mask": np.zeros(seq_len, np.float32),
+      "segment_ids": np.zeros(seq_len, np.int32),
+      "positions": np.zeros(seq_len, np.int32),
+      "pixel_values": pixels,
+      "tile_mask": np.arange(tiles) < valid,
+    }
     row["input_ids"][:n] = ids
-    row["targets"][:n - 1] = ids[1:]
-    row["loss_mask"][n - 6:n - 1] = 1.0  # predict the answer tokens after the image
+    row["targets"][: n - 1] = ids[1:]
+    row["loss_mask"][n - 6 : n - 1] = 1.0  # predict the answer tokens after the image
     row["segment_ids"][:n] = 1
     row["positions"][:n] = np.arange(n)
     rows.append(row)
@@ -359,6 +394,7 @@ def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable
   import importlib.util
   from pathlib import Path
   from nvlm_jax.training.processor_setup import read_run_processor as load_processor
+
   path = Path(__file__).resolve().parents[1] / "configs" / "tiny_d.py"
   spec = importlib.util.spec_from_file_location("tiny_d", path)
   module = importlib.util.module_from_spec(spec)
@@ -383,6 +419,7 @@ def test_init_from_a_params_only_checkpoint_starts_from_those_parameters(tmp_pat
   """A stitched model saved with nvlm_jax.checkpoint.from_parts.save_checkpoint (params + description, no optimizer
   state) is a valid `checkpoint.init_from`; training then starts from exactly those parameters."""
   from nvlm_jax.checkpoint.from_parts import save_checkpoint
+
   save_checkpoint(tmp_path / "stitched", one_device.setup.model_config, one_device.initial.params)
   config = lm_config(total_steps=2, workdir=str(tmp_path / "run"))
   config.checkpoint.init_from = str(tmp_path / "stitched")

@@ -1,4 +1,5 @@
 """The recipe configs carry the paper's Tables 10/11, freeze the right modules, and plan on a mesh."""
+
 import importlib.util
 from pathlib import Path
 
@@ -13,23 +14,30 @@ RECIPES = sorted(p.stem for p in CONFIGS.glob("nvlm_*_*_*.py"))
 
 # docs/paper.md (g): (variant, stage) -> trainable top-level modules (D; X/H also "*cross_attn*"), optimizer, data.
 TABLES = {
-    ("d", "pretrain"): dict(lr=1e-4, min_lr=2.5e-5, warmup=500, b2=0.95, wd=0.1, clip=10.0, gbs=2048, seq=512,
-                            tiles=1, steps=20_000),
-    ("x", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup=1000, b2=0.95, wd=0.05, clip=1.0, gbs=2048, seq=512,
-                            tiles=1, steps=20_000),
-    ("h", "pretrain"): dict(lr=1e-4, min_lr=1e-5, warmup=1000, b2=0.98, wd=0.05, clip=1.0, gbs=2048, seq=512,
-                            tiles=7, steps=20_000),
-    ("d", "sft"): dict(lr=2e-6, min_lr=2.5e-7, warmup=1000, b2=0.98, wd=0.1, clip=10.0, gbs=128, seq=3200, tiles=7,
-                       steps=40_000),
-    ("x", "sft"): dict(lr=1e-5, warmup=500, b2=0.98, wd=0.05, clip=1.0, seq=1024, tiles=7, steps=20_000),
-    ("h", "sft"): dict(lr=1e-5, min_lr=1e-7, warmup=1000, b2=0.98, wd=0.05, clip=1.0, gbs=256, seq=1280, tiles=7,
-                       steps=40_000),
+  ("d", "pretrain"): dict(
+    lr=1e-4, min_lr=2.5e-5, warmup=500, b2=0.95, wd=0.1, clip=10.0, gbs=2048, seq=512, tiles=1, steps=20_000
+  ),
+  ("x", "pretrain"): dict(
+    lr=1e-4, min_lr=1e-5, warmup=1000, b2=0.95, wd=0.05, clip=1.0, gbs=2048, seq=512, tiles=1, steps=20_000
+  ),
+  ("h", "pretrain"): dict(
+    lr=1e-4, min_lr=1e-5, warmup=1000, b2=0.98, wd=0.05, clip=1.0, gbs=2048, seq=512, tiles=7, steps=20_000
+  ),
+  ("d", "sft"): dict(
+    lr=2e-6, min_lr=2.5e-7, warmup=1000, b2=0.98, wd=0.1, clip=10.0, gbs=128, seq=3200, tiles=7, steps=40_000
+  ),
+  ("x", "sft"): dict(lr=1e-5, warmup=500, b2=0.98, wd=0.05, clip=1.0, seq=1024, tiles=7, steps=20_000),
+  ("h", "sft"): dict(
+    lr=1e-5, min_lr=1e-7, warmup=1000, b2=0.98, wd=0.05, clip=1.0, gbs=256, seq=1280, tiles=7, steps=40_000
+  ),
 }
 TRAINABLE = {
-    ("d", "pretrain"): {"projector"}, ("d", "sft"): {"projector", "language_model"},
-    ("x", "pretrain"): {"projector", "*cross_attn*"}, ("x", "sft"): {"projector", "*cross_attn*", "language_model"},
-    ("h", "pretrain"): {"projector", "*cross_attn*"},
-    ("h", "sft"): {"projector", "*cross_attn*", "language_model"},
+  ("d", "pretrain"): {"projector"},
+  ("d", "sft"): {"projector", "language_model"},
+  ("x", "pretrain"): {"projector", "*cross_attn*"},
+  ("x", "sft"): {"projector", "*cross_attn*", "language_model"},
+  ("h", "pretrain"): {"projector", "*cross_attn*"},
+  ("h", "sft"): {"projector", "*cross_attn*", "language_model"},
 }
 
 
@@ -53,9 +61,18 @@ def test_recipe_values_match_the_paper_tables(name):
   want = dict(TABLES[(variant, stage)])
   if (variant, stage) == ("x", "sft"):  # the one size-dependent row of Table 11
     want.update(gbs=256 if size == "72b" else 512, min_lr=1e-7 if size == "72b" else 1e-6)
-  got = dict(lr=c.optimizer.lr, min_lr=c.optimizer.min_lr, warmup=c.optimizer.warmup_steps, b2=c.optimizer.b2,
-             wd=c.optimizer.weight_decay, clip=c.optimizer.grad_clip, gbs=c.data.global_batch_size,
-             seq=c.data.seq_len, tiles=c.data.max_tiles, steps=c.total_steps)
+  got = dict(
+    lr=c.optimizer.lr,
+    min_lr=c.optimizer.min_lr,
+    warmup=c.optimizer.warmup_steps,
+    b2=c.optimizer.b2,
+    wd=c.optimizer.weight_decay,
+    clip=c.optimizer.grad_clip,
+    gbs=c.data.global_batch_size,
+    seq=c.data.seq_len,
+    tiles=c.data.max_tiles,
+    steps=c.total_steps,
+  )
   assert {k: got[k] for k in want} == want
   assert c.optimizer.b1 == 0.9 and c.model.preset == f"nvlm_{variant}_{size}" and c.mesh.tensor == 8
   assert set(c.trainable) == TRAINABLE[(variant, stage)]
@@ -96,6 +113,7 @@ def test_recipe_freezes_exactly_the_untrained_modules_of_the_real_model(name):
 
 def test_planner_reports_memory_and_flops_for_a_sharded_tiny_model(capsys):
   from nvlm_jax.training import plan
+
   c = load("tiny_d")
   c.mesh.update(data=1, fsdp=4, tensor=2)
   c.compiler_options = {"xla_backend_optimization_level": 0}
@@ -112,6 +130,7 @@ def test_planner_extrapolated_xla_flops_agree_with_the_analytic_count():
   match flops.py up to what the model formula leaves out (full instead of causal attention scores,
   norms, softmax, the optimizer)."""
   from nvlm_jax.training import plan
+
   c = load("tiny_lm")
   c.model.decoder.update(hidden_size=256, intermediate_size=1024, num_heads=8, num_kv_heads=4, num_layers=4)
   c.data.update(global_batch_size=8, seq_len=64, num_microbatches=2)
@@ -125,10 +144,11 @@ def test_planner_extrapolated_xla_flops_agree_with_the_analytic_count():
 
 def test_planner_lowers_the_72b_sft_step_from_abstract_shapes(capsys):
   from nvlm_jax.training import plan
+
   c = load("nvlm_d_72b_sft")
   c.mesh.update(data=1, fsdp=1, tensor=8)
   c.data.global_batch_size, c.data.num_microbatches = 8, 1
   figures = plan.plan(c, lower_only=True, devices=jax.devices()[:8])
   assert 78e9 < figures["params"] < 80e9 and 73e9 < figures["trainable_params"] < 74e9
   # fp32 master weights of the 73B trainable parameters, split 8 ways by the tensor axis (mostly).
-  assert 25 < figures["params_bytes_per_device"] / 2 ** 30 < 60
+  assert 25 < figures["params_bytes_per_device"] / 2**30 < 60

@@ -3,6 +3,7 @@
 Oracles: a torch transcription of docs/paper.md c.1 (the three view/permute steps) for pixel shuffle, and tiny
 random transformers `InternVLVisionModel` / `InternVLForConditionalGeneration.get_image_features` in fp32.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,7 +55,7 @@ def random_params(model: nn.Module, *init_args, seed: int = 0, std: float = 0.05
 def torch_pixel_shuffle(x: torch.Tensor, scale: float = 0.5, version: str = "v2") -> torch.Tensor:
   """Spec c.1, step by step: [N, g*g, C] -> [N, (g*s)^2, C/s^2]."""
   n, tokens, c = x.shape
-  g = int(tokens ** 0.5)
+  g = int(tokens**0.5)
   x = x.reshape(n, g, g, c)
   x = x.view(n, g, int(g * scale), int(c / scale))  # merge column pairs
   x = x.permute(0, 2, 1, 3).contiguous()
@@ -83,8 +84,9 @@ def test_pixel_shuffle_closed_form():
     for col in range(big):
       for dr in range(2):
         for dc in range(2):
-          np.testing.assert_array_equal(out[0, r * big + col, (dr * 2 + dc) * c:(dr * 2 + dc + 1) * c],
-                                        x[0, (2 * r + dr) * g + (2 * col + dc)])
+          np.testing.assert_array_equal(
+            out[0, r * big + col, (dr * 2 + dc) * c : (dr * 2 + dc + 1) * c], x[0, (2 * r + dr) * g + (2 * col + dc)]
+          )
 
 
 def test_pixel_shuffle_rejects_bad_grids():
@@ -99,13 +101,21 @@ def test_pixel_shuffle_rejects_bad_grids():
 # ----------------------------------------------------------------------------------------------------
 # InternViT vs transformers InternVLVisionModel
 
-TINY_VISION = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-                   image_size=56, patch_size=7, layer_norm_eps=1e-6, use_mean_pooling=True)
+TINY_VISION = dict(
+  hidden_size=32,
+  num_hidden_layers=3,
+  num_attention_heads=4,
+  intermediate_size=64,
+  image_size=56,
+  patch_size=7,
+  layer_norm_eps=1e-6,
+  use_mean_pooling=True,
+)
 # InternViT-6B style (q/k RMSNorm over the full width, no qkv bias: docs/paper.md a.1) and an InternViT-300M
 # style (LayerNorm, no q/k norm, qkv bias).
 VIT_STYLES = {
-    "6b": dict(use_qk_norm=True, norm_type="rms_norm", attention_bias=False),
-    "300m": dict(use_qk_norm=False, norm_type="layer_norm", attention_bias=True),
+  "6b": dict(use_qk_norm=True, norm_type="rms_norm", attention_bias=False),
+  "300m": dict(use_qk_norm=False, norm_type="layer_norm", attention_bias=True),
 }
 
 
@@ -133,8 +143,7 @@ def torch_vit_hidden(model, pixels: np.ndarray) -> list[np.ndarray]:
 @pytest.mark.parametrize("select_layer,scan_layers", [(-1, True), (-2, True), (1, True), (-1, False)])
 def test_intern_vit_matches_transformers(torch_vit, select_layer, scan_layers):
   model, directory = torch_vit
-  ours, params = load_pretrained(directory, scan_layers=scan_layers,
-                                 config_overrides={"select_layer": select_layer})
+  ours, params = load_pretrained(directory, scan_layers=scan_layers, config_overrides={"select_layer": select_layer})
   assert isinstance(ours, InternViT)
   pixels = np.random.default_rng(1).standard_normal((3, 56, 56, 3)).astype(np.float32)
   features = jax.jit(lambda p, x: ours.apply({"params": p}, x))(params, jnp.asarray(pixels))
@@ -149,11 +158,21 @@ def test_standalone_intern_vit_directory_round_trips(torch_vit, tmp_path):
   ours, params = load_pretrained(directory)
   cfg = ours.config
   save_sharded(vision_layouts.intern_vit_rules(cfg).to_hf(params), tmp_path, max_shard_bytes=20_000)
-  config = {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_act": "gelu",
-            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-            "intermediate_size": cfg.intermediate_size, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
-            "qk_normalization": cfg.qk_normalization, "qkv_bias": cfg.qkv_bias, "norm_type": cfg.norm_type,
-            "layer_norm_eps": cfg.layer_norm_eps}
+  config = {
+    "architectures": ["InternVisionModel"],
+    "model_type": "intern_vit_6b",
+    "hidden_act": "gelu",
+    "hidden_size": cfg.hidden_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "intermediate_size": cfg.intermediate_size,
+    "image_size": cfg.image_size,
+    "patch_size": cfg.patch_size,
+    "qk_normalization": cfg.qk_normalization,
+    "qkv_bias": cfg.qkv_bias,
+    "norm_type": cfg.norm_type,
+    "layer_norm_eps": cfg.layer_norm_eps,
+  }
   (tmp_path / "config.json").write_text(json.dumps(config))
   again, params_again = load_pretrained(tmp_path)
   assert again.config == cfg
@@ -173,10 +192,12 @@ def test_vision_config_validation():
   with pytest.raises(ValueError, match="patch_size"):
     VisionConfig(image_size=50, patch_size=7, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=8)
   with pytest.raises(ValueError, match="select_layer"):
-    VisionConfig(image_size=56, patch_size=7, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=8,
-                 select_layer=-4)
-  cfg = VisionConfig(image_size=56, patch_size=7, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=8,
-                     select_layer=-2)
+    VisionConfig(
+      image_size=56, patch_size=7, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=8, select_layer=-4
+    )
+  cfg = VisionConfig(
+    image_size=56, patch_size=7, hidden_size=32, num_layers=4, num_heads=4, intermediate_size=8, select_layer=-2
+  )
   assert (cfg.depth, cfg.grid_size, cfg.num_positions, cfg.head_dim) == (3, 8, 65, 8)
 
 
@@ -194,8 +215,12 @@ def test_intern_vit_rejects_wrong_tile_size():
 def torch_internvl(tmp_path_factory):
   vision = transformers.InternVLVisionConfig(**TINY_VISION, **VIT_STYLES["6b"])
   text = rm.tiny_qwen2_config(tie_word_embeddings=False)
-  config = transformers.InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                                       image_token_id=rm.TINY_TEXT["vocab_size"] - 1, tie_word_embeddings=False)
+  config = transformers.InternVLConfig(
+    vision_config=vision.to_dict(),
+    text_config=text.to_dict(),
+    image_token_id=rm.TINY_TEXT["vocab_size"] - 1,
+    tie_word_embeddings=False,
+  )
   config._attn_implementation = "eager"
   torch.manual_seed(0)
   model = transformers.InternVLForConditionalGeneration(config)
@@ -212,7 +237,8 @@ def test_encode_images_matches_transformers(torch_internvl):
   pixels = np.random.default_rng(2).standard_normal((2, 3, 56, 56, 3)).astype(np.float32)
   mask = np.array([[True, True, True], [True, True, False]])
   features = jax.jit(lambda p, x, m: ours.apply({"params": p}, x, m, method="encode_images"))(
-      params, jnp.asarray(pixels), jnp.asarray(mask))
+    params, jnp.asarray(pixels), jnp.asarray(mask)
+  )
   assert features.shape == (2, 3, ours.config.tokens_per_tile, 64)
   with torch.no_grad():
     ref = model.get_image_features(torch.as_tensor(pixels[mask]).permute(0, 3, 1, 2)).pooler_output.numpy()
@@ -229,8 +255,10 @@ def test_padded_tiles_never_contribute_and_tile_budget_is_exact():
   mask = np.array([[True, False, True, False], [False, True, False, False]])
   garbage = pixels.copy()
   garbage[~mask] = 1e30  # padded slots hold anything; they must not matter
-  run = jax.jit(lambda p, x, m, budget=None: model.apply({"params": p}, x, m, tile_budget=budget,
-                                                          method="encode_images"), static_argnums=3)
+  run = jax.jit(
+    lambda p, x, m, budget=None: model.apply({"params": p}, x, m, tile_budget=budget, method="encode_images"),
+    static_argnums=3,
+  )
   full = np.asarray(run(params, jnp.asarray(pixels), jnp.asarray(mask)))
   assert np.isfinite(full).all()
   np.testing.assert_array_equal(full[~mask], 0.0)

@@ -21,6 +21,7 @@ layers_after[g, j - offset]. `llm_params_from_cross_attention` is the inverse (e
 The saved directory is a trainer workdir (`nvlm_model.json` + `checkpoints/0/{params, model}`), so
 `train.py --config.checkpoint.init_from=DIR` and `checkpointing.load_checkpoint(DIR)` both restore it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -76,8 +77,9 @@ def llm_to_cross_attention_params(llm_params: Mapping[str, Any], config: NVLMCon
     out["decoder"] = dict(decoder)
     return out
   if "layers" not in decoder:
-    raise ValueError(f"LLM params are not scanned as config.llm.scan_layers=True expects (decoder has "
-                     f"{sorted(decoder)[:3]}...)")
+    raise ValueError(
+      f"LLM params are not scanned as config.llm.scan_layers=True expects (decoder has {sorted(decoder)[:3]}...)"
+    )
   stacked = decoder["layers"]
   for x in jax.tree.leaves(stacked):
     if x.shape[0] != groups * every:
@@ -105,12 +107,14 @@ def _is_new(path: tuple[str, ...]) -> bool:
 def _select_new(params: Mapping[str, Any]) -> dict:
   """The subtrees build_from_released_parts initializes (projector, every cross_attn block)."""
   from flax import traverse_util
+
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if _is_new(k)})
 
 
 def _merge(*trees: Mapping[str, Any]) -> dict:
   from flax import traverse_util
+
   flat = {}
   for tree in trees:
     for key, value in traverse_util.flatten_dict(tree).items():
@@ -133,24 +137,32 @@ def init_params(config: NVLMConfig, rng: jax.Array, *, only_new: bool = False) -
   return jax.jit(init)(rng)
 
 
-def assemble_params(config: NVLMConfig, llm_params: Mapping[str, Any], vision_params: Mapping[str, Any],
-                    new_params: Mapping[str, Any]) -> dict:
+def assemble_params(
+  config: NVLMConfig, llm_params: Mapping[str, Any], vision_params: Mapping[str, Any], new_params: Mapping[str, Any]
+) -> dict:
   """Full X/H params from the LLM's, the ViT's and the new modules' (`init_params(only_new=True)`)."""
   lm = llm_to_cross_attention_params(llm_params, config)
   params = _merge({"vision_model": dict(vision_params), "language_model": lm}, new_params)
-  expected = jax.eval_shape(lambda: nn.meta.unbox(models.module_for_config(config).init(
-      jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"])
+  expected = jax.eval_shape(
+    lambda: nn.meta.unbox(models.module_for_config(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))[
+      "params"
+    ]
+  )
   _check_tree(params, expected)
   return params
 
 
 def _check_tree(params, expected) -> None:
   from flax import traverse_util
+
   got, want = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(expected, sep="/")
   problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
   problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: shape {tuple(got[k].shape)}, expected {tuple(want[k].shape)}"
-               for k in sorted(set(got) & set(want)) if tuple(got[k].shape) != tuple(want[k].shape)]
+  problems += [
+    f"{k}: shape {tuple(got[k].shape)}, expected {tuple(want[k].shape)}"
+    for k in sorted(set(got) & set(want))
+    if tuple(got[k].shape) != tuple(want[k].shape)
+  ]
   if problems:
     raise ValueError("assembled parameters do not match the model:\n  " + "\n  ".join(problems[:20]))
 
@@ -162,14 +174,20 @@ def _check_tree(params, expected) -> None:
 def default_cross_attention(llm: DecoderConfig, blocks: int = 10) -> CrossAttentionConfig:
   """The paper's 10 blocks (one per num_layers / 10 LLM layers), each before its group's last layer."""
   if llm.num_layers % blocks:
-    raise ValueError(f"the LLM has {llm.num_layers} layers, not a multiple of {blocks} blocks; pass "
-                     "cross_attention=CrossAttentionConfig(every=..., ...)")
+    raise ValueError(
+      f"the LLM has {llm.num_layers} layers, not a multiple of {blocks} blocks; pass "
+      "cross_attention=CrossAttentionConfig(every=..., ...)"
+    )
   every = llm.num_layers // blocks
   return CrossAttentionConfig(every=every, offset=every - 1)
 
 
-def tokenizer_ids(directory: str | os.PathLike, *, image_context_token: str = DEFAULT_IMAGE_CONTEXT_TOKEN,
-                  image_start: str = DEFAULT_IMAGE_START) -> dict[str, Any]:
+def tokenizer_ids(
+  directory: str | os.PathLike,
+  *,
+  image_context_token: str = DEFAULT_IMAGE_CONTEXT_TOKEN,
+  image_start: str = DEFAULT_IMAGE_START,
+) -> dict[str, Any]:
   """{image_token_id, image_start_token_ids} from a directory's tokenizer files ({} if it has none)."""
   if not (Path(directory) / "tokenizer.json").is_file():
     return {}
@@ -180,25 +198,48 @@ def tokenizer_ids(directory: str | os.PathLike, *, image_context_token: str = DE
   return ids
 
 
-def build_config(variant: str, llm: DecoderConfig, vision: VisionConfig, *, image_token_id: int,
-                 cross_attention: CrossAttentionConfig | None = None, image_start_token_ids=(),
-                 **nvlm_fields) -> NVLMConfig:
+def build_config(
+  variant: str,
+  llm: DecoderConfig,
+  vision: VisionConfig,
+  *,
+  image_token_id: int,
+  cross_attention: CrossAttentionConfig | None = None,
+  image_start_token_ids=(),
+  **nvlm_fields,
+) -> NVLMConfig:
   if variant not in ("x", "h"):
     raise ValueError(f"variant must be 'x' or 'h', got {variant!r}")
   ratio = nvlm_fields.get("downsample_ratio", 0.5)
-  return NVLMConfig(variant=variant, vision=vision, projector=ProjectorConfig.for_variant(variant, vision, llm, ratio),
-                    llm=llm, image_token_id=int(image_token_id),
-                    cross_attention=cross_attention or default_cross_attention(llm),
-                    image_start_token_ids=tuple(int(i) for i in image_start_token_ids), **nvlm_fields)
+  return NVLMConfig(
+    variant=variant,
+    vision=vision,
+    projector=ProjectorConfig.for_variant(variant, vision, llm, ratio),
+    llm=llm,
+    image_token_id=int(image_token_id),
+    cross_attention=cross_attention or default_cross_attention(llm),
+    image_start_token_ids=tuple(int(i) for i in image_start_token_ids),
+    **nvlm_fields,
+  )
 
 
-def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.PathLike, *, variant: str,
-                              cross_attention: CrossAttentionConfig | None = None,
-                              image_token_id: int | None = None, image_start_token_ids=None,
-                              tokenizer_dir: str | os.PathLike | None = None, dtype: str = "float32",
-                              param_dtype: str | None = None, scan_layers: bool = True, seed: int = 0,
-                              projector_params: Mapping[str, Any] | None = None, mesh=None,
-                              **nvlm_fields) -> tuple[nn.Module, dict]:
+def build_from_released_parts(
+  llm_dir: str | os.PathLike,
+  vision_dir: str | os.PathLike,
+  *,
+  variant: str,
+  cross_attention: CrossAttentionConfig | None = None,
+  image_token_id: int | None = None,
+  image_start_token_ids=None,
+  tokenizer_dir: str | os.PathLike | None = None,
+  dtype: str = "float32",
+  param_dtype: str | None = None,
+  scan_layers: bool = True,
+  seed: int = 0,
+  projector_params: Mapping[str, Any] | None = None,
+  mesh=None,
+  **nvlm_fields,
+) -> tuple[nn.Module, dict]:
   """(NVLMX or NVLMH, params) from a Qwen2/Llama checkpoint dir and an InternViT dir (module docstring).
 
   Token ids: `image_token_id` (the placeholder, default: `<|vision_pad|>` of the tokenizer in
@@ -208,28 +249,38 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
   """
 
   param_dtype = param_dtype or dtype
-  llm_model, llm_params = load_pretrained(llm_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                                          mesh=mesh)
+  llm_model, llm_params = load_pretrained(llm_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers, mesh=mesh)
   if not isinstance(llm_model, CausalLM):
     raise ValueError(f"{llm_dir}: expected a text LLM checkpoint (Qwen2/Llama), found {type(llm_model).__name__}")
-  vit_model, vit_params = load_pretrained(vision_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers,
-                                          mesh=mesh)
+  vit_model, vit_params = load_pretrained(
+    vision_dir, dtype, param_dtype=param_dtype, scan_layers=scan_layers, mesh=mesh
+  )
   if not isinstance(vit_model, InternViT):
     raise ValueError(f"{vision_dir}: expected an InternViT checkpoint, found {type(vit_model).__name__}")
   ids = tokenizer_ids(tokenizer_dir or llm_dir)
   if image_token_id is None:
     if "image_token_id" not in ids:
-      raise ValueError(f"{tokenizer_dir or llm_dir}: no tokenizer defining {DEFAULT_IMAGE_CONTEXT_TOKEN!r}; pass "
-                       "image_token_id= (the placeholder id the Processor writes)")
+      raise ValueError(
+        f"{tokenizer_dir or llm_dir}: no tokenizer defining {DEFAULT_IMAGE_CONTEXT_TOKEN!r}; pass "
+        "image_token_id= (the placeholder id the Processor writes)"
+      )
     image_token_id = ids["image_token_id"]
   if image_start_token_ids is None:
     image_start_token_ids = ids.get("image_start_token_ids", ())
     if not image_start_token_ids:
-      log.warning("no tokenizer found: image_start_token_ids left empty; the first tile tag of each image is "
-                  "then located by max_tag_tokens alone (docs/fusion.md)")
-  config = build_config(variant, llm_model.config, vit_model.config, image_token_id=image_token_id,
-                        cross_attention=cross_attention, image_start_token_ids=image_start_token_ids,
-                        **nvlm_fields)
+      log.warning(
+        "no tokenizer found: image_start_token_ids left empty; the first tile tag of each image is "
+        "then located by max_tag_tokens alone (docs/fusion.md)"
+      )
+  config = build_config(
+    variant,
+    llm_model.config,
+    vit_model.config,
+    image_token_id=image_token_id,
+    cross_attention=cross_attention,
+    image_start_token_ids=image_start_token_ids,
+    **nvlm_fields,
+  )
   model = models.module_for_config(config)
   new = init_params(config, jax.random.key(seed), only_new=True)
   if projector_params is not None:
@@ -240,7 +291,8 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))["params"]
     shardings = sharding_lib.shardings_for(boxed, mesh)
     params = jax.jit(lambda l, v, n: assemble_params(config, l, v, n), out_shardings=shardings)(
-        llm_params, vit_params, new)
+      llm_params, vit_params, new
+    )
   return model, params
 
 
@@ -249,19 +301,20 @@ def build_from_released_parts(llm_dir: str | os.PathLike, vision_dir: str | os.P
 # WORKDIR/checkpoints/<step>/{params, model}.
 
 
-def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Mapping[str, Any],
-                    step: int = 0) -> Path:
+def save_checkpoint(directory: str | os.PathLike, config: NVLMConfig, params: Mapping[str, Any], step: int = 0) -> Path:
   """Writes params + model description as a trainer workdir; returns the step directory."""
   import orbax.checkpoint as ocp
-
 
   directory = Path(directory).absolute()
   description = models.describe_model(config)
   checkpointing.write_model_description(directory, description)
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   with ocp.CheckpointManager(directory / checkpointing.CHECKPOINT_SUBDIR, options=options) as manager:
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params)),
-                                               model=ocp.args.JsonSave(description)), force=True)
+    manager.save(
+      step,
+      args=ocp.args.Composite(params=ocp.args.StandardSave(dict(params)), model=ocp.args.JsonSave(description)),
+      force=True,
+    )
     manager.wait_until_finished()
   return directory / checkpointing.CHECKPOINT_SUBDIR / str(step)
 
@@ -272,6 +325,16 @@ def load_checkpoint(directory: str | os.PathLike, **kwargs) -> tuple[nn.Module, 
   return checkpointing.load_checkpoint(directory, **kwargs)
 
 
-__all__ = ["llm_to_cross_attention_params", "llm_params_from_cross_attention", "init_params",
-           "assemble_params", "default_cross_attention", "tokenizer_ids", "build_config",
-           "build_from_released_parts", "save_checkpoint", "load_checkpoint", "NEW_MODULES"]
+__all__ = [
+  "llm_to_cross_attention_params",
+  "llm_params_from_cross_attention",
+  "init_params",
+  "assemble_params",
+  "default_cross_attention",
+  "tokenizer_ids",
+  "build_config",
+  "build_from_released_parts",
+  "save_checkpoint",
+  "load_checkpoint",
+  "NEW_MODULES",
+]

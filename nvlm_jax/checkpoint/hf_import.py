@@ -27,6 +27,7 @@ Adding a layout (e.g. NVLM-D-72B: `vision_model.*`, `mlp1.*`, `language_model.*`
 
 where the text part of build_config is `decoder_config_from_hf(cfg["llm_config"], source=f"{file}:llm_config")`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,23 +100,25 @@ def registered_layouts() -> dict[str, Layout]:
 
 def architectures_detector(*names: str, model_type: str | None = None):
   """Detects by config.json `architectures`; a config without it falls back to `model_type`."""
+
   def detect(cfg: Mapping[str, Any], keys: Collection[str]) -> bool:
     archs = cfg.get("architectures") or []
     if archs:
       return any(a in names for a in archs)
     return model_type is not None and cfg.get("model_type") == model_type
+
   return detect
 
 
 def _causal_lm_layout(arch: str, model_type: str, rules_fn) -> Layout:
 
   return Layout(
-      name=arch,
-      detect=architectures_detector(arch, model_type=model_type),
-      build_config=decoder_config_from_hf,
-      build_model=CausalLM,
-      build_rules=rules_fn,
-      init_args=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+    name=arch,
+    detect=architectures_detector(arch, model_type=model_type),
+    build_config=decoder_config_from_hf,
+    build_model=CausalLM,
+    build_rules=rules_fn,
+    init_args=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
   )
 
 
@@ -155,11 +158,18 @@ def abstract_params(model: nn.Module, init_args: tuple) -> Any:
   return jax.eval_shape(init)["params"]
 
 
-def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, param_dtype: str | None = None,
-                       scan_layers: bool = True, mesh: jax.sharding.Mesh | None = None,
-                       rules: RuleTable | Callable[[Any], RuleTable] | None = None, layout: str | None = None,
-                       axis_rules=LOGICAL_AXIS_RULES,
-                       config_overrides: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict]:
+def load_hf_checkpoint(
+  path: str | Path,
+  dtype: str = "float32",
+  *,
+  param_dtype: str | None = None,
+  scan_layers: bool = True,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: RuleTable | Callable[[Any], RuleTable] | None = None,
+  layout: str | None = None,
+  axis_rules=LOGICAL_AXIS_RULES,
+  config_overrides: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, dict]:
   """Loads a Hugging Face safetensors checkpoint directory (use `nvlm_jax.load_pretrained`, which also takes ours).
 
   dtype: compute dtype; param_dtype: storage dtype of the params (default: dtype). Each tensor is
@@ -179,9 +189,14 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, param_dtype:
   else:
     raise ConfigError(f"unknown layout {layout!r}; known layouts: {sorted(REGISTRY)}")
   param_dtype = dtype if param_dtype is None else param_dtype
-  model_cfg = chosen.build_config(cfg_json, source=str(cfg_file), dtype=jnp.dtype(dtype).name,
-                                  param_dtype=jnp.dtype(param_dtype).name, scan_layers=scan_layers,
-                                  **dict(config_overrides or {}))
+  model_cfg = chosen.build_config(
+    cfg_json,
+    source=str(cfg_file),
+    dtype=jnp.dtype(dtype).name,
+    param_dtype=jnp.dtype(param_dtype).name,
+    scan_layers=scan_layers,
+    **dict(config_overrides or {}),
+  )
   decoder_cfg = getattr(model_cfg, "llm", model_cfg)
   if isinstance(decoder_cfg, DecoderConfig):
     check_attention_biases(decoder_cfg, ckpt.keys(), str(cfg_file))
@@ -189,6 +204,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, param_dtype:
   table = rules(model_cfg) if callable(rules) else rules
   if table is None:  # NVLM-D: the ViT heads as the files store them (padded as released, or not)
     from nvlm_jax.checkpoint.convert.sources import layout_rules  # convert.sources imports this module
+
     table = layout_rules(chosen, model_cfg, ckpt)
 
   boxed = abstract_params(model, chosen.init_args(model_cfg))
@@ -196,17 +212,28 @@ def load_hf_checkpoint(path: str | Path, dtype: str = "float32", *, param_dtype:
   shardings = None if mesh is None else logical_to_sharding(nn.get_partition_spec(boxed), mesh, axis_rules)
   flat_shapes = _flatten(shapes)
   flat_shardings = {} if shardings is None else _flatten(shardings)
-  target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_shardings.get(p))
-            for p, s in flat_shapes.items()}
+  target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_shardings.get(p)) for p, s in flat_shapes.items()}
   params = table.to_flax(ckpt, target=target)
   return model, params
 
 
 def _flatten(tree) -> dict:
   from flax import traverse_util
+
   return traverse_util.flatten_dict(tree, sep="/")
 
 
-__all__ = ["CheckpointError", "ConfigError", "Layout", "REGISTRY", "LAYOUT_MODULES", "register_layout",
-           "registered_layouts", "architectures_detector",
-           "detect_layout", "read_config", "abstract_params", "load_hf_checkpoint"]
+__all__ = [
+  "CheckpointError",
+  "ConfigError",
+  "Layout",
+  "REGISTRY",
+  "LAYOUT_MODULES",
+  "register_layout",
+  "registered_layouts",
+  "architectures_detector",
+  "detect_layout",
+  "read_config",
+  "abstract_params",
+  "load_hf_checkpoint",
+]

@@ -20,6 +20,7 @@ Loading reads one HF tensor at a time (memory-mapped), converts it, casts it to 
 places it on its target sharding; a stacked param is assembled on the devices from per-layer pieces,
 so neither host nor any single device ever holds more than one layer of one param beyond its share.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,8 +100,9 @@ class Rule:
 
   def with_prefix(self, hf_prefix: str = "", param_prefix: str = "") -> "Rule":
     join = lambda p: f"{param_prefix.rstrip('/')}/{p}" if param_prefix else p
-    return dataclasses.replace(self, hf_keys=tuple(hf_prefix + k for k in self.hf_keys),
-                               param_paths=tuple(join(p) for p in self.param_paths))
+    return dataclasses.replace(
+      self, hf_keys=tuple(hf_prefix + k for k in self.hf_keys), param_paths=tuple(join(p) for p in self.param_paths)
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,7 +118,7 @@ def transpose_2d(x: np.ndarray, tile: int = 256) -> np.ndarray:
   out = np.empty((cols, rows), x.dtype)
   for i in range(0, rows, tile):
     for j in range(0, cols, tile):
-      out[j:j + tile, i:i + tile] = x[i:i + tile, j:j + tile].T
+      out[j : j + tile, i : i + tile] = x[i : i + tile, j : j + tile].T
   return out
 
 
@@ -135,17 +137,27 @@ def linear(hf_key: str, param_path: str, in_shape: Sequence[int], out_shape: Seq
   in_shape, out_shape = tuple(in_shape), tuple(out_shape)
   n_in, n_out = math.prod(in_shape), math.prod(out_shape)
   return Rule(
-      (hf_key,), (param_path,), ((n_out, n_in),), (in_shape + out_shape,),
-      _one(lambda w: transpose_2d(w.reshape(n_out, n_in)).reshape(in_shape + out_shape)),
-      _one(lambda k: transpose_2d(k.reshape(n_in, n_out))))
+    (hf_key,),
+    (param_path,),
+    ((n_out, n_in),),
+    (in_shape + out_shape,),
+    _one(lambda w: transpose_2d(w.reshape(n_out, n_in)).reshape(in_shape + out_shape)),
+    _one(lambda k: transpose_2d(k.reshape(n_in, n_out))),
+  )
 
 
 def bias(hf_key: str, param_path: str, out_shape: Sequence[int]) -> Rule:
   """torch bias [out] <-> our bias out_shape (e.g. [heads, head_dim])."""
   out_shape = tuple(out_shape)
   n_out = math.prod(out_shape)
-  return Rule((hf_key,), (param_path,), ((n_out,),), (out_shape,),
-              _one(lambda b: b.reshape(out_shape)), _one(lambda b: b.reshape(n_out)))
+  return Rule(
+    (hf_key,),
+    (param_path,),
+    ((n_out,),),
+    (out_shape,),
+    _one(lambda b: b.reshape(out_shape)),
+    _one(lambda b: b.reshape(n_out)),
+  )
 
 
 def per_layer(rules: Iterable[Rule], num_layers: int, scan: bool) -> list[Rule]:
@@ -174,8 +186,11 @@ def _stack_fns(shape: Shape, dtype: np.dtype, sharding: jax.sharding.Sharding):
   Writing layer by layer into a donated buffer keeps the devices at one stacked param + one layer.
   """
   zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-  write = jax.jit(lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
-                  donate_argnums=0, out_shardings=sharding)
+  write = jax.jit(
+    lambda buf, x, i: jax.lax.dynamic_update_index_in_dim(buf, x.astype(buf.dtype), i, 0),
+    donate_argnums=0,
+    out_shardings=sharding,
+  )
   return zeros, write
 
 
@@ -232,8 +247,10 @@ class RuleTable:
     seen_keys, seen_paths = {}, {}
     for rule in self.rules:
       if rule.num_layers is None and any(LAYER in t for t in rule.hf_keys + rule.param_paths):
-        raise ValueError(f"{self.name}: rule {rule.hf_keys} -> {rule.param_paths} has {LAYER} but no "
-                         "num_layers (wrap it with per_layer)")
+        raise ValueError(
+          f"{self.name}: rule {rule.hf_keys} -> {rule.param_paths} has {LAYER} but no "
+          "num_layers (wrap it with per_layer)"
+        )
       for layer in rule.layers:
         for key in rule.keys_at(layer):
           if key in seen_keys:
@@ -249,8 +266,11 @@ class RuleTable:
 
   def with_prefix(self, hf_prefix: str = "", param_prefix: str = "") -> "RuleTable":
     """Re-roots every rule: HF keys get `hf_prefix`, param paths get `param_prefix/`."""
-    return RuleTable(tuple(r.with_prefix(hf_prefix, param_prefix) for r in self.rules),
-                     tuple(re.escape(hf_prefix) + pat for pat in self.ignore), self.name)
+    return RuleTable(
+      tuple(r.with_prefix(hf_prefix, param_prefix) for r in self.rules),
+      tuple(re.escape(hf_prefix) + pat for pat in self.ignore),
+      self.name,
+    )
 
   # -- expected contents -------------------------------------------------------------------------
 
@@ -272,27 +292,38 @@ class RuleTable:
     missing = [k for k in expected if k not in ckpt]
     problems = []
     if unknown:
-      problems.append(f"{len(unknown)} unknown key(s) in the checkpoint (no rule of {self.name} maps them):"
-                      + _fmt_list([f"{k!r} ({ckpt.file_of(k)})" for k in unknown]))
+      problems.append(
+        f"{len(unknown)} unknown key(s) in the checkpoint (no rule of {self.name} maps them):"
+        + _fmt_list([f"{k!r} ({ckpt.file_of(k)})" for k in unknown])
+      )
     if missing:
-      problems.append(f"{len(missing)} key(s) the {self.name} layout needs are missing from {ckpt.path}:"
-                      + _fmt_list([repr(k) for k in missing]))
+      problems.append(
+        f"{len(missing)} key(s) the {self.name} layout needs are missing from {ckpt.path}:"
+        + _fmt_list([repr(k) for k in missing])
+      )
     if problems:
-      raise CheckpointError(f"{ckpt.path}: checkpoint does not match the {self.name} layout.\n"
-                            + "\n".join(problems))
-    wrong = [f"{k!r} in {ckpt.file_of(k)}: expected shape {tuple(s)}, found {ckpt[k].shape}"
-             for k, s in expected.items() if tuple(ckpt[k].shape) != tuple(s)]
+      raise CheckpointError(f"{ckpt.path}: checkpoint does not match the {self.name} layout.\n" + "\n".join(problems))
+    wrong = [
+      f"{k!r} in {ckpt.file_of(k)}: expected shape {tuple(s)}, found {ckpt[k].shape}"
+      for k, s in expected.items()
+      if tuple(ckpt[k].shape) != tuple(s)
+    ]
     if wrong:
-      raise CheckpointError(f"{ckpt.path}: {len(wrong)} tensor(s) with the wrong shape for the {self.name} "
-                            "layout (check config.json against the weights):" + _fmt_list(wrong))
+      raise CheckpointError(
+        f"{ckpt.path}: {len(wrong)} tensor(s) with the wrong shape for the {self.name} "
+        "layout (check config.json against the weights):" + _fmt_list(wrong)
+      )
 
   def check_target(self, target: Mapping[str, Any]) -> None:
     """The rules must produce exactly the model's params, with the model's shapes."""
     produced = self.param_shapes()
     extra = [p for p in produced if p not in target]
     unfilled = [p for p in target if p not in produced]
-    wrong = [f"{p}: rules give {produced[p]}, model has {tuple(target[p].shape)}"
-             for p in produced if p in target and tuple(target[p].shape) != tuple(produced[p])]
+    wrong = [
+      f"{p}: rules give {produced[p]}, model has {tuple(target[p].shape)}"
+      for p in produced
+      if p in target and tuple(target[p].shape) != tuple(produced[p])
+    ]
     if extra or unfilled or wrong:
       parts = []
       if unfilled:
@@ -301,13 +332,14 @@ class RuleTable:
         parts.append("rule paths the model lacks:" + _fmt_list(extra))
       if wrong:
         parts.append("shape disagreements:" + _fmt_list(wrong))
-      raise CheckpointError(f"rule table {self.name} does not match the model's params (a rule table bug or a "
-                            "config mismatch):\n" + "\n".join(parts))
+      raise CheckpointError(
+        f"rule table {self.name} does not match the model's params (a rule table bug or a "
+        "config mismatch):\n" + "\n".join(parts)
+      )
 
   # -- HF -> flax ---------------------------------------------------------------------------------
 
-  def to_flax(self, ckpt: SafetensorsCheckpoint, *, target: Mapping[str, Any] | None = None,
-              dtype=None) -> dict:
+  def to_flax(self, ckpt: SafetensorsCheckpoint, *, target: Mapping[str, Any] | None = None, dtype=None) -> dict:
     """Reads `ckpt` into a nested param dict.
 
     target: optional {path: jax.ShapeDtypeStruct} (e.g. from `jax.eval_shape` of the model init, with

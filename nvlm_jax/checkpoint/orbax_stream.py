@@ -20,6 +20,7 @@ Chunking: a stacked parameter gets one chunk row per layer; with a mesh, chunks 
 at the mesh shard boundaries (from the logical-axis rules), so restoring onto that mesh reads whole
 chunks per device; and no chunk is larger than `max_chunk_bytes`.
 """
+
 from __future__ import annotations
 
 import collections
@@ -45,11 +46,11 @@ MODEL_ITEM = "model"
 PYTREE_METADATA_FILE = "_METADATA"  # orbax's tree metadata file of a PyTree item
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # orbax's per-step metadata (item handlers, timestamps)
 _DICT_KEY = 2  # orbax tree metadata KeyType.DICT
-DEFAULT_MAX_CHUNK_BYTES = 16 * 1024 ** 2
-DEFAULT_INFLIGHT_BYTES = 128 * 1024 ** 2
+DEFAULT_MAX_CHUNK_BYTES = 16 * 1024**2
+DEFAULT_INFLIGHT_BYTES = 128 * 1024**2
 COMPRESSIONS = ("zstd", "none")
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000, "manifest_kind": "single"}
-_OCDBT_DATA_FILE_BYTES = 2 ** 31  # orbax's default target size of one OCDBT data file
+_OCDBT_DATA_FILE_BYTES = 2**31  # orbax's default target size of one OCDBT data file
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
@@ -61,8 +62,13 @@ def _zarr_dtype(dtype: np.dtype) -> str:
 
 def _context() -> ts.Context:
   # No chunk cache: every chunk is written (or read) once. file_io_concurrency as orbax sets it.
-  return ts.Context({"file_io_concurrency": {"limit": 128}, "cache_pool": {"total_bytes_limit": 0},
-                     "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}})
+  return ts.Context(
+    {
+      "file_io_concurrency": {"limit": 128},
+      "cache_pool": {"total_bytes_limit": 0},
+      "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+    }
+  )
 
 
 def _ocdbt_kvstore(directory: Path, *, write: bool) -> dict:
@@ -70,9 +76,15 @@ def _ocdbt_kvstore(directory: Path, *, write: bool) -> dict:
   if not write:
     return {"driver": "ocdbt", "base": base, "cache_pool": "cache_pool#ocdbt"}
   # As orbax writes on local disks: data files non-atomically (no renames), the manifest atomically.
-  return {"driver": "ocdbt", "base": {**base, "file_io_locking": {"mode": "non_atomic"}}, "manifest": base,
-          "config": dict(_OCDBT_CONFIG), "target_data_file_size": _OCDBT_DATA_FILE_BYTES,
-          "assume_config": True, "cache_pool": "cache_pool#ocdbt"}
+  return {
+    "driver": "ocdbt",
+    "base": {**base, "file_io_locking": {"mode": "non_atomic"}},
+    "manifest": base,
+    "config": dict(_OCDBT_CONFIG),
+    "target_data_file_size": _OCDBT_DATA_FILE_BYTES,
+    "assume_config": True,
+    "cache_pool": "cache_pool#ocdbt",
+  }
 
 
 def array_name(path: str) -> str:
@@ -91,8 +103,14 @@ def _smallest_factor(n: int) -> int:
   return n
 
 
-def chunk_shape(shape: Sequence[int], itemsize: int, *, stacked: int = 0,
-                shard_shape: Sequence[int] | None = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> tuple:
+def chunk_shape(
+  shape: Sequence[int],
+  itemsize: int,
+  *,
+  stacked: int = 0,
+  shard_shape: Sequence[int] | None = None,
+  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> tuple:
   """One layer of one mesh shard, cut into row blocks of <= max_chunk_bytes.
 
   Rows (the leading dims) are cut first, by the smallest factor of the dim, so that a chunk is a
@@ -147,8 +165,14 @@ def is_layer_axis(name) -> bool:
   return isinstance(name, str) and "layer" in name
 
 
-def param_specs(boxed_params: Any, dtype: str | None = None, *, mesh_shape: Mapping[str, int] | None = None,
-                rules=None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> dict[str, "ParamSpec"]:
+def param_specs(
+  boxed_params: Any,
+  dtype: str | None = None,
+  *,
+  mesh_shape: Mapping[str, int] | None = None,
+  rules=None,
+  max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> dict[str, "ParamSpec"]:
   """A ParamSpec per model param (from `jax.eval_shape` of the init, logical axes included).
 
   dtype: storage dtype of every floating param (None: the model's param dtype). A param whose leading
@@ -157,7 +181,6 @@ def param_specs(boxed_params: Any, dtype: str | None = None, *, mesh_shape: Mapp
   """
   import flax.linen as nn
   from flax import traverse_util
-
 
   rules = LOGICAL_AXIS_RULES if rules is None else rules
   shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed_params), sep="/")
@@ -170,9 +193,14 @@ def param_specs(boxed_params: Any, dtype: str | None = None, *, mesh_shape: Mapp
       stored = np.dtype(jax.numpy.dtype(dtype))
     names = logical.get(path) or ()
     stacked = next((i for i, name in enumerate(names) if not is_layer_axis(name)), len(names))
-    out[path] = ParamSpec(tuple(struct.shape), stored,
-                          chunk_shape(struct.shape, stored.itemsize, stacked=stacked, shard_shape=shards[path],
-                                      max_chunk_bytes=max_chunk_bytes), stacked)
+    out[path] = ParamSpec(
+      tuple(struct.shape),
+      stored,
+      chunk_shape(
+        struct.shape, stored.itemsize, stacked=stacked, shard_shape=shards[path], max_chunk_bytes=max_chunk_bytes
+      ),
+      stacked,
+    )
   return out
 
 
@@ -202,8 +230,14 @@ class ParamWriter:
   parameter (every layer of every stacked one) was written exactly once and writes `_METADATA`.
   """
 
-  def __init__(self, directory: str | os.PathLike, specs: Mapping[str, ParamSpec], *, compression: str = "zstd",
-               inflight_bytes: int = DEFAULT_INFLIGHT_BYTES):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    specs: Mapping[str, ParamSpec],
+    *,
+    compression: str = "zstd",
+    inflight_bytes: int = DEFAULT_INFLIGHT_BYTES,
+  ):
     if compression not in COMPRESSIONS:
       raise ValueError(f"compression {compression!r}; expected one of {COMPRESSIONS}")
     self.directory = Path(directory)
@@ -222,13 +256,27 @@ class ParamWriter:
   def _store(self, path: str) -> ts.TensorStore:
     if path not in self._stores:
       spec = self.specs[path]
-      metadata = {"shape": list(spec.shape), "chunks": list(spec.chunks), "dtype": _zarr_dtype(spec.dtype),
-                  "compressor": self._compressor, "dimension_separator": ".", "fill_value": None,
-                  "order": "C", "filters": None}
+      metadata = {
+        "shape": list(spec.shape),
+        "chunks": list(spec.chunks),
+        "dtype": _zarr_dtype(spec.dtype),
+        "compressor": self._compressor,
+        "dimension_separator": ".",
+        "fill_value": None,
+        "order": "C",
+        "filters": None,
+      }
       self._stores[path] = ts.open(
-          {"driver": "zarr", "kvstore": {**self._kvstore, "path": array_name(path) + "/"}, "metadata": metadata,
-           "recheck_cached_data": False, "recheck_cached_metadata": False},
-          create=True, context=self._context).result()
+        {
+          "driver": "zarr",
+          "kvstore": {**self._kvstore, "path": array_name(path) + "/"},
+          "metadata": metadata,
+          "recheck_cached_data": False,
+          "recheck_cached_metadata": False,
+        },
+        create=True,
+        context=self._context,
+      ).result()
     return self._stores[path]
 
   def write(self, path: str, array: np.ndarray, index: int | tuple[int, ...] | None = None) -> None:
@@ -241,7 +289,7 @@ class ParamWriter:
     where = "" if index is None else str(list(index))
     if index is not None and len(index) > spec.stacked:
       raise CheckpointError(f"writer: {path} has {spec.stacked} stacked axes; cannot write slice {where}")
-    expected = spec.shape[len(index):] if index is not None else spec.shape
+    expected = spec.shape[len(index) :] if index is not None else spec.shape
     if tuple(array.shape) != tuple(expected):
       raise CheckpointError(f"writer: {path}{where} has shape {tuple(array.shape)}, expected {tuple(expected)}")
     done = self._written[path]
@@ -336,11 +384,17 @@ def write_tree_metadata(directory: Path, shapes: Mapping[str, Sequence[int]]) ->
   tree = {}
   for path, shape in shapes.items():
     keys = tuple(path.split("/"))
-    tree[str(keys)] = {"key_metadata": [{"key": k, "key_type": _DICT_KEY} for k in keys],
-                       "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False,
-                                          "write_shape": list(shape)}}
-  content = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
-             "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+    tree[str(keys)] = {
+      "key_metadata": [{"key": k, "key_type": _DICT_KEY} for k in keys],
+      "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(shape)},
+    }
+  content = {
+    "tree_metadata": tree,
+    "use_ocdbt": True,
+    "use_zarr3": False,
+    "store_array_data_equal_to_fill_value": True,
+    "custom_metadata": None,
+  }
   (Path(directory) / PYTREE_METADATA_FILE).write_text(json.dumps(content))
 
 
@@ -456,7 +510,7 @@ class ParamReader:
     if cached is None or cached[0] != block_index:
       self._blocks.pop(path, None)
       start = block_index * rows
-      cached = (block_index, store[start:min(start + rows, store.shape[0])].read().result())
+      cached = (block_index, store[start : min(start + rows, store.shape[0])].read().result())
       self._blocks[path] = cached
       # Least recently used blocks go first; the newest always stays.
       while len(self._blocks) > 1 and sum(b.nbytes for _, b in self._blocks.values()) > self.cache_bytes:
@@ -480,7 +534,7 @@ class ParamReader:
     for path in self.arrays:
       if prefix and not path.startswith(prefix.rstrip("/") + "/"):
         continue
-      flat[path[len(prefix.rstrip("/")) + 1:] if prefix else path] = LazyArray(self, path)
+      flat[path[len(prefix.rstrip("/")) + 1 :] if prefix else path] = LazyArray(self, path)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 

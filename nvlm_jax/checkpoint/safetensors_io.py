@@ -10,6 +10,7 @@ We parse the safetensors format ourselves (8-byte little-endian header length, J
 little-endian data) rather than going through `safetensors.safe_open(framework="numpy")`, because numpy
 has no bfloat16: ml_dtypes provides the dtype and `np.memmap` maps the bytes directly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,15 +30,21 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's limit
 
 # safetensors dtype tag <-> numpy dtype (bf16 and fp8 come from ml_dtypes).
 DTYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
-    "U16": np.dtype("<u2"), "I16": np.dtype("<i2"),
-    "U32": np.dtype("<u4"), "I32": np.dtype("<i4"),
-    "U64": np.dtype("<u8"), "I64": np.dtype("<i8"),
-    "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "BOOL": np.dtype(np.bool_),
+  "U8": np.dtype(np.uint8),
+  "I8": np.dtype(np.int8),
+  "U16": np.dtype("<u2"),
+  "I16": np.dtype("<i2"),
+  "U32": np.dtype("<u4"),
+  "I32": np.dtype("<i4"),
+  "U64": np.dtype("<u8"),
+  "I64": np.dtype("<i8"),
+  "F16": np.dtype("<f2"),
+  "F32": np.dtype("<f4"),
+  "F64": np.dtype("<f8"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _TAGS = {dt: tag for tag, dt in DTYPES.items()}
 
@@ -75,8 +82,8 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
       raise CheckpointError(f"{file}: not a safetensors file (header length {header_len} bytes)")
     if _HEADER_LEN_BYTES + header_len > size:
       raise CheckpointError(
-          f"{file}: truncated safetensors file: header needs {_HEADER_LEN_BYTES + header_len} bytes, "
-          f"file has {size}")
+        f"{file}: truncated safetensors file: header needs {_HEADER_LEN_BYTES + header_len} bytes, file has {size}"
+      )
     try:
       header = json.loads(f.read(header_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -96,15 +103,16 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     expected_bytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype].itemsize
     if end - begin != expected_bytes or begin < 0:
       raise CheckpointError(
-          f"{file}: tensor {name!r} ({dtype} {list(shape)}) spans bytes [{begin}, {end}), "
-          f"expected {expected_bytes} bytes")
+        f"{file}: tensor {name!r} ({dtype} {list(shape)}) spans bytes [{begin}, {end}), expected {expected_bytes} bytes"
+      )
     infos[name] = TensorInfo(name, file, dtype, shape, data_start + begin, data_start + end)
     data_end = max(data_end, data_start + end)
   if data_end > size:
     last = max(infos.values(), key=lambda i: i.end)
     raise CheckpointError(
-        f"{file}: truncated safetensors file: header says {data_end} bytes (tensor {last.name!r} ends "
-        f"there), file has {size}")
+      f"{file}: truncated safetensors file: header says {data_end} bytes (tensor {last.name!r} ends "
+      f"there), file has {size}"
+    )
   return infos, metadata
 
 
@@ -131,8 +139,7 @@ class SafetensorsCheckpoint(Mapping[str, TensorInfo]):
       for file in files:
         if not file.is_file():
           example = next(k for k, f in index.items() if path / f == file)
-          raise CheckpointError(
-              f"{path / INDEX_FILE}: shard {file.name} is missing (it holds e.g. {example!r})")
+          raise CheckpointError(f"{path / INDEX_FILE}: shard {file.name} is missing (it holds e.g. {example!r})")
     self._infos: dict[str, TensorInfo] = {}
     self.metadata: dict[str, str] = {}
     for file in files:
@@ -141,7 +148,8 @@ class SafetensorsCheckpoint(Mapping[str, TensorInfo]):
       for name, info in infos.items():
         if name in self._infos:
           raise CheckpointError(
-              f"{path}: tensor {name!r} is stored twice: in {self._infos[name].file.name} and {file.name}")
+            f"{path}: tensor {name!r} is stored twice: in {self._infos[name].file.name} and {file.name}"
+          )
         self._infos[name] = info
     if index is not None:
       for name, shard in index.items():
@@ -149,7 +157,8 @@ class SafetensorsCheckpoint(Mapping[str, TensorInfo]):
           raise CheckpointError(f"{path / INDEX_FILE}: lists {name!r} in {shard}, but that shard lacks it")
         if self._infos[name].file.name != Path(shard).name:
           raise CheckpointError(
-              f"{path / INDEX_FILE}: lists {name!r} in {shard}, but it is stored in {self._infos[name].file.name}")
+            f"{path / INDEX_FILE}: lists {name!r} in {shard}, but it is stored in {self._infos[name].file.name}"
+          )
 
   @staticmethod
   def _read_index(index_file: Path) -> dict[str, str]:
@@ -201,8 +210,9 @@ def _tag(array: np.ndarray, name: str) -> str:
     raise CheckpointError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors") from None
 
 
-def write_safetensors(file: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> int:
+def write_safetensors(
+  file: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> int:
   """Writes one .safetensors file, streaming each tensor's bytes; returns the data size in bytes."""
   header: dict = {"__metadata__": dict(metadata)} if metadata else {}
   offset = 0
@@ -225,8 +235,13 @@ def write_safetensors(file: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   return offset
 
 
-def save_sharded(tensors: Iterable[tuple[str, np.ndarray]], out_dir: str | os.PathLike,
-                 max_shard_bytes: int = 5 * 1024 ** 3, *, metadata: Mapping[str, str] | None = None) -> Path:
+def save_sharded(
+  tensors: Iterable[tuple[str, np.ndarray]],
+  out_dir: str | os.PathLike,
+  max_shard_bytes: int = 5 * 1024**3,
+  *,
+  metadata: Mapping[str, str] | None = None,
+) -> Path:
   """Writes `model-0000k-of-0000n.safetensors` shards + `model.safetensors.index.json`; returns the index path.
 
   Tensors are consumed lazily and at most one shard's worth is held at a time. A tensor larger than

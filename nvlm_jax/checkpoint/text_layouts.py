@@ -6,6 +6,7 @@ NVLM-D-72B) hold the same tensors under `language_model.`; build them with
 `decoder_rules(cfg, prefix="language_model.model.", lm_head_key="language_model.lm_head.weight",
 param_prefix="language_model")`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,16 +20,28 @@ from nvlm_jax.config import DecoderConfig, RopeScaling
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 # The decoder family each architecture name builds (transformers builds the class `architectures[0]` names
 # whatever `model_type` says; NVLM-D-72B's llm_config says model_type 'llama' for a Qwen2ForCausalLM).
-ARCHITECTURE_FAMILIES = {"Qwen2ForCausalLM": "qwen2", "Qwen2Model": "qwen2",
-                         "LlamaForCausalLM": "llama", "LlamaModel": "llama"}
+ARCHITECTURE_FAMILIES = {
+  "Qwen2ForCausalLM": "qwen2",
+  "Qwen2Model": "qwen2",
+  "LlamaForCausalLM": "llama",
+  "LlamaModel": "llama",
+}
 # The RopeScaling fields each rope_type reads from a config (rope_type / rope_theta are read separately).
 ROPE_TYPE_FIELDS = {
-    "default": (),
-    "linear": ("factor",),
-    "dynamic": ("factor",),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
-             "mscale_all_dim", "truncate"),
+  "default": (),
+  "linear": ("factor",),
+  "dynamic": ("factor",),
+  "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+  "yarn": (
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "attention_factor",
+    "mscale",
+    "mscale_all_dim",
+    "truncate",
+  ),
 }
 
 
@@ -51,8 +64,10 @@ def _model_type(cfg: Mapping[str, Any], source: str) -> str:
     names = " ".join(archs)
     model_type = "qwen2" if "Qwen2" in names else "llama" if "Llama" in names else None
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ConfigError(f"{source}: field 'model_type' is {cfg.get('model_type')!r} "
-                      f"(architectures {cfg.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}")
+    raise ConfigError(
+      f"{source}: field 'model_type' is {cfg.get('model_type')!r} "
+      f"(architectures {cfg.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}"
+    )
   return model_type
 
 
@@ -67,14 +82,17 @@ def _rope_dict(cfg: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, A
   if params and layer_types and set(params) <= layer_types:  # one dict per layer type
     distinct = {json.dumps(p or {}, sort_keys=True) for p in params.values()}
     if len(distinct) != 1:
-      raise ConfigError(f"{source}: field {field!r} gives different RoPE per layer type ({dict(params)}); "
-                        "only one RoPE for all layers is supported")
+      raise ConfigError(
+        f"{source}: field {field!r} gives different RoPE per layer type ({dict(params)}); "
+        "only one RoPE for all layers is supported"
+      )
     params = next(iter(params.values())) or {}
   return field, params
 
 
-def rope_from_hf(cfg: Mapping[str, Any], source: str = "config.json",
-                 default_theta: float = 10_000.0) -> tuple[float, RopeScaling]:
+def rope_from_hf(
+  cfg: Mapping[str, Any], source: str = "config.json", default_theta: float = 10_000.0
+) -> tuple[float, RopeScaling]:
   """(RoPE base, RopeScaling) from any transformers config.json vintage.
 
   transformers 5 writes `"rope_parameters": {"rope_theta": ..., "rope_type": ..., ...}` (possibly one dict
@@ -86,8 +104,10 @@ def rope_from_hf(cfg: Mapping[str, Any], source: str = "config.json",
   field, params = _rope_dict(cfg, source)
   rope_type = params.get("rope_type", params.get("type", "default")) or "default"
   if rope_type not in ROPE_TYPE_FIELDS:
-    raise ConfigError(f"{source}: field {field!r} asks for RoPE scaling type {rope_type!r} ({dict(params)}); "
-                      f"implemented: {tuple(ROPE_TYPE_FIELDS)}")
+    raise ConfigError(
+      f"{source}: field {field!r} asks for RoPE scaling type {rope_type!r} ({dict(params)}); "
+      f"implemented: {tuple(ROPE_TYPE_FIELDS)}"
+    )
   partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
   if partial not in (None, 1.0, 1):
     raise ConfigError(f"{source}: field 'partial_rotary_factor' is {partial}; only full rotary (1.0) is implemented")
@@ -120,14 +140,16 @@ def _token_id(cfg: Mapping[str, Any], field: str, source: str):
     value = tuple(value)
     if len(value) == 1 and field != "eos_token_id":
       value = value[0]
-  if value is not None and not (isinstance(value, int) or
-                                (isinstance(value, tuple) and all(isinstance(v, int) for v in value))):
+  if value is not None and not (
+    isinstance(value, int) or (isinstance(value, tuple) and all(isinstance(v, int) for v in value))
+  ):
     raise ConfigError(f"{source}: field {field!r} must be a token id, found {cfg.get(field)!r}")
   return value
 
 
-def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "config.json",
-                           **overrides) -> DecoderConfig:
+def decoder_config_from_hf(
+  config_json: Mapping[str, Any], *, source: str = "config.json", **overrides
+) -> DecoderConfig:
   """A Qwen2Config / LlamaConfig dict (config.json, or an InternVL `text_config` / NVLM `llm_config`)
   -> DecoderConfig. `overrides` set DecoderConfig fields (scan_layers, dtype, remat_policy, ...).
 
@@ -148,29 +170,31 @@ def decoder_config_from_hf(config_json: Mapping[str, Any], *, source: str = "con
   else:
     qkv_bias = bool(cfg.get("attention_bias", False))
     if qkv_bias:
-      raise ConfigError(f"{source}: field 'attention_bias' is true; Llama then also has an o_proj bias, "
-                        "which DecoderConfig cannot represent")
+      raise ConfigError(
+        f"{source}: field 'attention_bias' is true; Llama then also has an o_proj bias, "
+        "which DecoderConfig cannot represent"
+      )
     if cfg.get("mlp_bias"):
       raise ConfigError(f"{source}: field 'mlp_bias' is true; MLP biases are not implemented")
   heads = _require(cfg, "num_attention_heads", source)
   theta, scaling = rope_from_hf(cfg, source)
   fields = dict(
-      vocab_size=_require(cfg, "vocab_size", source),
-      hidden_size=_require(cfg, "hidden_size", source),
-      num_layers=_require(cfg, "num_hidden_layers", source),
-      num_heads=heads,
-      num_kv_heads=cfg.get("num_key_value_heads") or heads,  # absent: plain multi-head attention
-      intermediate_size=_require(cfg, "intermediate_size", source),
-      head_dim=cfg.get("head_dim"),
-      rope_theta=theta,
-      rope_scaling=scaling,
-      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-      qkv_bias=qkv_bias,
-      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-      max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
-      bos_token_id=_token_id(cfg, "bos_token_id", source),
-      eos_token_id=_token_id(cfg, "eos_token_id", source),
-      pad_token_id=_token_id(cfg, "pad_token_id", source),
+    vocab_size=_require(cfg, "vocab_size", source),
+    hidden_size=_require(cfg, "hidden_size", source),
+    num_layers=_require(cfg, "num_hidden_layers", source),
+    num_heads=heads,
+    num_kv_heads=cfg.get("num_key_value_heads") or heads,  # absent: plain multi-head attention
+    intermediate_size=_require(cfg, "intermediate_size", source),
+    head_dim=cfg.get("head_dim"),
+    rope_theta=theta,
+    rope_scaling=scaling,
+    rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    qkv_bias=qkv_bias,
+    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+    bos_token_id=_token_id(cfg, "bos_token_id", source),
+    eos_token_id=_token_id(cfg, "eos_token_id", source),
+    pad_token_id=_token_id(cfg, "pad_token_id", source),
   )
   unknown = set(overrides) - {f.name for f in dataclasses.fields(DecoderConfig)}
   if unknown:
@@ -191,22 +215,34 @@ def check_attention_biases(cfg: DecoderConfig, keys, source: str) -> None:
   chose = "fields 'architectures' / 'model_type' / 'attention_bias'"
   if cfg.qkv_bias and not q_biases and any(k.endswith("self_attn.q_proj.weight") for k in keys):
     weight = next(k for k in keys if k.endswith("self_attn.q_proj.weight"))
-    raise ConfigError(f"{source}: {chose} build a Qwen2 decoder (q/k/v biases), but the weights have "
-                      f"{weight!r} and no {weight[:-len('weight')] + 'bias'!r}: a Llama-family checkpoint?")
+    raise ConfigError(
+      f"{source}: {chose} build a Qwen2 decoder (q/k/v biases), but the weights have "
+      f"{weight!r} and no {weight[: -len('weight')] + 'bias'!r}: a Llama-family checkpoint?"
+    )
   if not cfg.qkv_bias and q_biases:
-    raise ConfigError(f"{source}: {chose} build a Llama decoder (no attention biases), but the weights hold "
-                      f"{q_biases[0]!r}: set architectures to ['Qwen2ForCausalLM'] if this is a Qwen2 checkpoint")
+    raise ConfigError(
+      f"{source}: {chose} build a Llama decoder (no attention biases), but the weights hold "
+      f"{q_biases[0]!r}: set architectures to ['Qwen2ForCausalLM'] if this is a Qwen2 checkpoint"
+    )
   if o_biases:
-    raise ConfigError(f"{source}: the weights hold {o_biases[0]!r} (an o_proj bias: Llama with attention_bias=true); "
-                      "DecoderConfig cannot represent it")
+    raise ConfigError(
+      f"{source}: the weights hold {o_biases[0]!r} (an o_proj bias: Llama with attention_bias=true); "
+      "DecoderConfig cannot represent it"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # Weight rules
 
 
-def decoder_rules(cfg: DecoderConfig, *, prefix: str = "model.", lm_head_key: str = "lm_head.weight",
-                  param_prefix: str = "", name: str = "causal LM") -> RuleTable:
+def decoder_rules(
+  cfg: DecoderConfig,
+  *,
+  prefix: str = "model.",
+  lm_head_key: str = "lm_head.weight",
+  param_prefix: str = "",
+  name: str = "causal LM",
+) -> RuleTable:
   """HF Qwen2/Llama causal-LM tensors <-> `CausalLM` params (scanned or unrolled per cfg.scan_layers).
 
   prefix: the decoder body's key prefix ("model." for *ForCausalLM files, "language_model.model." in
@@ -218,26 +254,26 @@ def decoder_rules(cfg: DecoderConfig, *, prefix: str = "model.", lm_head_key: st
   layer = "decoder/layers_{layer}"
   hf = "layers.{layer}"
   body = [
-      rename(f"{hf}.input_layernorm.weight", f"{layer}/input_norm/scale", (d,)),
-      linear(f"{hf}.self_attn.q_proj.weight", f"{layer}/self_attn/q_proj/kernel", (d,), (h, hd)),
-      linear(f"{hf}.self_attn.k_proj.weight", f"{layer}/self_attn/k_proj/kernel", (d,), (kv, hd)),
-      linear(f"{hf}.self_attn.v_proj.weight", f"{layer}/self_attn/v_proj/kernel", (d,), (kv, hd)),
-      linear(f"{hf}.self_attn.o_proj.weight", f"{layer}/self_attn/o_proj/kernel", (h, hd), (d,)),
-      rename(f"{hf}.post_attention_layernorm.weight", f"{layer}/post_attn_norm/scale", (d,)),
-      linear(f"{hf}.mlp.gate_proj.weight", f"{layer}/mlp/gate_proj/kernel", (d,), (f,)),
-      linear(f"{hf}.mlp.up_proj.weight", f"{layer}/mlp/up_proj/kernel", (d,), (f,)),
-      linear(f"{hf}.mlp.down_proj.weight", f"{layer}/mlp/down_proj/kernel", (f,), (d,)),
+    rename(f"{hf}.input_layernorm.weight", f"{layer}/input_norm/scale", (d,)),
+    linear(f"{hf}.self_attn.q_proj.weight", f"{layer}/self_attn/q_proj/kernel", (d,), (h, hd)),
+    linear(f"{hf}.self_attn.k_proj.weight", f"{layer}/self_attn/k_proj/kernel", (d,), (kv, hd)),
+    linear(f"{hf}.self_attn.v_proj.weight", f"{layer}/self_attn/v_proj/kernel", (d,), (kv, hd)),
+    linear(f"{hf}.self_attn.o_proj.weight", f"{layer}/self_attn/o_proj/kernel", (h, hd), (d,)),
+    rename(f"{hf}.post_attention_layernorm.weight", f"{layer}/post_attn_norm/scale", (d,)),
+    linear(f"{hf}.mlp.gate_proj.weight", f"{layer}/mlp/gate_proj/kernel", (d,), (f,)),
+    linear(f"{hf}.mlp.up_proj.weight", f"{layer}/mlp/up_proj/kernel", (d,), (f,)),
+    linear(f"{hf}.mlp.down_proj.weight", f"{layer}/mlp/down_proj/kernel", (f,), (d,)),
   ]
   if cfg.qkv_bias:
     body += [
-        bias(f"{hf}.self_attn.q_proj.bias", f"{layer}/self_attn/q_proj/bias", (h, hd)),
-        bias(f"{hf}.self_attn.k_proj.bias", f"{layer}/self_attn/k_proj/bias", (kv, hd)),
-        bias(f"{hf}.self_attn.v_proj.bias", f"{layer}/self_attn/v_proj/bias", (kv, hd)),
+      bias(f"{hf}.self_attn.q_proj.bias", f"{layer}/self_attn/q_proj/bias", (h, hd)),
+      bias(f"{hf}.self_attn.k_proj.bias", f"{layer}/self_attn/k_proj/bias", (kv, hd)),
+      bias(f"{hf}.self_attn.v_proj.bias", f"{layer}/self_attn/v_proj/bias", (kv, hd)),
     ]
   rules = [
-      rename("embed_tokens.weight", "embed_tokens/embedding", (v, d)),
-      rename("norm.weight", "final_norm/scale", (d,)),
-      *per_layer(body, cfg.num_layers, cfg.scan_layers),
+    rename("embed_tokens.weight", "embed_tokens/embedding", (v, d)),
+    rename("norm.weight", "final_norm/scale", (d,)),
+    *per_layer(body, cfg.num_layers, cfg.scan_layers),
   ]
   # Cached RoPE tables some older exports contain; recomputed, never loaded.
   ignore = [r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]

@@ -17,6 +17,7 @@ model computes something a 25-head model cannot, so the import refuses and names
 part of the q/k-norm weights cannot change the output (it scales q/k values that are zero) and is dropped.
 Export pads them back with zeros.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,14 +51,26 @@ NVLM_D_DEFAULT_IMAGE_TOKEN_ID = 151654
 def reshaped(hf_key: str, param_path: str, hf_shape, param_shape) -> Rule:
   """Same values, different shape (e.g. class token [1, 1, D] <-> [D], q_norm [D] <-> [heads, head_dim])."""
   hf_shape, param_shape = tuple(hf_shape), tuple(param_shape)
-  return Rule((hf_key,), (param_path,), (hf_shape,), (param_shape,),
-              lambda x: (np.reshape(x, param_shape),), lambda x: (np.reshape(x, hf_shape),))
+  return Rule(
+    (hf_key,),
+    (param_path,),
+    (hf_shape,),
+    (param_shape,),
+    lambda x: (np.reshape(x, param_shape),),
+    lambda x: (np.reshape(x, hf_shape),),
+  )
 
 
 def conv_patch(hf_key: str, param_path: str, hidden: int, channels: int, patch: int) -> Rule:
   """torch Conv2d weight [D, C, p, p] <-> our patch kernel [p, p, C, D]."""
-  return Rule((hf_key,), (param_path,), ((hidden, channels, patch, patch),), ((patch, patch, channels, hidden),),
-              lambda w: (np.transpose(w, (2, 3, 1, 0)),), lambda k: (np.transpose(k, (3, 2, 0, 1)),))
+  return Rule(
+    (hf_key,),
+    (param_path,),
+    ((hidden, channels, patch, patch),),
+    ((patch, patch, channels, hidden),),
+    lambda w: (np.transpose(w, (2, 3, 1, 0)),),
+    lambda k: (np.transpose(k, (3, 2, 0, 1)),),
+  )
 
 
 def norm_rules(hf: str, path: str, norm_type: str, dim: int) -> list[Rule]:
@@ -81,10 +94,11 @@ def _refuse_nonzero(template: str, layer: int, what: str, values: np.ndarray) ->
   if values.size and np.any(values != 0):
     peak = float(np.max(np.abs(values.astype(np.float32))))
     raise CheckpointError(
-        f"{template.replace(LAYER, str(layer))}: the dummy-head slice {what} is not zero (max |x| = {peak:g}). "
-        "Slicing the padded heads off is only exact when they are all zero; this checkpoint was not "
-        "produced by zero padding (or was trained with the padding), so it cannot be imported as a "
-        "plain InternViT.")
+      f"{template.replace(LAYER, str(layer))}: the dummy-head slice {what} is not zero (max |x| = {peak:g}). "
+      "Slicing the padded heads off is only exact when they are all zero; this checkpoint was not "
+      "produced by zero padding (or was trained with the padding), so it cannot be imported as a "
+      "plain InternViT."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,41 +108,49 @@ def _refuse_nonzero(template: str, layer: int, what: str, values: np.ndarray) ->
 def _vit_layer_common(cfg: VisionConfig, hf: str, layer: str, names: Mapping[str, str]) -> list[Rule]:
   d, f = cfg.hidden_size, cfg.intermediate_size
   rules = [
-      rename(f"{hf}.{names['ls1']}", f"{layer}/ls1", (d,)),
-      rename(f"{hf}.{names['ls2']}", f"{layer}/ls2", (d,)),
-      *norm_rules(f"{hf}.{names['norm1']}", f"{layer}/norm1", cfg.norm_type, d),
-      *norm_rules(f"{hf}.{names['norm2']}", f"{layer}/norm2", cfg.norm_type, d),
-      linear(f"{hf}.mlp.fc1.weight", f"{layer}/mlp/fc1/kernel", (d,), (f,)),
-      bias(f"{hf}.mlp.fc1.bias", f"{layer}/mlp/fc1/bias", (f,)),
-      linear(f"{hf}.mlp.fc2.weight", f"{layer}/mlp/fc2/kernel", (f,), (d,)),
-      bias(f"{hf}.mlp.fc2.bias", f"{layer}/mlp/fc2/bias", (d,)),
+    rename(f"{hf}.{names['ls1']}", f"{layer}/ls1", (d,)),
+    rename(f"{hf}.{names['ls2']}", f"{layer}/ls2", (d,)),
+    *norm_rules(f"{hf}.{names['norm1']}", f"{layer}/norm1", cfg.norm_type, d),
+    *norm_rules(f"{hf}.{names['norm2']}", f"{layer}/norm2", cfg.norm_type, d),
+    linear(f"{hf}.mlp.fc1.weight", f"{layer}/mlp/fc1/kernel", (d,), (f,)),
+    bias(f"{hf}.mlp.fc1.bias", f"{layer}/mlp/fc1/bias", (f,)),
+    linear(f"{hf}.mlp.fc2.weight", f"{layer}/mlp/fc2/kernel", (f,), (d,)),
+    bias(f"{hf}.mlp.fc2.bias", f"{layer}/mlp/fc2/bias", (d,)),
   ]
   return rules
 
 
-def internvl_hf_vision_rules(cfg: VisionConfig, *, prefix: str = "", param_prefix: str = "",
-                             name: str = "transformers InternVL vision tower") -> RuleTable:
+def internvl_hf_vision_rules(
+  cfg: VisionConfig, *, prefix: str = "", param_prefix: str = "", name: str = "transformers InternVL vision tower"
+) -> RuleTable:
   """transformers `InternVLVisionModel` tensors (`embeddings.cls_token`, `encoder.layer.N.attention.*`,
   `lambda_1/2`, `layernorm_before/after`) <-> `InternViT` params."""
   d, h, hd, p = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.patch_size
   layer, hf = "encoder/layers_{layer}", "encoder.layer.{layer}"
-  body = _vit_layer_common(cfg, hf, layer, dict(ls1="lambda_1", ls2="lambda_2", norm1="layernorm_before",
-                                                norm2="layernorm_after"))
+  body = _vit_layer_common(
+    cfg, hf, layer, dict(ls1="lambda_1", ls2="lambda_2", norm1="layernorm_before", norm2="layernorm_after")
+  )
   for x in "qkv":
     body.append(linear(f"{hf}.attention.{x}_proj.weight", f"{layer}/attn/{x}_proj/kernel", (d,), (h, hd)))
     if cfg.qkv_bias:
       body.append(bias(f"{hf}.attention.{x}_proj.bias", f"{layer}/attn/{x}_proj/bias", (h, hd)))
   if cfg.qk_normalization:
-    body += [reshaped(f"{hf}.attention.{x}_norm.weight", f"{layer}/attn/{x}_norm/scale", (d,), (h, hd))
-             for x in "qk"]
-  body += [linear(f"{hf}.attention.projection_layer.weight", f"{layer}/attn/proj/kernel", (h, hd), (d,)),
-           bias(f"{hf}.attention.projection_layer.bias", f"{layer}/attn/proj/bias", (d,))]
+    body += [reshaped(f"{hf}.attention.{x}_norm.weight", f"{layer}/attn/{x}_norm/scale", (d,), (h, hd)) for x in "qk"]
+  body += [
+    linear(f"{hf}.attention.projection_layer.weight", f"{layer}/attn/proj/kernel", (h, hd), (d,)),
+    bias(f"{hf}.attention.projection_layer.bias", f"{layer}/attn/proj/bias", (d,)),
+  ]
   rules = [
-      conv_patch("embeddings.patch_embeddings.projection.weight", "embeddings/patch_embedding/kernel", d,
-                 cfg.num_channels, p),
-      rename("embeddings.patch_embeddings.projection.bias", "embeddings/patch_embedding/bias", (d,)),
-      reshaped("embeddings.position_embeddings", "embeddings/position_embedding",
-               (1, cfg.num_positions, d), (cfg.num_positions, d)),
+    conv_patch(
+      "embeddings.patch_embeddings.projection.weight", "embeddings/patch_embedding/kernel", d, cfg.num_channels, p
+    ),
+    rename("embeddings.patch_embeddings.projection.bias", "embeddings/patch_embedding/bias", (d,)),
+    reshaped(
+      "embeddings.position_embeddings",
+      "embeddings/position_embedding",
+      (1, cfg.num_positions, d),
+      (cfg.num_positions, d),
+    ),
   ]
   if cfg.use_class_token:
     rules.append(reshaped("embeddings.cls_token", "embeddings/class_embedding", (1, 1, d), (d,)))
@@ -137,8 +159,9 @@ def internvl_hf_vision_rules(cfg: VisionConfig, *, prefix: str = "", param_prefi
   return RuleTable(tuple(rules), tuple(ignore), name).with_prefix(prefix, param_prefix)
 
 
-def _fused_qkv_rule(cfg: VisionConfig, hf_key: str, paths: tuple[str, str, str], stored_heads: int,
-                    is_bias: bool, label: str) -> Rule:
+def _fused_qkv_rule(
+  cfg: VisionConfig, hf_key: str, paths: tuple[str, str, str], stored_heads: int, is_bias: bool, label: str
+) -> Rule:
   """HF/InternVL fused qkv [Q | K | V] (each `stored_heads` heads, real heads first) <-> q/k/v params."""
   d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
   width, real = stored_heads * hd, h * hd
@@ -150,9 +173,10 @@ def _fused_qkv_rule(cfg: VisionConfig, hf_key: str, paths: tuple[str, str, str],
     layer = counter.next()
     outs = []
     for i, x in enumerate("qkv"):
-      block = np.asarray(w[i * width:(i + 1) * width])
-      _refuse_nonzero(label, layer, f"rows [{i * width + real}:{(i + 1) * width}] ({x} heads {h}..{stored_heads - 1})",
-                      block[real:])
+      block = np.asarray(w[i * width : (i + 1) * width])
+      _refuse_nonzero(
+        label, layer, f"rows [{i * width + real}:{(i + 1) * width}] ({x} heads {h}..{stored_heads - 1})", block[real:]
+      )
       block = block[:real]
       outs.append(block.reshape(h, hd) if is_bias else block.T.reshape(d, h, hd))
     return tuple(outs)
@@ -203,8 +227,14 @@ def _padded_proj_rule(cfg: VisionConfig, hf_key: str, path: str, stored_heads: i
   return Rule((hf_key,), (path,), ((d, width),), ((h, hd, d),), to_flax, to_hf)
 
 
-def intern_vit_rules(cfg: VisionConfig, *, stored_heads: int | None = None, prefix: str = "",
-                     param_prefix: str = "", name: str = "InternViT") -> RuleTable:
+def intern_vit_rules(
+  cfg: VisionConfig,
+  *,
+  stored_heads: int | None = None,
+  prefix: str = "",
+  param_prefix: str = "",
+  name: str = "InternViT",
+) -> RuleTable:
   """InternVL / NVLM module names (`embeddings.class_embedding`, `encoder.layers.N.attn.qkv`, `ls1`,
   `norm1`, ...) <-> `InternViT` params. stored_heads: heads as stored (NVLM-D: 32 for 25 real heads)."""
   d, h, p = cfg.hidden_size, cfg.num_heads, cfg.patch_size
@@ -222,13 +252,19 @@ def intern_vit_rules(cfg: VisionConfig, *, stored_heads: int | None = None, pref
     body.append(_fused_qkv_rule(cfg, key("qkv.bias"), bias_paths, stored, True, label("qkv.bias")))
   if cfg.qk_normalization:
     body += [_padded_vector_rule(cfg, key(f"{x}_norm.weight"), f"{layer}/attn/{x}_norm/scale", stored) for x in "qk"]
-  body += [_padded_proj_rule(cfg, key("proj.weight"), f"{layer}/attn/proj/kernel", stored, label("proj.weight")),
-           bias(key("proj.bias"), f"{layer}/attn/proj/bias", (d,))]
+  body += [
+    _padded_proj_rule(cfg, key("proj.weight"), f"{layer}/attn/proj/kernel", stored, label("proj.weight")),
+    bias(key("proj.bias"), f"{layer}/attn/proj/bias", (d,)),
+  ]
   rules = [
-      conv_patch("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", d, cfg.num_channels, p),
-      rename("embeddings.patch_embedding.bias", "embeddings/patch_embedding/bias", (d,)),
-      reshaped("embeddings.position_embedding", "embeddings/position_embedding",
-               (1, cfg.num_positions, d), (cfg.num_positions, d)),
+    conv_patch("embeddings.patch_embedding.weight", "embeddings/patch_embedding/kernel", d, cfg.num_channels, p),
+    rename("embeddings.patch_embedding.bias", "embeddings/patch_embedding/bias", (d,)),
+    reshaped(
+      "embeddings.position_embedding",
+      "embeddings/position_embedding",
+      (1, cfg.num_positions, d),
+      (cfg.num_positions, d),
+    ),
   ]
   if cfg.use_class_token:
     rules.append(reshaped("embeddings.class_embedding", "embeddings/class_embedding", (1, 1, d), (d,)))
@@ -240,25 +276,31 @@ def intern_vit_rules(cfg: VisionConfig, *, stored_heads: int | None = None, pref
 # Projector weights.
 
 
-def internvl_hf_projector_rules(cfg: ProjectorConfig, *, prefix: str = "multi_modal_projector.",
-                                param_prefix: str = "projector") -> RuleTable:
+def internvl_hf_projector_rules(
+  cfg: ProjectorConfig, *, prefix: str = "multi_modal_projector.", param_prefix: str = "projector"
+) -> RuleTable:
   """transformers `InternVLMultiModalProjector` (layer_norm, linear_1, linear_2, all with biases)."""
   if cfg.num_layers != 2 or not cfg.use_bias:
     raise ValueError("the transformers InternVL projector has two linear layers with biases")
-  rules = [rename("layer_norm.weight", "norm/scale", (cfg.in_features,)),
-           rename("layer_norm.bias", "norm/bias", (cfg.in_features,)),
-           linear("linear_1.weight", "linear_1/kernel", (cfg.in_features,), (cfg.hidden_size,)),
-           bias("linear_1.bias", "linear_1/bias", (cfg.hidden_size,)),
-           linear("linear_2.weight", "linear_2/kernel", (cfg.hidden_size,), (cfg.out_features,)),
-           bias("linear_2.bias", "linear_2/bias", (cfg.out_features,))]
+  rules = [
+    rename("layer_norm.weight", "norm/scale", (cfg.in_features,)),
+    rename("layer_norm.bias", "norm/bias", (cfg.in_features,)),
+    linear("linear_1.weight", "linear_1/kernel", (cfg.in_features,), (cfg.hidden_size,)),
+    bias("linear_1.bias", "linear_1/bias", (cfg.hidden_size,)),
+    linear("linear_2.weight", "linear_2/kernel", (cfg.hidden_size,), (cfg.out_features,)),
+    bias("linear_2.bias", "linear_2/bias", (cfg.out_features,)),
+  ]
   return RuleTable(tuple(rules), (), "InternVL projector").with_prefix(prefix, param_prefix)
 
 
 def mlp1_projector_rules(cfg: ProjectorConfig, *, prefix: str = "mlp1.", param_prefix: str = "projector") -> RuleTable:
   """InternVL-Chat / NVLM `mlp1` = nn.Sequential(LayerNorm, Linear, GELU, Linear): indices 0, 1, 3."""
   rules = [rename("0.weight", "norm/scale", (cfg.in_features,)), rename("0.bias", "norm/bias", (cfg.in_features,))]
-  widths = [(cfg.in_features, cfg.out_features)] if cfg.num_layers == 1 else [
-      (cfg.in_features, cfg.hidden_size), (cfg.hidden_size, cfg.out_features)]
+  widths = (
+    [(cfg.in_features, cfg.out_features)]
+    if cfg.num_layers == 1
+    else [(cfg.in_features, cfg.hidden_size), (cfg.hidden_size, cfg.out_features)]
+  )
   for i, (n_in, n_out) in enumerate(widths):
     index = 1 + 2 * i
     rules.append(linear(f"{index}.weight", f"linear_{i + 1}/kernel", (n_in,), (n_out,)))
@@ -298,59 +340,69 @@ def _vision_config(fields: dict, overrides: Mapping[str, Any], source: str) -> V
     raise ConfigError(f"{source}: {e}") from None
 
 
-def vision_config_from_internvl_hf(cfg: Mapping[str, Any], *, source: str = "vision_config",
-                                   select_layer: int = -1, **overrides) -> VisionConfig:
+def vision_config_from_internvl_hf(
+  cfg: Mapping[str, Any], *, source: str = "vision_config", select_layer: int = -1, **overrides
+) -> VisionConfig:
   """A transformers InternVLVisionConfig dict -> VisionConfig (refuses what InternViT cannot compute)."""
   if cfg.get("hidden_act", "gelu") != "gelu":
     raise ConfigError(f"{source}: field 'hidden_act' is {cfg.get('hidden_act')!r}; only exact 'gelu' is implemented")
   if not cfg.get("use_mean_pooling", True):
-    raise ConfigError(f"{source}: field 'use_mean_pooling' is false (a final LayerNorm on the last layer); "
-                      "InternViT has no final norm and this is not implemented")
+    raise ConfigError(
+      f"{source}: field 'use_mean_pooling' is false (a final LayerNorm on the last layer); "
+      "InternViT has no final norm and this is not implemented"
+    )
   if not cfg.get("use_absolute_position_embeddings", True):
     raise ConfigError(f"{source}: field 'use_absolute_position_embeddings' is false; not implemented")
   fields = dict(
-      image_size=_pair(_field(cfg, "image_size", source), "image_size", source),
-      patch_size=_pair(_field(cfg, "patch_size", source), "patch_size", source),
-      hidden_size=_field(cfg, "hidden_size", source),
-      num_layers=_field(cfg, "num_hidden_layers", source),
-      num_heads=_field(cfg, "num_attention_heads", source),
-      intermediate_size=_field(cfg, "intermediate_size", source),
-      num_channels=cfg.get("num_channels", 3),
-      norm_type=cfg.get("norm_type", "layer_norm"),
-      layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
-      qk_normalization=bool(cfg.get("use_qk_norm", False)),
-      qkv_bias=bool(cfg.get("attention_bias", False)),
-      layer_scale_init=float(cfg.get("layer_scale_init_value", 0.1)),
-      select_layer=select_layer,
+    image_size=_pair(_field(cfg, "image_size", source), "image_size", source),
+    patch_size=_pair(_field(cfg, "patch_size", source), "patch_size", source),
+    hidden_size=_field(cfg, "hidden_size", source),
+    num_layers=_field(cfg, "num_hidden_layers", source),
+    num_heads=_field(cfg, "num_attention_heads", source),
+    intermediate_size=_field(cfg, "intermediate_size", source),
+    num_channels=cfg.get("num_channels", 3),
+    norm_type=cfg.get("norm_type", "layer_norm"),
+    layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
+    qk_normalization=bool(cfg.get("use_qk_norm", False)),
+    qkv_bias=bool(cfg.get("attention_bias", False)),
+    layer_scale_init=float(cfg.get("layer_scale_init_value", 0.1)),
+    select_layer=select_layer,
   )
   if fields["qk_normalization"] and fields["layer_norm_eps"] != 1e-6:
     # transformers builds the q/k RMSNorms with its default eps 1e-6 whatever layer_norm_eps says; we use
     # one eps for both, so the two only agree at 1e-6.
-    raise ConfigError(f"{source}: use_qk_norm with layer_norm_eps={fields['layer_norm_eps']} (transformers uses "
-                      "1e-6 for the q/k norms); only layer_norm_eps=1e-6 is supported with q/k norm")
+    raise ConfigError(
+      f"{source}: use_qk_norm with layer_norm_eps={fields['layer_norm_eps']} (transformers uses "
+      "1e-6 for the q/k norms); only layer_norm_eps=1e-6 is supported with q/k norm"
+    )
   return _vision_config(fields, overrides, source)
 
 
-def vision_config_from_intern_vit(cfg: Mapping[str, Any], *, source: str = "vision_config",
-                                  select_layer: int = -1, image_size: int | None = None,
-                                  **overrides) -> VisionConfig:
+def vision_config_from_intern_vit(
+  cfg: Mapping[str, Any],
+  *,
+  source: str = "vision_config",
+  select_layer: int = -1,
+  image_size: int | None = None,
+  **overrides,
+) -> VisionConfig:
   """An InternVL/NVLM `InternVisionConfig` dict (model_type intern_vit_6b) -> VisionConfig."""
   if cfg.get("hidden_act", "gelu") != "gelu":
     raise ConfigError(f"{source}: field 'hidden_act' is {cfg.get('hidden_act')!r}; only exact 'gelu' is implemented")
   fields = dict(
-      image_size=image_size or _pair(_field(cfg, "image_size", source), "image_size", source),
-      patch_size=_pair(_field(cfg, "patch_size", source), "patch_size", source),
-      hidden_size=_field(cfg, "hidden_size", source),
-      num_layers=_field(cfg, "num_hidden_layers", source),
-      num_heads=_field(cfg, "num_attention_heads", source),
-      intermediate_size=_field(cfg, "intermediate_size", source),
-      num_channels=cfg.get("num_channels", 3),
-      norm_type=cfg.get("norm_type", "rms_norm"),
-      layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
-      qk_normalization=bool(cfg.get("qk_normalization", False)),
-      qkv_bias=bool(cfg.get("qkv_bias", False)),
-      layer_scale_init=float(cfg.get("initializer_factor", 0.1)),
-      select_layer=select_layer,
+    image_size=image_size or _pair(_field(cfg, "image_size", source), "image_size", source),
+    patch_size=_pair(_field(cfg, "patch_size", source), "patch_size", source),
+    hidden_size=_field(cfg, "hidden_size", source),
+    num_layers=_field(cfg, "num_hidden_layers", source),
+    num_heads=_field(cfg, "num_attention_heads", source),
+    intermediate_size=_field(cfg, "intermediate_size", source),
+    num_channels=cfg.get("num_channels", 3),
+    norm_type=cfg.get("norm_type", "rms_norm"),
+    layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
+    qk_normalization=bool(cfg.get("qk_normalization", False)),
+    qkv_bias=bool(cfg.get("qkv_bias", False)),
+    layer_scale_init=float(cfg.get("initializer_factor", 0.1)),
+    select_layer=select_layer,
   )
   return _vision_config(fields, overrides, source)
 
@@ -367,8 +419,9 @@ def _split_overrides(overrides: Mapping[str, Any], source: str):
   top_fields = {f.name for f in dataclasses.fields(NVLMConfig)}
   unknown = set(overrides) - top_fields
   if unknown:
-    raise ConfigError(f"unknown NVLMConfig override(s) {sorted(unknown)}; sub-config fields go under "
-                      "'vision', 'llm' or 'projector'")
+    raise ConfigError(
+      f"unknown NVLMConfig override(s) {sorted(unknown)}; sub-config fields go under 'vision', 'llm' or 'projector'"
+    )
   return overrides, sub
 
 
@@ -383,9 +436,15 @@ def _impl(dtype: str, param_dtype: str, scan_layers: bool) -> dict:
   return dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
 
 
-def nvlm_config_from_internvl_hf(cfg: Mapping[str, Any], *, source: str = "config.json", dtype: str = "float32",
-                                 param_dtype: str = "float32", scan_layers: bool = True,
-                                 **overrides) -> NVLMConfig:
+def nvlm_config_from_internvl_hf(
+  cfg: Mapping[str, Any],
+  *,
+  source: str = "config.json",
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  scan_layers: bool = True,
+  **overrides,
+) -> NVLMConfig:
   """transformers InternVLConfig (config.json) -> NVLMConfig(variant 'd'), with the transformers projector
   (Linear(4Dv, D) + bias, Linear(D, D) + bias)."""
   top, sub = _split_overrides(overrides, source)
@@ -394,21 +453,26 @@ def nvlm_config_from_internvl_hf(cfg: Mapping[str, Any], *, source: str = "confi
     raise ConfigError(f"{source}: field 'vision_feature_layer' is {feature_layer!r}; only one layer is supported")
   strategy = cfg.get("vision_feature_select_strategy", "default")
   if strategy != "default":
-    raise ConfigError(f"{source}: field 'vision_feature_select_strategy' is {strategy!r}; only 'default' "
-                      "(drop the class token) is supported")
+    raise ConfigError(
+      f"{source}: field 'vision_feature_select_strategy' is {strategy!r}; only 'default' "
+      "(drop the class token) is supported"
+    )
   if cfg.get("projector_hidden_act", "gelu") != "gelu":
     raise ConfigError(f"{source}: field 'projector_hidden_act' is {cfg.get('projector_hidden_act')!r}; only 'gelu'")
   impl = _impl(dtype, param_dtype, scan_layers)
-  vision = vision_config_from_internvl_hf(_field(cfg, "vision_config", source), source=f"{source}: vision_config",
-                                          select_layer=feature_layer, **{**impl, **sub["vision"]})
+  vision = vision_config_from_internvl_hf(
+    _field(cfg, "vision_config", source),
+    source=f"{source}: vision_config",
+    select_layer=feature_layer,
+    **{**impl, **sub["vision"]},
+  )
   text = dict(_field(cfg, "text_config", source))
   text.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
   llm = decoder_config_from_hf(text, source=f"{source}: text_config", **{**impl, **sub["llm"]})
   ratio = float(cfg.get("downsample_ratio", 0.5))
   projector = ProjectorConfig.internvl_hf(vision, llm, ratio, dtype=dtype, param_dtype=param_dtype)
   projector = dataclasses.replace(projector, **sub["projector"])
-  top = {"image_token_id": _field(cfg, "image_token_id", source), "downsample_ratio": ratio,
-         "ps_version": "v2", **top}
+  top = {"image_token_id": _field(cfg, "image_token_id", source), "downsample_ratio": ratio, "ps_version": "v2", **top}
   return _nvlm_config(source=source, variant="d", vision=vision, projector=projector, llm=llm, top=top)
 
 
@@ -436,8 +500,15 @@ def nvlm_d_stored_heads(num_heads: int) -> int:
   return -(-num_heads // NVLM_D_VIT_HEAD_MULTIPLE) * NVLM_D_VIT_HEAD_MULTIPLE
 
 
-def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.json", dtype: str = "float32",
-                            param_dtype: str = "float32", scan_layers: bool = True, **overrides) -> NVLMConfig:
+def nvlm_config_from_nvlm_d(
+  cfg: Mapping[str, Any],
+  *,
+  source: str = "config.json",
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  scan_layers: bool = True,
+  **overrides,
+) -> NVLMConfig:
   """NVLM-D-72B config.json (`vision_config`, `llm_config`, top-level fields of NVLM_D_Config) -> NVLMConfig.
 
   Looked up beside config.json when present: the placeholder id of `<|vision_pad|>` (tokenizer files;
@@ -448,9 +519,13 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
   top, sub = _split_overrides(overrides, source)
   impl = _impl(dtype, param_dtype, scan_layers)
   image_size = cfg.get("force_image_size")
-  vision = vision_config_from_intern_vit(_field(cfg, "vision_config", source), source=f"{source}: vision_config",
-                                         select_layer=int(cfg.get("select_layer", -1)), image_size=image_size,
-                                         **{**impl, **sub["vision"]})
+  vision = vision_config_from_intern_vit(
+    _field(cfg, "vision_config", source),
+    source=f"{source}: vision_config",
+    select_layer=int(cfg.get("select_layer", -1)),
+    image_size=image_size,
+    **{**impl, **sub["vision"]},
+  )
   # NVLM_D_Config builds Qwen2Config(**llm_config) whatever llm_config's model_type says, and the model class
   # comes from llm_config's `architectures` (decoder_config_from_hf's rule); without one, Qwen2.
   llm_json = {**_field(cfg, "llm_config", source), "model_type": "qwen2"}
@@ -460,8 +535,10 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
       ckpt = SafetensorsCheckpoint(directory)
       llm_json["vocab_size"] = ckpt["language_model.model.embed_tokens.weight"].shape[0]
     except (CheckpointError, KeyError):
-      raise ConfigError(f"{source}: llm_config has no 'vocab_size' and no language_model.model.embed_tokens.weight "
-                        "shape could be read beside it") from None
+      raise ConfigError(
+        f"{source}: llm_config has no 'vocab_size' and no language_model.model.embed_tokens.weight "
+        "shape could be read beside it"
+      ) from None
   llm = decoder_config_from_hf(llm_json, source=f"{source}: llm_config", **{**impl, **sub["llm"]})
   ratio = float(cfg.get("downsample_ratio", 0.5))
   projector = ProjectorConfig.mlp1(vision, llm, ratio, dtype=dtype, param_dtype=param_dtype)
@@ -472,14 +549,13 @@ def nvlm_config_from_nvlm_d(cfg: Mapping[str, Any], *, source: str = "config.jso
   if not isinstance(image_token_id, int):
     image_token_id = _tokenizer_token_id(directory, NVLM_D_DEFAULT_IMAGE_TOKEN)
   defaults = dict(
-      image_token_id=NVLM_D_DEFAULT_IMAGE_TOKEN_ID if image_token_id is None else image_token_id,
-      downsample_ratio=ratio,
-      ps_version=cfg.get("ps_version", "v2"),
-      max_tiles=int(cfg.get("max_dynamic_patch", 6)),
-      use_thumbnail=bool(cfg.get("use_thumbnail", True)),
+    image_token_id=NVLM_D_DEFAULT_IMAGE_TOKEN_ID if image_token_id is None else image_token_id,
+    downsample_ratio=ratio,
+    ps_version=cfg.get("ps_version", "v2"),
+    max_tiles=int(cfg.get("max_dynamic_patch", 6)),
+    use_thumbnail=bool(cfg.get("use_thumbnail", True)),
   )
-  return _nvlm_config(source=source, variant="d", vision=vision, projector=projector, llm=llm,
-                      top={**defaults, **top})
+  return _nvlm_config(source=source, variant="d", vision=vision, projector=projector, llm=llm, top={**defaults, **top})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -491,20 +567,31 @@ def internvl_hf_rules(cfg: NVLMConfig, *, in_memory_names: bool = False) -> Rule
   model = "model." if in_memory_names else ""
   lm_body = f"{model}language_model." if in_memory_names else "language_model.model."
   lm_head = "lm_head.weight" if in_memory_names else "language_model.lm_head.weight"
-  return (internvl_hf_vision_rules(cfg.vision, prefix=f"{model}vision_tower.", param_prefix="vision_model")
-          + internvl_hf_projector_rules(cfg.projector, prefix=f"{model}multi_modal_projector.")
-          + decoder_rules(cfg.llm, prefix=lm_body, lm_head_key=lm_head, param_prefix="language_model",
-                          name="InternVL language model"))
+  return (
+    internvl_hf_vision_rules(cfg.vision, prefix=f"{model}vision_tower.", param_prefix="vision_model")
+    + internvl_hf_projector_rules(cfg.projector, prefix=f"{model}multi_modal_projector.")
+    + decoder_rules(
+      cfg.llm, prefix=lm_body, lm_head_key=lm_head, param_prefix="language_model", name="InternVL language model"
+    )
+  )
 
 
 def nvlm_d_rules(cfg: NVLMConfig, *, stored_heads: int | None = None) -> RuleTable:
   """NVLM-D-72B files (docs/paper.md (h)) <-> NVLMD params; the ViT's padded heads are checked and sliced off."""
   stored = nvlm_d_stored_heads(cfg.vision.num_heads) if stored_heads is None else stored_heads
-  return (intern_vit_rules(cfg.vision, stored_heads=stored, prefix="vision_model.", param_prefix="vision_model",
-                           name="NVLM-D vision model")
-          + mlp1_projector_rules(cfg.projector)
-          + decoder_rules(cfg.llm, prefix="language_model.model.", lm_head_key="language_model.lm_head.weight",
-                          param_prefix="language_model", name="NVLM-D language model"))
+  return (
+    intern_vit_rules(
+      cfg.vision, stored_heads=stored, prefix="vision_model.", param_prefix="vision_model", name="NVLM-D vision model"
+    )
+    + mlp1_projector_rules(cfg.projector)
+    + decoder_rules(
+      cfg.llm,
+      prefix="language_model.model.",
+      lm_head_key="language_model.lm_head.weight",
+      param_prefix="language_model",
+      name="NVLM-D language model",
+    )
+  )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -537,23 +624,27 @@ def _and(arch_detect, key_detect):
 
 _internvl_detect = architectures_detector("InternVLForConditionalGeneration", model_type="internvl")
 
-register_layout(Layout(
+register_layout(
+  Layout(
     name="InternVLForConditionalGeneration",
     detect=_and(_internvl_detect, _has_key("vision_tower.embeddings.patch_embeddings.projection.weight")),
     build_config=nvlm_config_from_internvl_hf,
     build_model=_nvlmd,
     build_rules=internvl_hf_rules,
     init_args=_text_init,
-))
+  )
+)
 
-register_layout(Layout(
+register_layout(
+  Layout(
     name="InternVLForConditionalGeneration(in-memory names)",
     detect=_and(_internvl_detect, _has_key("model.vision_tower.embeddings.patch_embeddings.projection.weight")),
     build_config=nvlm_config_from_internvl_hf,
     build_model=_nvlmd,
     build_rules=lambda cfg: internvl_hf_rules(cfg, in_memory_names=True),
     init_args=_text_init,
-))
+  )
+)
 
 
 def _nvlm_d_detect(cfg: Mapping[str, Any], keys: Collection[str]) -> bool:
@@ -562,36 +653,43 @@ def _nvlm_d_detect(cfg: Mapping[str, Any], keys: Collection[str]) -> bool:
   return "llm_config" in cfg and "mlp1.1.weight" in keys and "vision_model.embeddings.class_embedding" in keys
 
 
-register_layout(Layout(
+register_layout(
+  Layout(
     name="NVLM_D",
     detect=_nvlm_d_detect,
     build_config=nvlm_config_from_nvlm_d,
     build_model=_nvlmd,
     build_rules=nvlm_d_rules,
     init_args=_text_init,
-))
+  )
+)
 
 
 def _standalone_vit_config(parse):
   def build(cfg, *, source="config.json", dtype="float32", param_dtype="float32", scan_layers=True, **overrides):
     return parse(cfg, source=source, **{**_impl(dtype, param_dtype, scan_layers), **overrides})
+
   return build
 
 
-register_layout(Layout(
+register_layout(
+  Layout(
     name="InternVisionModel",
     detect=architectures_detector("InternVisionModel", model_type="intern_vit_6b"),
     build_config=_standalone_vit_config(vision_config_from_intern_vit),
     build_model=_vit,
     build_rules=lambda cfg: intern_vit_rules(cfg, name="InternVisionModel"),
     init_args=_pixels_init,
-))
+  )
+)
 
-register_layout(Layout(
+register_layout(
+  Layout(
     name="InternVLVisionModel",
     detect=architectures_detector("InternVLVisionModel", model_type="internvl_vision"),
     build_config=_standalone_vit_config(vision_config_from_internvl_hf),
     build_model=_vit,
     build_rules=lambda cfg: internvl_hf_vision_rules(cfg, name="InternVLVisionModel"),
     init_args=_pixels_init,
-))
+  )
+)

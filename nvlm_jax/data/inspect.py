@@ -60,12 +60,10 @@ def build_processor(args):
 
 def build_source(args, processor):
   if args.synthetic:
-
     return SyntheticSource(
       args.synthetic, args.seed, size=args.size, tile_size=processor.image_size, max_tiles=processor.max_tiles_per_image
     )
   if args.llava:
-
     return LlavaSource(args.llava, args.image_root)
   from nvlm_jax.data.tfds_builder import ArrayRecordSource  # tensorflow_datasets loads only for ArrayRecord sources
 

@@ -114,7 +114,6 @@ def _make_source(spec: dict, processor):
   kind = spec.pop("kind", None)
   spec.pop("weight", None)
   if kind == "synthetic":
-
     num_samples = spec.pop("num_samples", 10_000)
     seed = spec.pop("seed", 0)
     if processor is not None:  # the tile questions are only right for the tiles the model sees
@@ -122,7 +121,6 @@ def _make_source(spec: dict, processor):
       spec.setdefault("max_tiles", processor.max_tiles_per_image)
     return SyntheticSource(num_samples, seed, **spec)
   if kind == "llava":
-
     if not spec.get("path"):
       raise ValueError(f"{_source_label(spec, kind)}: 'path' is empty; fill it in (a .json or .jsonl file)")
     return LlavaSource(spec.pop("path"), spec.pop("image_root", None) or None, **spec)  # "": beside the file
@@ -149,8 +147,11 @@ def make_blend(data_config: Any, processor=None, *, seed: int = 0) -> BlendedSou
   if hasattr(specs, "to_dict"):
     specs = specs.to_dict()
   if isinstance(specs, Mapping):
-    specs = [{**dict(spec), "name": spec.get("name") or name} for name, spec in specs.items()
-             if float(spec.get("weight", 1.0)) != 0]
+    specs = [
+      {**dict(spec), "name": spec.get("name") or name}
+      for name, spec in specs.items()
+      if float(spec.get("weight", 1.0)) != 0
+    ]
   specs = list(specs)
   if not specs:
     raise ValueError(

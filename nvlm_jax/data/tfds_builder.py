@@ -190,8 +190,11 @@ def find_builder_dir(path: str | os.PathLike, name: str | None = None) -> Path:
   raise FileNotFoundError(
     f"no TFDS dataset (dataset_info.json) under {path}"
     + (f" named {name!r}" if name else "")
-    + (f"; it holds the named dataset(s) {named}: pick one with --dataset-name (data config: dataset_name)"
-       if named else "")
+    + (
+      f"; it holds the named dataset(s) {named}: pick one with --dataset-name (data config: dataset_name)"
+      if named
+      else ""
+    )
     + f"; expected {path}/{BUILDER_NAME}/[NAME/]{FEATURES_VERSION}/ as written by "
     f"`python -m nvlm_jax.data.tfds_builder --out {path}`"
   )
@@ -294,7 +297,6 @@ def main(argv: Iterable[str] | None = None) -> int:
   parser.add_argument("--drop-bad", action="store_true", help="drop records failing validate_record")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing converted dataset")
   args = parser.parse_args(None if argv is None else list(argv))
-
 
   sources = [LlavaSource(f, args.image_root) for f in args.llava]
   if args.synthetic:

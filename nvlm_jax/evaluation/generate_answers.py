@@ -133,7 +133,6 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
   model_config = getattr(model, "config", None)
   training = is_training_checkpoint(path)
   if tokenizer is None and training and (_workdir_of(path) / "processor.json").is_file():
-
     processor = processor_setup.read_run_processor(_workdir_of(path))
   else:
     # `tokenizer` takes what config.data.tokenizer takes: a dir with tokenizer.json or a training workdir
@@ -164,7 +163,6 @@ def mesh_context(mesh):
     return
   import flax.linen as nn
   import jax
-
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
     yield
@@ -227,8 +225,9 @@ def decode_answer(tokens: Sequence[int], tokenizer, stop_ids: Sequence[int]) -> 
   stops = {int(s) for s in stop_ids}
   end = next((k for k, t in enumerate(tokens) if t in stops), None)
   kept = tokens if end is None else tokens[:end]
-  return Answer(tokenizer.decode(kept, skip_special_tokens=True, unknown=UNKNOWN_TOKEN_TEXT).strip(), len(kept),
-                end is not None)
+  return Answer(
+    tokenizer.decode(kept, skip_special_tokens=True, unknown=UNKNOWN_TOKEN_TEXT).strip(), len(kept), end is not None
+  )
 
 
 def sort_by_length(lengths: Sequence[int]) -> list[int]:

@@ -29,16 +29,29 @@ class NVLMBase(nn.Module):
       raise ValueError(f"{type(self).__name__} needs an NVLMConfig with variant {self.variant!r}, got {cfg.variant!r}")
     self.vision_model, self.projector = make_vision_modules(cfg)
 
-  def encode_images(self, pixel_values: jnp.ndarray, tile_mask: jnp.ndarray | None = None, *,
-                    tile_budget: int | None = None) -> jnp.ndarray:
+  def encode_images(
+    self, pixel_values: jnp.ndarray, tile_mask: jnp.ndarray | None = None, *, tile_budget: int | None = None
+  ) -> jnp.ndarray:
     """[B, T, H, W, 3] (+ [B, T] mask) -> [B, T, tokens_per_tile, D]; padded tiles give zeros."""
     cfg = self.config
-    return encode_images(self.vision_model, self.projector, pixel_values, tile_mask,
-                         downsample_ratio=cfg.downsample_ratio, ps_version=cfg.ps_version,
-                         freeze_vision=cfg.freeze_vision, tile_budget=tile_budget)
+    return encode_images(
+      self.vision_model,
+      self.projector,
+      pixel_values,
+      tile_mask,
+      downsample_ratio=cfg.downsample_ratio,
+      ps_version=cfg.ps_version,
+      freeze_vision=cfg.freeze_vision,
+      tile_budget=tile_budget,
+    )
 
-  def embed_inputs(self, input_ids: jnp.ndarray, pixel_values: jnp.ndarray | None,
-                   tile_mask: jnp.ndarray | None, image_features: jnp.ndarray | None):
+  def embed_inputs(
+    self,
+    input_ids: jnp.ndarray,
+    pixel_values: jnp.ndarray | None,
+    tile_mask: jnp.ndarray | None,
+    image_features: jnp.ndarray | None,
+  ):
     """(token embeddings [B, L, D], placeholder mask [B, L], pixel_values, tile_mask [B, T]).
 
     Placeholder ids may lie outside the vocabulary (Megatron's `<image>`): they are never looked up. Give

@@ -31,6 +31,7 @@ Keys of other segments, padded tiles and padded tag slots are never visible; a r
 a zero cross-attention output (gated_cross_attention.py). `visible` marks what tokens after the call (the
 decode steps) may see: every valid key of the row's last segment.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
@@ -61,7 +62,7 @@ def _shift_right(a: jnp.ndarray, fill, steps: int = 1) -> jnp.ndarray:
   """a[:, i - steps] at position i (fill for i < steps)."""
   if steps >= a.shape[1]:
     return jnp.full(a.shape, fill, a.dtype)
-  return jnp.concatenate([jnp.full((a.shape[0], steps), fill, a.dtype), a[:, :a.shape[1] - steps]], axis=1)
+  return jnp.concatenate([jnp.full((a.shape[0], steps), fill, a.dtype), a[:, : a.shape[1] - steps]], axis=1)
 
 
 def pattern_ends(input_ids: jnp.ndarray, pattern: Sequence[int]) -> jnp.ndarray:
@@ -72,9 +73,16 @@ def pattern_ends(input_ids: jnp.ndarray, pattern: Sequence[int]) -> jnp.ndarray:
   return ends
 
 
-def tile_layout(input_ids: jnp.ndarray, segment_ids: jnp.ndarray | None, *, image_token_id: int, max_tiles: int,
-                one_tile_per_placeholder: bool, image_start_token_ids: Sequence[int] = (),
-                max_tag_tokens: int = 8) -> TileLayout:
+def tile_layout(
+  input_ids: jnp.ndarray,
+  segment_ids: jnp.ndarray | None,
+  *,
+  image_token_id: int,
+  max_tiles: int,
+  one_tile_per_placeholder: bool,
+  image_start_token_ids: Sequence[int] = (),
+  max_tag_tokens: int = 8,
+) -> TileLayout:
   """Finds every tile's placeholder group and tag in the stream (module docstring). Static shapes."""
   chex.assert_rank(input_ids, 2)
   batch, length = input_ids.shape
@@ -92,8 +100,11 @@ def tile_layout(input_ids: jnp.ndarray, segment_ids: jnp.ndarray | None, *, imag
   num_groups = jnp.sum(start, axis=1, dtype=jnp.int32)
   # Per-group values; positions that are not group starts (or groups past the T slots) go to column T.
   column = jnp.where(start & (ordinal < tiles), ordinal, tiles)
-  anchor = jnp.full((batch, tiles + 1), length, jnp.int32).at[rows, column].min(
-      jnp.broadcast_to(idx, (batch, length)))[:, :tiles]
+  anchor = (
+    jnp.full((batch, tiles + 1), length, jnp.int32)
+    .at[rows, column]
+    .min(jnp.broadcast_to(idx, (batch, length)))[:, :tiles]
+  )
   run_column = jnp.where(is_ph & (ordinal < tiles), ordinal, tiles)
   run_length = jnp.zeros((batch, tiles + 1), jnp.int32).at[rows, run_column].add(1)[:, :tiles]
   # Tags: the tokens after the last boundary before the anchor, at most max_tag_tokens of them.
@@ -109,8 +120,12 @@ def tile_layout(input_ids: jnp.ndarray, segment_ids: jnp.ndarray | None, *, imag
   next_ph = jax.lax.cummin(jnp.where(is_ph, idx, length), axis=1, reverse=True)
   next_clip = jnp.minimum(next_ph, length - 1)
   next_bound = jnp.take_along_axis(last_boundary, next_clip, axis=1)
-  in_tag = (~is_ph & (next_ph < length) & (idx >= jnp.maximum(next_bound, next_ph - max_tag_tokens))
-            & jnp.take_along_axis(start, next_clip, axis=1))
+  in_tag = (
+    ~is_ph
+    & (next_ph < length)
+    & (idx >= jnp.maximum(next_bound, next_ph - max_tag_tokens))
+    & jnp.take_along_axis(start, next_clip, axis=1)
+  )
   tag_of = jnp.where(in_tag, jnp.take_along_axis(ordinal, next_clip, axis=1), -1)
   return TileLayout(is_ph, group_of, tag_of, anchor, run_length, tag_start, tag_length, tag_truncated, num_groups)
 
@@ -123,9 +138,16 @@ def tile_ranks(tile_mask: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   return rank, slot_of_rank
 
 
-def cross_attention_inputs(layout: TileLayout, token_embeds: jnp.ndarray, image_features: jnp.ndarray,
-                           tile_mask: jnp.ndarray, segment_ids: jnp.ndarray | None, *,
-                           cross_groups: jnp.ndarray, max_tag_tokens: int) -> dict[str, jnp.ndarray]:
+def cross_attention_inputs(
+  layout: TileLayout,
+  token_embeds: jnp.ndarray,
+  image_features: jnp.ndarray,
+  tile_mask: jnp.ndarray,
+  segment_ids: jnp.ndarray | None,
+  *,
+  cross_groups: jnp.ndarray,
+  max_tag_tokens: int,
+) -> dict[str, jnp.ndarray]:
   """The key/value stream and masks (module docstring).
 
   token_embeds [B, L, D] (tag embeddings are read from it), image_features [B, T, N, D], tile_mask [B, T],
@@ -169,8 +191,18 @@ def cross_attention_inputs(layout: TileLayout, token_embeds: jnp.ndarray, image_
   return {"memory": memory, "mask": mask[:, None], "has_keys": jnp.any(mask, axis=-1), "visible": visible}
 
 
-def _layout_errors(num_groups, valid_tiles, run_length, truncated, *, max_tiles: int, tokens_per_tile: int | None,
-                   check_truncation: bool, image_token_id: int, max_tag_tokens: int) -> list[str]:
+def _layout_errors(
+  num_groups,
+  valid_tiles,
+  run_length,
+  truncated,
+  *,
+  max_tiles: int,
+  tokens_per_tile: int | None,
+  check_truncation: bool,
+  image_token_id: int,
+  max_tag_tokens: int,
+) -> list[str]:
   errors = []
   for b in range(len(num_groups)):
     groups, tiles = int(num_groups[b]), int(valid_tiles[b])
@@ -180,17 +212,28 @@ def _layout_errors(num_groups, valid_tiles, run_length, truncated, *, max_tiles:
     if tokens_per_tile is not None:
       bad = [int(x) for x in run_length[b, :n] if x not in (1, tokens_per_tile)]
       if bad:
-        errors.append(f"row {b}: placeholder runs of length {bad}; NVLM-H expects 1 (cross-attention tile) or "
-                      f"{tokens_per_tile} (thumbnail)")
+        errors.append(
+          f"row {b}: placeholder runs of length {bad}; NVLM-H expects 1 (cross-attention tile) or "
+          f"{tokens_per_tile} (thumbnail)"
+        )
     if check_truncation and np.any(truncated[b, :n]):
-      errors.append(f"row {b}: tile tag(s) {np.flatnonzero(truncated[b, :n]).tolist()} longer than "
-                    f"max_tag_tokens={max_tag_tokens}")
+      errors.append(
+        f"row {b}: tile tag(s) {np.flatnonzero(truncated[b, :n]).tolist()} longer than max_tag_tokens={max_tag_tokens}"
+      )
   return errors
 
 
-def check_tile_layout(layout: TileLayout, tile_mask: jnp.ndarray, *, image_token_id: int, max_tiles: int,
-                      tokens_per_tile: int | None = None, check_truncation: bool = False,
-                      max_tag_tokens: int = 8, under_jit: bool = False) -> None:
+def check_tile_layout(
+  layout: TileLayout,
+  tile_mask: jnp.ndarray,
+  *,
+  image_token_id: int,
+  max_tiles: int,
+  tokens_per_tile: int | None = None,
+  check_truncation: bool = False,
+  max_tag_tokens: int = 8,
+  under_jit: bool = False,
+) -> None:
   """Raises ValueError naming each row whose placeholder groups do not match its valid tiles.
 
   tokens_per_tile: also check run lengths (NVLM-H). check_truncation: tags must fit max_tag_tokens (only
@@ -199,8 +242,13 @@ def check_tile_layout(layout: TileLayout, tile_mask: jnp.ndarray, *, image_token
   """
   valid_tiles = jnp.sum(tile_mask, axis=1)
   args = (layout.num_groups, valid_tiles, layout.run_length, layout.tag_truncated)
-  kwargs = dict(max_tiles=max_tiles, tokens_per_tile=tokens_per_tile, check_truncation=check_truncation,
-                image_token_id=image_token_id, max_tag_tokens=max_tag_tokens)
+  kwargs = dict(
+    max_tiles=max_tiles,
+    tokens_per_tile=tokens_per_tile,
+    check_truncation=check_truncation,
+    image_token_id=image_token_id,
+    max_tag_tokens=max_tag_tokens,
+  )
 
   def host_check(*arrays):
     errors = _layout_errors(*[np.asarray(a) for a in arrays], **kwargs)

@@ -27,6 +27,7 @@ The KV cache keeps CausalLM's layout ({"layers": {"k", "v": [L, B, S, kv_heads, 
 per-block projected image keys/values (computed once, at the call that brings the images) and which of
 them tokens after the prompt may see.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,11 +38,11 @@ import jax.numpy as jnp
 
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig
 from nvlm_jax.language.decoder import (
-    ACTIVATION_AXES,
-    Cache,
-    CausalLM,
-    DecoderLayer,
-    keep_last,
+  ACTIVATION_AXES,
+  Cache,
+  CausalLM,
+  DecoderLayer,
+  keep_last,
 )
 from nvlm_jax.layers.attention import CausalSegments, attend
 from nvlm_jax.layers.attention_impl import choose_attention_impl, log_choice_once
@@ -99,8 +100,15 @@ class GatedCrossAttention(nn.Module):
     keep = has_keys[..., None]
     if kv["k"].shape[1]:  # an empty image stream (S = 0) leaves every row without keys
       k, v = kv["k"].astype(cfg.dtype), kv["v"].astype(cfg.dtype)
-      impl = choose_attention_impl(cfg.attention_impl, jax.default_backend(), "dense", q_len=q.shape[1],
-                                   k_len=k.shape[1], head_dim=head_dim, dtype=cfg.dtype)
+      impl = choose_attention_impl(
+        cfg.attention_impl,
+        jax.default_backend(),
+        "dense",
+        q_len=q.shape[1],
+        k_len=k.shape[1],
+        head_dim=head_dim,
+        dtype=cfg.dtype,
+      )
       log_choice_once("gated cross-attention", cfg.attention_impl, "dense", impl)
       out = attend(impl, q, k, v, mask)
       out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads", None))
@@ -148,23 +156,35 @@ class CrossAttentionDecoderStack(nn.Module):
   xattn: CrossAttentionConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, cache_index=None, *, memory=None, cross_mask=None,
-               has_keys=None, cross_kv=None):
+  def __call__(
+    self,
+    x,
+    positions,
+    mask,
+    cache=None,
+    cache_index=None,
+    *,
+    memory=None,
+    cross_mask=None,
+    has_keys=None,
+    cross_kv=None,
+  ):
     """Returns (x, updated layer cache or None, per-block image K/V {"k", "v": [G, B, S, ...]} or None)."""
     cfg, xc = self.config, self.xattn
     num_groups, every, offset = xc.num_blocks(cfg.num_layers), xc.every, xc.resolved_offset
     if cfg.scan_layers:
       group_cache = None if cache is None else split_layer_groups(cache, xc, cfg.num_layers)
       group_cls = nn.scan(
-          CrossAttentionGroup,
-          variable_axes={"params": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,) * 6 + (0, 0),
-          length=num_groups,
-          metadata_params={nn.PARTITION_NAME: GROUP_AXIS},
+        CrossAttentionGroup,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * 6 + (0, 0),
+        length=num_groups,
+        metadata_params={nn.PARTITION_NAME: GROUP_AXIS},
       )
       x, (group_cache, cross_kv) = group_cls(cfg, xc, offset, every - offset, name="groups")(
-          x, positions, mask, cross_mask, has_keys, memory, cache_index, group_cache, cross_kv)
+        x, positions, mask, cross_mask, has_keys, memory, cache_index, group_cache, cross_kv
+      )
       cache = None if cache is None else merge_layer_groups(group_cache, xc, cfg.num_layers)
       return x, cache, cross_kv
     layer_cls = maybe_remat(DecoderLayer, cfg.remat_policy, scanned=False)
@@ -217,15 +237,33 @@ class CrossAttentionLM(CausalLM):
   def _make_decoder(self) -> nn.Module:
     return CrossAttentionDecoderStack(self.config, self.xattn)
 
-  def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
-               cache: Cache | None = None, cross: CrossInputs | None = None, logits_to_keep: int = 0):
-    hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                                       segment_ids=segment_ids, cache=cache, cross=cross)
+  def __call__(
+    self,
+    input_ids=None,
+    *,
+    inputs_embeds=None,
+    positions=None,
+    segment_ids=None,
+    cache: Cache | None = None,
+    cross: CrossInputs | None = None,
+    logits_to_keep: int = 0,
+  ):
+    hidden, cache = self.hidden_states(
+      input_ids, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids, cache=cache, cross=cross
+    )
     logits = self.logits(keep_last(hidden, logits_to_keep))
     return logits if cache is None else (logits, cache)
 
-  def hidden_states(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
-                    cache: Cache | None = None, cross: CrossInputs | None = None):
+  def hidden_states(
+    self,
+    input_ids=None,
+    *,
+    inputs_embeds=None,
+    positions=None,
+    segment_ids=None,
+    cache: Cache | None = None,
+    cross: CrossInputs | None = None,
+  ):
     x, positions, segment_ids = self._decoder_inputs(input_ids, inputs_embeds, positions, segment_ids, cache)
     fresh = cross is not None and cross.get("memory") is not None
     if cache is None:
@@ -239,17 +277,22 @@ class CrossAttentionLM(CausalLM):
     elif stored is not None:  # later calls: every stored key the prompt left visible
       batch, length = segment_ids.shape
       visible = stored["visible"]
-      kwargs = dict(cross_kv={"k": stored["k"], "v": stored["v"]},
-                    cross_mask=jnp.broadcast_to(visible[:, None, None, :], (batch, 1, length, visible.shape[1])),
-                    has_keys=jnp.broadcast_to(jnp.any(visible, axis=1)[:, None], (batch, length)))
+      kwargs = dict(
+        cross_kv={"k": stored["k"], "v": stored["v"]},
+        cross_mask=jnp.broadcast_to(visible[:, None, None, :], (batch, 1, length, visible.shape[1])),
+        has_keys=jnp.broadcast_to(jnp.any(visible, axis=1)[:, None], (batch, length)),
+      )
     else:
       kwargs = {}
     x, layer_cache, cross_kv = self.decoder(x, positions, mask, cache["layers"], cache["index"], **kwargs)
     new_cache = self._advance_cache(cache, layer_cache, valid, x.shape[1])
     if fresh:
       dtype = stored["k"].dtype if stored is not None else self.config.dtype
-      new_cache["cross"] = {"k": cross_kv["k"].astype(dtype), "v": cross_kv["v"].astype(dtype),
-                            "visible": cross["visible"]}
+      new_cache["cross"] = {
+        "k": cross_kv["k"].astype(dtype),
+        "v": cross_kv["v"].astype(dtype),
+        "visible": cross["visible"],
+      }
     return x, new_cache
 
   def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None, num_keys: int = 0) -> Cache:
@@ -258,8 +301,11 @@ class CrossAttentionLM(CausalLM):
     heads, kv_heads, head_dim = self.xattn.heads(self.config)
     shape = (self.xattn.num_blocks(self.config.num_layers), batch_size, num_keys, kv_heads, head_dim)
     dtype = dtype or self.config.dtype
-    cache["cross"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-                      "visible": jnp.zeros((batch_size, num_keys), bool)}
+    cache["cross"] = {
+      "k": jnp.zeros(shape, dtype),
+      "v": jnp.zeros(shape, dtype),
+      "visible": jnp.zeros((batch_size, num_keys), bool),
+    }
     return cache
 
 

@@ -13,6 +13,7 @@ surplus tiles are ignored; nothing reads out of bounds.
 
 Every image token is one ordinary RoPE position; attention over the whole sequence is plain causal.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -33,15 +34,26 @@ def _concrete(*arrays) -> list[np.ndarray] | None:
   return [np.asarray(a) for a in arrays]
 
 
-def _placeholder_errors(counts: np.ndarray, valid_tiles: np.ndarray, tokens_per_tile: int,
-                        image_token_id: int) -> list[str]:
-  return [f"row {b}: {int(c)} image placeholder tokens (id {image_token_id}) but {int(t)} valid tiles x "
-          f"{tokens_per_tile} tokens = {int(t) * tokens_per_tile}"
-          for b, (c, t) in enumerate(zip(counts, valid_tiles)) if c != t * tokens_per_tile]
+def _placeholder_errors(
+  counts: np.ndarray, valid_tiles: np.ndarray, tokens_per_tile: int, image_token_id: int
+) -> list[str]:
+  return [
+    f"row {b}: {int(c)} image placeholder tokens (id {image_token_id}) but {int(t)} valid tiles x "
+    f"{tokens_per_tile} tokens = {int(t) * tokens_per_tile}"
+    for b, (c, t) in enumerate(zip(counts, valid_tiles))
+    if c != t * tokens_per_tile
+  ]
 
 
-def check_image_placeholders(input_ids, tile_mask, *, image_token_id: int, tokens_per_tile: int,
-                             tile_budget: int | None = None, under_jit: bool = False) -> None:
+def check_image_placeholders(
+  input_ids,
+  tile_mask,
+  *,
+  image_token_id: int,
+  tokens_per_tile: int,
+  tile_budget: int | None = None,
+  under_jit: bool = False,
+) -> None:
   """Raises ValueError naming each row whose placeholder count does not match its valid tiles.
 
   Concrete inputs are checked on the host. Traced inputs are checked only if `under_jit` (a
@@ -65,8 +77,13 @@ def check_image_placeholders(input_ids, tile_mask, *, image_token_id: int, token
     jax.debug.callback(host_check, counts, valid_tiles)
 
 
-def merge_image_features(token_embeds: jnp.ndarray, input_ids: jnp.ndarray, image_features: jnp.ndarray,
-                         tile_mask: jnp.ndarray, image_token_id: int) -> jnp.ndarray:
+def merge_image_features(
+  token_embeds: jnp.ndarray,
+  input_ids: jnp.ndarray,
+  image_features: jnp.ndarray,
+  tile_mask: jnp.ndarray,
+  image_token_id: int,
+) -> jnp.ndarray:
   """Puts tile features into the placeholder positions.
 
   token_embeds [B, L, D], input_ids [B, L], image_features [B, T, N, D], tile_mask [B, T] -> [B, L, D].
@@ -101,9 +118,15 @@ class NVLMD(NVLMBase):
     self.setup_vision()
     self.language_model = CausalLM(self.config.llm)
 
-  def embed_multimodal(self, input_ids: jnp.ndarray, pixel_values: jnp.ndarray | None = None,
-                       tile_mask: jnp.ndarray | None = None, *, image_features: jnp.ndarray | None = None,
-                       tile_budget: int | None = None) -> jnp.ndarray:
+  def embed_multimodal(
+    self,
+    input_ids: jnp.ndarray,
+    pixel_values: jnp.ndarray | None = None,
+    tile_mask: jnp.ndarray | None = None,
+    *,
+    image_features: jnp.ndarray | None = None,
+    tile_budget: int | None = None,
+  ) -> jnp.ndarray:
     """Decoder input embeddings [B, L, D]: token embeddings with image features at the placeholders.
 
     Give either pixel_values (encoded here) or precomputed `image_features` [B, T, N, D] (e.g. from
@@ -114,27 +137,42 @@ class NVLMD(NVLMBase):
     if tile_mask is None:
       return embeds
     if not self.is_initializing():
-      check_image_placeholders(input_ids, tile_mask, image_token_id=cfg.image_token_id,
-                               tokens_per_tile=cfg.tokens_per_tile,
-                               tile_budget=None if image_features is not None else tile_budget,
-                               under_jit=cfg.debug_checks)
+      check_image_placeholders(
+        input_ids,
+        tile_mask,
+        image_token_id=cfg.image_token_id,
+        tokens_per_tile=cfg.tokens_per_tile,
+        tile_budget=None if image_features is not None else tile_budget,
+        under_jit=cfg.debug_checks,
+      )
     if image_features is None:
       image_features = self.encode_images(pixel_values, tile_mask, tile_budget=tile_budget)
     return merge_image_features(embeds, input_ids, image_features, tile_mask, cfg.image_token_id)
 
-  def __call__(self, input_ids: jnp.ndarray, *, pixel_values: jnp.ndarray | None = None,
-               tile_mask: jnp.ndarray | None = None, image_features: jnp.ndarray | None = None,
-               positions: jnp.ndarray | None = None, segment_ids: jnp.ndarray | None = None,
-               cache: Cache | None = None, tile_budget: int | None = None, logits_to_keep: int = 0) -> Any:
+  def __call__(
+    self,
+    input_ids: jnp.ndarray,
+    *,
+    pixel_values: jnp.ndarray | None = None,
+    tile_mask: jnp.ndarray | None = None,
+    image_features: jnp.ndarray | None = None,
+    positions: jnp.ndarray | None = None,
+    segment_ids: jnp.ndarray | None = None,
+    cache: Cache | None = None,
+    tile_budget: int | None = None,
+    logits_to_keep: int = 0,
+  ) -> Any:
     """logits [B, L, vocab]; with a cache, (logits, updated cache), exactly like CausalLM (logits_to_keep too).
 
     Prefill with images: pass pixel_values and a fresh cache (`init_cache`); then decode text-only
     steps with input_ids [B, 1] and the returned cache.
     """
-    embeds = self.embed_multimodal(input_ids, pixel_values, tile_mask, image_features=image_features,
-                                   tile_budget=tile_budget)
-    return self.language_model(inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache,
-                               logits_to_keep=logits_to_keep)
+    embeds = self.embed_multimodal(
+      input_ids, pixel_values, tile_mask, image_features=image_features, tile_budget=tile_budget
+    )
+    return self.language_model(
+      inputs_embeds=embeds, positions=positions, segment_ids=segment_ids, cache=cache, logits_to_keep=logits_to_keep
+    )
 
   def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Cache:
     """An empty decoder KV cache (works on bound and unbound modules)."""

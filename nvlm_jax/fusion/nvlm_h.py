@@ -10,6 +10,7 @@ tokens_per_tile placeholders receives that tile's image tokens in the decoder (t
 tile of a 1x1 image). The two-layer projector (12800 -> 29568 -> 8192 at 72B) serves both paths. Everything
 else (masks, cache, parameter tree) is NVLM-X's: nvlm_x.py, docs/fusion.md.
 """
+
 from __future__ import annotations
 
 from typing import ClassVar

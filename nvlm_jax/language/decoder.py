@@ -7,6 +7,7 @@ parameters stacked on a leading "layers" axis) and `nn.remat` when the config as
 Cache layout (see `init_cache`): {"layers": {"k", "v": [num_layers, B, S, kv_heads, head_dim]},
 "index": int32 next slot, "valid": bool [B, S] slots holding real tokens}.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,17 @@ class DecoderLayer(nn.Module):
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = RMSNorm(cfg.rms_norm_eps, name="input_norm", **kw)(x)
     rope = RotaryEmbedding(cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
-    h, cache = SelfAttention(cfg.num_heads, cfg.num_kv_heads, cfg.kv_head_dim, rope, cfg.qkv_bias,
-                             cfg.causal_block_size, cfg.attention_impl, name="self_attn", **kw)(h, positions, mask, cache, cache_index)
+    h, cache = SelfAttention(
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.kv_head_dim,
+      rope,
+      cfg.qkv_bias,
+      cfg.causal_block_size,
+      cfg.attention_impl,
+      name="self_attn",
+      **kw,
+    )(h, positions, mask, cache, cache_index)
     x = x + h
     h = RMSNorm(cfg.rms_norm_eps, name="post_attn_norm", **kw)(x)
     x = x + SwiGLU(cfg.hidden_size, cfg.intermediate_size, name="mlp", **kw)(h)
@@ -114,15 +124,25 @@ class CausalLM(nn.Module):
     out = self.embed_tokens.attend(h) if self.config.tie_word_embeddings else self.lm_head(h)
     return nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-  def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
-               cache: Cache | None = None, logits_to_keep: int = 0):
-    hidden, cache = self.hidden_states(input_ids, inputs_embeds=inputs_embeds, positions=positions,
-                                       segment_ids=segment_ids, cache=cache)
+  def __call__(
+    self,
+    input_ids=None,
+    *,
+    inputs_embeds=None,
+    positions=None,
+    segment_ids=None,
+    cache: Cache | None = None,
+    logits_to_keep: int = 0,
+  ):
+    hidden, cache = self.hidden_states(
+      input_ids, inputs_embeds=inputs_embeds, positions=positions, segment_ids=segment_ids, cache=cache
+    )
     logits = self.logits(keep_last(hidden, logits_to_keep))
     return logits if cache is None else (logits, cache)
 
-  def hidden_states(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
-                    cache: Cache | None = None):
+  def hidden_states(
+    self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None, cache: Cache | None = None
+  ):
     """The decoder body without the head: (hidden [B, L, D] before the final norm, cache)."""
     x, positions, segment_ids = self._decoder_inputs(input_ids, inputs_embeds, positions, segment_ids, cache)
     if cache is None:
@@ -164,7 +184,7 @@ class CausalLM(nn.Module):
     shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.kv_head_dim)
     dtype = dtype or cfg.dtype
     return {
-        "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
-        "index": jnp.zeros((), jnp.int32),
-        "valid": jnp.zeros((batch_size, max_length), bool),
+      "layers": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)},
+      "index": jnp.zeros((), jnp.int32),
+      "valid": jnp.zeros((batch_size, max_length), bool),
     }

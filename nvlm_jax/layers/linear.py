@@ -4,6 +4,7 @@ Multi-dimensional features (e.g. [heads, head_dim]) keep their own kernel axes, 
 logical axis name and can be sharded independently; only the matmul itself sees them merged. Parameters
 are stored in `param_dtype` and cast to the compute `dtype` at use.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,7 @@ def flat_matmul(x: jnp.ndarray, kernel: jnp.ndarray, contract_dims: int) -> jnp.
   CPU backend lowers with large transposed copies: this form made a SwiGLU block's fwd + bwd about 25%
   faster there (bench/README.md). The reshapes only merge or split adjacent dims (free in row-major layout).
   """
-  lead, contract = x.shape[:x.ndim - contract_dims], x.shape[x.ndim - contract_dims:]
+  lead, contract = x.shape[: x.ndim - contract_dims], x.shape[x.ndim - contract_dims :]
   features = kernel.shape[contract_dims:]
   k, n = math.prod(contract), math.prod(features)
   y = lax.dot(x.reshape(-1, k), kernel.reshape(k, n))
@@ -48,18 +49,24 @@ class Dense(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-    in_shape = x.shape[x.ndim - self.contract_dims:]
+    in_shape = x.shape[x.ndim - self.contract_dims :]
     kernel_shape = tuple(in_shape) + features
     if len(self.kernel_axes) != len(kernel_shape):
       raise ValueError(f"{self.name}: kernel_axes {tuple(self.kernel_axes)} do not match kernel shape {kernel_shape}")
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
-        kernel_shape, jnp.dtype(self.param_dtype))
+      "kernel",
+      nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
+      kernel_shape,
+      jnp.dtype(self.param_dtype),
+    )
     y = flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.contract_dims)
     if self.use_bias:
       bias = self.param(
-          "bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.kernel_axes[self.contract_dims:])),
-          features, jnp.dtype(self.param_dtype))
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.kernel_axes[self.contract_dims :])),
+        features,
+        jnp.dtype(self.param_dtype),
+      )
       y = y + bias.astype(self.dtype)
     return y
 
@@ -74,8 +81,11 @@ class Embedding(nn.Module):
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
-        (self.num_embeddings, self.features), jnp.dtype(self.param_dtype))
+      "embedding",
+      nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+      (self.num_embeddings, self.features),
+      jnp.dtype(self.param_dtype),
+    )
 
   def __call__(self, ids: jnp.ndarray) -> jnp.ndarray:
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)

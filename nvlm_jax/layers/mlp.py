@@ -1,4 +1,5 @@
 """Feed-forward blocks: SwiGLU (the LLM) and a two-layer GELU MLP (InternViT)."""
+
 from __future__ import annotations
 
 import flax.linen as nn

@@ -1,4 +1,5 @@
 """RMSNorm and LayerNorm with fp32 statistics (as the PyTorch references compute them)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -15,8 +16,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), jnp.dtype(self.param_dtype))
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x.shape[-1],),
+      jnp.dtype(self.param_dtype),
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
     return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -32,10 +37,12 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     features = x.shape[-1]
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (features,), jnp.dtype(self.param_dtype))
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                      (features,), jnp.dtype(self.param_dtype))
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (features,), jnp.dtype(self.param_dtype)
+    )
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (features,), jnp.dtype(self.param_dtype)
+    )
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

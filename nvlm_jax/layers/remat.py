@@ -1,14 +1,15 @@
 """Named rematerialization policies (what to keep from the forward pass for the backward pass)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 
 POLICIES = {
-    "none": None,  # no remat: keep everything
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "none": None,  # no remat: keep everything
+  "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer
+  "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 

@@ -15,6 +15,7 @@ Models are called as ``model.apply({"params": p}, input_ids, positions=..., segm
 pixel_values=..., tile_mask=...)`` and return logits [B, L, V]. The loss (see loss.py) is the per-token
 cross entropy summed over loss tokens and divided by the number of loss tokens in the GLOBAL batch.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -26,8 +27,13 @@ import numpy as np
 TEXT_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 IMAGE_KEYS = ("pixel_values", "tile_mask")
 DTYPES = {
-    "input_ids": np.int32, "targets": np.int32, "loss_mask": np.float32, "segment_ids": np.int32,
-    "positions": np.int32, "pixel_values": np.float32, "tile_mask": np.bool_,
+  "input_ids": np.int32,
+  "targets": np.int32,
+  "loss_mask": np.float32,
+  "segment_ids": np.int32,
+  "positions": np.int32,
+  "pixel_values": np.float32,
+  "tile_mask": np.bool_,
 }
 
 Batch = Mapping[str, Any]
@@ -37,8 +43,15 @@ def batch_keys(multimodal: bool) -> tuple[str, ...]:
   return TEXT_KEYS + (IMAGE_KEYS if multimodal else ())
 
 
-def check_batch(batch: Batch, *, multimodal: bool | None = None, batch_size: int | None = None,
-                seq_len: int | None = None, max_tiles: int | None = None, tile_size: int | None = None) -> None:
+def check_batch(
+  batch: Batch,
+  *,
+  multimodal: bool | None = None,
+  batch_size: int | None = None,
+  seq_len: int | None = None,
+  max_tiles: int | None = None,
+  tile_size: int | None = None,
+) -> None:
   """Asserts that `batch` follows the contract above (keys, dtypes, shapes); raises with the key at fault.
 
   multimodal=None infers it from the presence of `pixel_values`. Optional sizes pin the dimensions.
@@ -49,8 +62,9 @@ def check_batch(batch: Batch, *, multimodal: bool | None = None, batch_size: int
   expected = set(batch_keys(multimodal))
   missing, extra = expected - set(batch), set(batch) - expected
   if missing or extra:
-    raise ValueError(f"training batch keys: missing {sorted(missing)}, unexpected {sorted(extra)}; "
-                     f"expected exactly {sorted(expected)}")
+    raise ValueError(
+      f"training batch keys: missing {sorted(missing)}, unexpected {sorted(extra)}; expected exactly {sorted(expected)}"
+    )
   for key in expected:
     if np.dtype(batch[key].dtype) != np.dtype(DTYPES[key]):
       raise TypeError(f"training batch[{key!r}] has dtype {batch[key].dtype}, expected {np.dtype(DTYPES[key])}")
@@ -88,8 +102,9 @@ def check_batch_values(batch: Batch) -> None:
     raise ValueError(f"training batch: positions do not restart at 0 at a segment start (rows {rows})")
 
 
-def abstract_batch(batch_size: int, seq_len: int, *, multimodal: bool, max_tiles: int = 0,
-                   tile_size: int = 448, sharding: Any = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+  batch_size: int, seq_len: int, *, multimodal: bool, max_tiles: int = 0, tile_size: int = 448, sharding: Any = None
+) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of one GLOBAL batch (for lowering without data, e.g. the planner)."""
   shapes = {k: (batch_size, seq_len) for k in TEXT_KEYS}
   if multimodal:

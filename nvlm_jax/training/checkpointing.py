@@ -18,6 +18,7 @@ Layout of a training workdir::
 (model, params) ready for `model.apply({"params": params}, ...)`; `nvlm_jax.load_pretrained` detects such a
 directory with `is_training_checkpoint`.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,11 @@ def _short(error: BaseException, limit: int = 300) -> str:
 
 def _state_tree(state) -> dict:
   """The arrays a checkpoint holds, keyed like its items (the names in the integrity record)."""
-  return {"params": state.params, "opt_state": state.opt_state,
-          "train_meta": {k: getattr(state, k) for k in META_FIELDS}}
+  return {
+    "params": state.params,
+    "opt_state": state.opt_state,
+    "train_meta": {k: getattr(state, k) for k in META_FIELDS},
+  }
 
 
 def _processes_where(flag: bool) -> list[int]:
@@ -82,12 +86,17 @@ class TrainCheckpointer:
   """CheckpointManager for the train state and the data iterator: async saves, keeps the last N, and
   restores only a checkpoint whose every item is present, readable and matches its checksums."""
 
-  def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1000,
-               async_save: bool = True):
+  def __init__(
+    self, workdir: str | os.PathLike, *, max_to_keep: int = 3, save_interval_steps: int = 1000, async_save: bool = True
+  ):
     self.workdir = Path(workdir).absolute()
     self.directory = self.workdir / CHECKPOINT_SUBDIR
-    self._options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-                                                 enable_async_checkpointing=async_save, create=True)
+    self._options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      save_interval_steps=save_interval_steps,
+      enable_async_checkpointing=async_save,
+      create=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def latest_step(self) -> int | None:
@@ -119,15 +128,16 @@ class TrainCheckpointer:
     if not finite:
       return False
     items = {
-        "params": ocp.args.StandardSave(state.params),
-        "opt_state": ocp.args.StandardSave(state.opt_state),
-        "train_meta": ocp.args.StandardSave({k: getattr(state, k) for k in META_FIELDS}),
+      "params": ocp.args.StandardSave(state.params),
+      "opt_state": ocp.args.StandardSave(state.opt_state),
+      "train_meta": ocp.args.StandardSave({k: getattr(state, k) for k in META_FIELDS}),
     }
     if model_description is not None:
       items["model"] = ocp.args.JsonSave(model_description)
     data_digests = None
     if _has_data_state(data_iterator):
       import grain
+
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
       data_digests = integrity.gather_data_digests(data_iterator)
     record = integrity.record(step, digests, data_digests, list(items) + [integrity.INTEGRITY_ITEM])
@@ -147,10 +157,10 @@ class TrainCheckpointer:
     if missing:
       raise DamagedCheckpointError(step_dir, f"item(s) {missing} missing")
     items = {
-        "params": ocp.args.StandardRestore(abstract_state.params),
-        "opt_state": ocp.args.StandardRestore(abstract_state.opt_state),
-        "train_meta": ocp.args.StandardRestore({k: getattr(abstract_state, k) for k in META_FIELDS}),
-        integrity.INTEGRITY_ITEM: ocp.args.JsonRestore(),
+      "params": ocp.args.StandardRestore(abstract_state.params),
+      "opt_state": ocp.args.StandardRestore(abstract_state.opt_state),
+      "train_meta": ocp.args.StandardRestore({k: getattr(abstract_state, k) for k in META_FIELDS}),
+      integrity.INTEGRITY_ITEM: ocp.args.JsonRestore(),
     }
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -162,8 +172,7 @@ class TrainCheckpointer:
     missing = [item for item in record.get("items", []) if not (step_dir / item).is_dir()]
     if missing:  # e.g. the model description: not needed to resume, but the checkpoint is not whole
       raise DamagedCheckpointError(step_dir, f"item(s) {missing} missing")
-    state = abstract_state.replace(params=restored["params"], opt_state=restored["opt_state"],
-                                   **restored["train_meta"])
+    state = abstract_state.replace(params=restored["params"], opt_state=restored["opt_state"], **restored["train_meta"])
     digests, _ = integrity.array_digests(_state_tree(state))
     bad = integrity.mismatched_arrays(record["arrays"], digests)
     if bad:
@@ -206,8 +215,9 @@ class TrainCheckpointer:
         damaged.append((e.path, e.reason))
     listing = "\n".join(f"  {path}: {reason}" for path, reason in damaged)
     raise NoIntactCheckpointError(
-        f"{self.directory} holds checkpoints, but none is intact:\n{listing}\nNothing was changed. Move the "
-        "damaged steps away to start over from scratch, or restore them from a copy.")
+      f"{self.directory} holds checkpoints, but none is intact:\n{listing}\nNothing was changed. Move the "
+      "damaged steps away to start over from scratch, or restore them from a copy."
+    )
 
   def set_aside(self, step_dirs: list[Path]) -> list[Path]:
     """Moves damaged step directories to WORKDIR/damaged_checkpoints/ (kept for inspection; orbax would
@@ -225,6 +235,7 @@ class TrainCheckpointer:
       moved.append(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices("nvlm_jax_set_aside_damaged_checkpoints")
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
     return moved
@@ -248,6 +259,7 @@ def write_model_description(workdir: str | os.PathLike, description: dict) -> No
 
 # --- loading for inference / evaluation ------------------------------------------------------------
 
+
 def _resolve(path: str | os.PathLike, step: int | None) -> tuple[Path, int]:
   """(checkpoint manager directory, step) for a workdir, its checkpoints/ dir, or one step dir."""
   path = Path(path).absolute()
@@ -257,8 +269,9 @@ def _resolve(path: str | os.PathLike, step: int | None) -> tuple[Path, int]:
     if step is not None and step != int(path.name):
       raise ValueError(f"{path} is the checkpoint of step {path.name}, but step={step} was asked for")
     return path.parent, int(path.name)
-  steps = sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").is_dir()) \
-      if path.is_dir() else []
+  steps = (
+    sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").is_dir()) if path.is_dir() else []
+  )
   if not steps:
     raise FileNotFoundError(f"{path}: no nvlm_jax training checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
   if step is None:
@@ -292,12 +305,18 @@ def read_model_description(path: str | os.PathLike, step: int | None = None) -> 
   workdir_file = directory.parent / MODEL_DESCRIPTION_FILE
   if workdir_file.exists():
     return json.loads(workdir_file.read_text())
-  raise FileNotFoundError(f"{directory / str(step)}: no model description (item 'model' or "
-                          f"{workdir_file})")
+  raise FileNotFoundError(f"{directory / str(step)}: no model description (item 'model' or {workdir_file})")
 
 
-def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, mesh=None, dtype: str | None = None,
-                    param_dtype: str | None = None, rules=sharding_lib.LOGICAL_AXIS_RULES):
+def load_checkpoint(
+  path: str | os.PathLike,
+  *,
+  step: int | None = None,
+  mesh=None,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  rules=sharding_lib.LOGICAL_AXIS_RULES,
+):
   """(model, params) from a trainer checkpoint (latest step unless `step`).
 
   dtype / param_dtype override the saved compute / storage dtypes (e.g. "bfloat16" to serve); with a
@@ -316,8 +335,9 @@ def load_checkpoint(path: str | os.PathLike, *, step: int | None = None, mesh=No
   else:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
-                        shardings)
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+  )
   # The params item alone, read with a plain Checkpointer: a read-only CheckpointManager would log warnings
   # ("Given directory is read only") on every load that tell a user nothing.
   step_dir = directory / str(step)
@@ -334,8 +354,12 @@ def _verify_params(step_dir: Path, params, stored, record) -> None:
   """Checks the parameters restored for inference against the checksums saved with them (those restored
   in their stored dtype; a cast, e.g. to serve in bfloat16, changes the bits)."""
   digests, _ = integrity.array_digests({"params": params})
-  uncast = {jax.tree_util.keystr(path): leaf.dtype == ref.dtype for (path, leaf), ref in
-            zip(jax.tree_util.tree_flatten_with_path({"params": params})[0], jax.tree.leaves({"params": stored}))}
+  uncast = {
+    jax.tree_util.keystr(path): leaf.dtype == ref.dtype
+    for (path, leaf), ref in zip(
+      jax.tree_util.tree_flatten_with_path({"params": params})[0], jax.tree.leaves({"params": stored})
+    )
+  }
   saved = (record or {}).get("arrays", {})
   bad = [k for k, ok in uncast.items() if ok and saved.get(k) != digests[k]]
   if bad:

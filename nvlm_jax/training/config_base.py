@@ -31,6 +31,7 @@ Keys (all overridable on the command line, e.g. `--config.optimizer.lr=1e-5`):
   distributed.*           coordinator_address ("" = single process; "auto" = cluster autodetect),
                           num_processes, process_id (-1 = from env), num_cpu_devices (CPU tests)
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,21 +64,38 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat = ml_collections.ConfigDict({"vision": "", "llm": ""})
   c.model.overrides = ml_collections.ConfigDict()
 
-  c.optimizer = ml_collections.ConfigDict({
-      "lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 100, "decay_steps": 0, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-      "weight_decay": 0.1, "grad_clip": 1.0})
+  c.optimizer = ml_collections.ConfigDict(
+    {
+      "lr": 1e-4,
+      "min_lr": 1e-5,
+      "warmup_steps": 100,
+      "decay_steps": 0,
+      "b1": 0.9,
+      "b2": 0.95,
+      "eps": 1e-8,
+      "weight_decay": 0.1,
+      "grad_clip": 1.0,
+    }
+  )
 
-  c.data = ml_collections.ConfigDict({
-      "kind": "nvlm_pipeline", "global_batch_size": 8, "seq_len": 512, "max_tiles": 1, "num_microbatches": 1,
-      "tile_budget": 0})
+  c.data = ml_collections.ConfigDict(
+    {
+      "kind": "nvlm_pipeline",
+      "global_batch_size": 8,
+      "seq_len": 512,
+      "max_tiles": 1,
+      "num_microbatches": 1,
+      "tile_budget": 0,
+    }
+  )
 
   c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.sharding_rules = sharding.LOGICAL_AXIS_RULES
-  c.checkpoint = ml_collections.ConfigDict({
-      "every_steps": 1000, "max_to_keep": 3, "async_save": True, "init_from": ""})
+  c.checkpoint = ml_collections.ConfigDict({"every_steps": 1000, "max_to_keep": 3, "async_save": True, "init_from": ""})
   c.log = ml_collections.ConfigDict({"every_steps": 10, "tensorboard": True, "peak_tflops_per_device": 0.0})
-  c.distributed = ml_collections.ConfigDict({
-      "coordinator_address": "", "num_processes": 0, "process_id": -1, "num_cpu_devices": 0})
+  c.distributed = ml_collections.ConfigDict(
+    {"coordinator_address": "", "num_processes": 0, "process_id": -1, "num_cpu_devices": 0}
+  )
   return c
 
 
@@ -92,8 +110,9 @@ def synthetic_data(c: ml_collections.ConfigDict, *, seq_len: int, max_tiles: int
   c.data.tokenizer = "tiny_synthetic"
   if "sources" in c.data:  # a recipe's sources may be a mapping (configs/sft_blend.py): replace, not cast
     del c.data["sources"]
-  c.data.sources = [{"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny",
-                     "text_only_fraction": 0.2}]
+  c.data.sources = [
+    {"kind": "synthetic", "weight": 1.0, "num_samples": 100_000, "seed": 0, "size": "tiny", "text_only_fraction": 0.2}
+  ]
   c.data.global_batch_size = global_batch_size
   c.data.seq_len = seq_len
   c.data.max_tiles = max_tiles

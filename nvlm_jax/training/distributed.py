@@ -9,6 +9,7 @@ a managed cluster (SLURM, Cloud TPU, ...). Without a coordinator nothing happens
 Every process then reads its own share of the data (`jax.process_index()` / `jax.process_count()` go
 to the data factory) and the trainer assembles global arrays with `jax.make_array_from_process_local_data`.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,15 @@ def initialize_from_config(dist_config) -> None:
     if pid < 0:
       pid = int(os.environ.get("JAX_PROCESS_ID", -1))
     if num <= 0 or pid < 0:
-      raise ValueError(f"distributed coordinator {address!r} given but num_processes={num}, process_id={pid}; "
-                       "set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID")
+      raise ValueError(
+        f"distributed coordinator {address!r} given but num_processes={num}, process_id={pid}; "
+        "set config.distributed.num_processes/process_id or JAX_NUM_PROCESSES/JAX_PROCESS_ID"
+      )
     jax.distributed.initialize(address, num_processes=num, process_id=pid)
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+    "process %d of %d, %d local / %d global devices",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )

@@ -27,6 +27,7 @@ a SwiGLU on the B * L decoder tokens, k/v projections on the B * S key/value tok
 skipped). For the gradient rule it sits between the projector and the LLM: a trainable cross-attention
 block inside a frozen LLM (NVLM-X pretraining) makes the LLM layers pay input gradients (4 N).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,7 @@ def vision_matmul_params(cfg: VisionConfig, layers: int | None = None) -> int:
 
 def vision_forward(cfg: VisionConfig, num_tiles: int) -> TowerFlops:
   seq = cfg.num_positions
-  patch_embed = 2.0 * num_tiles * cfg.num_patches * (cfg.patch_size ** 2 * cfg.num_channels) * cfg.hidden_size
+  patch_embed = 2.0 * num_tiles * cfg.num_patches * (cfg.patch_size**2 * cfg.num_channels) * cfg.hidden_size
   matmul = 2.0 * vision_matmul_params(cfg) * num_tiles * seq + patch_embed
   attention = cfg.depth * 4 * num_tiles * seq * seq * cfg.hidden_size
   return TowerFlops("vision_model", matmul, attention)
@@ -96,15 +97,18 @@ def cross_attention_forward(cfg: NVLMConfig, batch: int, seq_len: int, tile_slot
   return TowerFlops("cross_attention", matmul, attention)
 
 
-def forward_towers(model_config, *, batch_size: int, seq_len: int, num_tiles: int = 0,
-                   tile_slots: int = 0) -> list[TowerFlops]:
+def forward_towers(
+  model_config, *, batch_size: int, seq_len: int, num_tiles: int = 0, tile_slots: int = 0
+) -> list[TowerFlops]:
   """The towers in data-flow order. num_tiles: tiles encoded per step (B * T, or the tile budget);
   tile_slots: T, the tile slots per row (cross-attention key/value stream of NVLM-X/H)."""
   if isinstance(model_config, DecoderConfig):
     return [decoder_forward(model_config, batch_size, seq_len)]
   if isinstance(model_config, NVLMConfig):
-    towers = [vision_forward(model_config.vision, num_tiles),
-              projector_forward(model_config.projector, num_tiles * model_config.tokens_per_tile)]
+    towers = [
+      vision_forward(model_config.vision, num_tiles),
+      projector_forward(model_config.projector, num_tiles * model_config.tokens_per_tile),
+    ]
     if model_config.variant in ("x", "h"):
       slots = tile_slots or max(num_tiles // max(batch_size, 1), 1)
       towers.append(cross_attention_forward(model_config, batch_size, seq_len, slots))
@@ -112,8 +116,15 @@ def forward_towers(model_config, *, batch_size: int, seq_len: int, num_tiles: in
   raise TypeError(f"no FLOPs model for {type(model_config).__name__}")
 
 
-def train_step_flops(model_config, *, batch_size: int, seq_len: int, num_tiles: int = 0, tile_slots: int = 0,
-                     trainable_towers: Iterable[str]) -> dict[str, float]:
+def train_step_flops(
+  model_config,
+  *,
+  batch_size: int,
+  seq_len: int,
+  num_tiles: int = 0,
+  tile_slots: int = 0,
+  trainable_towers: Iterable[str],
+) -> dict[str, float]:
   """Model FLOPs of one train step (forward + backward) per tower and in total (key 'total').
 
   trainable_towers: towers with trainable parameters ('vision_model', 'projector', 'cross_attention',
@@ -121,8 +132,9 @@ def train_step_flops(model_config, *, batch_size: int, seq_len: int, num_tiles: 
   """
   trainable = set(trainable_towers)
   out, grads_flow = {}, False
-  for tower in forward_towers(model_config, batch_size=batch_size, seq_len=seq_len, num_tiles=num_tiles,
-                              tile_slots=tile_slots):
+  for tower in forward_towers(
+    model_config, batch_size=batch_size, seq_len=seq_len, num_tiles=num_tiles, tile_slots=tile_slots
+  ):
     is_trainable = tower.name in trainable
     grads_flow = grads_flow or is_trainable
     matmul = tower.matmul * (1 + (1 if grads_flow else 0) + (1 if is_trainable else 0))
@@ -145,8 +157,12 @@ def tower_of(path: str, model_config) -> str:
 def trainable_towers_from_labels(labels, model_config) -> set[str]:
   """Towers that hold at least one trainable parameter."""
   import jax
-  return {tower_of(path_str(p), model_config) for p, label in jax.tree_util.tree_leaves_with_path(labels)
-          if label == TRAINABLE}
+
+  return {
+    tower_of(path_str(p), model_config)
+    for p, label in jax.tree_util.tree_leaves_with_path(labels)
+    if label == TRAINABLE
+  }
 
 
 def mfu(flops_per_step: float, step_seconds: float, mesh_devices: int, peak_flops_per_device: float) -> float:

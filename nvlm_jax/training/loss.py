@@ -4,6 +4,7 @@ The train step sums the cross entropy over loss tokens of every microbatch and d
 of loss tokens in the whole GLOBAL batch, so a long answer weighs by its tokens, not by its sample,
 and gradient accumulation gives exactly the loss of one big batch.
 """
+
 from __future__ import annotations
 
 import jax

@@ -5,6 +5,7 @@ Only process 0 writes. On resume from a checkpoint at step s, a torn last line a
 are cut to step s the same way, so both read as one clean run: every step exactly once. The trainer
 writes the rows of every step up to a checkpoint to disk (fsync) before it starts that checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,7 @@ class MetricsWriter:
   `repaired` lists what the resume changed in the files, for the progress log.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               resume_step: int | None = None):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, resume_step: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
@@ -108,8 +108,9 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     logdir = os.path.join(workdir, "tensorboard")
     if resume_step is not None:
-      self.repaired = [m for m in (truncate_metrics(workdir, resume_step),
-                                   truncate_event_files(logdir, resume_step)) if m]
+      self.repaired = [
+        m for m in (truncate_metrics(workdir, resume_step), truncate_event_files(logdir, resume_step)) if m
+      ]
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
     if tensorboard:
       # TensorBoard drops earlier events at or after a START marker's step: the restored step's stay.
@@ -121,8 +122,9 @@ class MetricsWriter:
     clean = {k: _plain(v) for k, v in values.items()}
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
-      self._tb.scalars(step, {f"train/{k}": v for k, v in clean.items()
-                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+      self._tb.scalars(
+        step, {f"train/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+      )
 
   def flush(self, durable: bool = False) -> None:
     """Hands the rows to the OS; `durable`: also waits until they are on disk (before a checkpoint commits,
@@ -146,6 +148,7 @@ class MetricsWriter:
 def _plain(v):
   try:
     import numpy as np
+
     if isinstance(v, np.ndarray) or isinstance(v, np.generic):
       v = v.item()
   except ImportError:
@@ -155,12 +158,13 @@ def _plain(v):
   return v
 
 
-def progress_line(step: int, total: int, loss: float, tokens_per_s: float, step_seconds: float,
-                  extra: str = "") -> str:
+def progress_line(step: int, total: int, loss: float, tokens_per_s: float, step_seconds: float, extra: str = "") -> str:
   eta = format_duration((total - step) * step_seconds)
   """`loss`: the mean over the steps since the previous line."""
-  return (f"step {step:>6d}/{total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
-          f"{step_seconds * 1000:.0f} ms/step | ETA {eta}{extra}")
+  return (
+    f"step {step:>6d}/{total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+    f"{step_seconds * 1000:.0f} ms/step | ETA {eta}{extra}"
+  )
 
 
 def log_progress(line: str) -> None:

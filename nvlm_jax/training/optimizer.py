@@ -12,6 +12,7 @@ ancestor: "projector" selects the whole projector, "language_model/*cross_attn*"
 block inside the decoder, "*" everything. A pattern that selects nothing is an error (a typo would
 otherwise silently freeze a module).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -54,11 +55,12 @@ def trainable_labels(params: Any, patterns: Sequence[str]) -> Any:
   unused = [pat for pat in patterns if not any(pattern_selects(pat, p) for p in paths)]
   if unused:
     top = sorted({p.split("/")[0] for p in paths})
-    raise ValueError(f"trainable pattern(s) {unused} select no parameter; top-level modules are {top} "
-                     f"(e.g. {paths[:3]})")
+    raise ValueError(
+      f"trainable pattern(s) {unused} select no parameter; top-level modules are {top} (e.g. {paths[:3]})"
+    )
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: TRAINABLE if any(pattern_selects(pat, path_str(p)) for pat in patterns) else FROZEN,
-      params)
+    lambda p, _: TRAINABLE if any(pattern_selects(pat, path_str(p)) for pat in patterns) else FROZEN, params
+  )
 
 
 def split_trainable(params: Any, labels: Any) -> tuple[Any, Any]:
@@ -76,8 +78,11 @@ def merge_trainable(trainable: Any, frozen: Any) -> Any:
 
 
 def count_params(params: Any, labels: Any | None = None, label: str = TRAINABLE) -> int:
-  leaves = jax.tree.leaves(params) if labels is None else [
-      p for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == label]
+  leaves = (
+    jax.tree.leaves(params)
+    if labels is None
+    else [p for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if l == label]
+  )
   return int(sum(x.size for x in leaves))
 
 
@@ -89,9 +94,11 @@ def weight_decay_mask(logical_specs: Any) -> Any:
 
   Megatron decays no bias and no norm weight; our q/k norm scales are [heads, head_dim], hence the name test.
   """
+
   def decays(path, spec):
     axes = [a for a in spec if a != "layers"]
     return len(axes) >= 2 and path_str(path).split("/")[-1] not in NO_DECAY_NAMES
+
   return jax.tree_util.tree_map_with_path(decays, logical_specs, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -172,8 +179,16 @@ def make_optimizer(opt_config, labels: Any, decay_mask: Any, total_steps: int):
   parts = []
   if opt_config.get("grad_clip", 0):
     parts.append(optax.clip_by_global_norm(opt_config.grad_clip))
-  parts.append(optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.get("eps", 1e-8),
-                           weight_decay=opt_config.weight_decay, mask=decay_mask))
+  parts.append(
+    optax.adamw(
+      schedule,
+      b1=opt_config.b1,
+      b2=opt_config.b2,
+      eps=opt_config.get("eps", 1e-8),
+      weight_decay=opt_config.weight_decay,
+      mask=decay_mask,
+    )
+  )
   tx = optax.multi_transform({TRAINABLE: optax.chain(*parts), FROZEN: optax.set_to_zero()}, labels)
   return tx, schedule
 

@@ -24,6 +24,7 @@ Also reported (both modes): which attention kernel each layer kind would use on 
 target H100s: gpu) under the config's attention_impl, and an estimate of the per-device attention memory the
 fused kernel saves (the scores and probabilities it no longer materializes for the backward pass).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,18 +35,27 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=False)
-_MESH = flags.DEFINE_string("mesh", "", "Mesh axes, e.g. 'fsdp=64,tensor=8' (missing axes: 1). "
-                            "Default: the config's mesh with -1 resolved against --devices.")
+_MESH = flags.DEFINE_string(
+  "mesh",
+  "",
+  "Mesh axes, e.g. 'fsdp=64,tensor=8' (missing axes: 1). "
+  "Default: the config's mesh with -1 resolved against --devices.",
+)
 _DEVICES = flags.DEFINE_integer("devices", 0, "Virtual devices (default: the product of --mesh).")
 _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Lower only (no compile, no memory/FLOP analysis).")
-_FLOPS = flags.DEFINE_enum("flops", "extrapolate", ["extrapolate", "raw"],
-                           "extrapolate: correct XLA's loop-body-once FLOP count with 1-/2-layer unrolled compiles "
-                           "(2-3 extra small compiles); raw: report cost_analysis() as is.")
+_FLOPS = flags.DEFINE_enum(
+  "flops",
+  "extrapolate",
+  ["extrapolate", "raw"],
+  "extrapolate: correct XLA's loop-body-once FLOP count with 1-/2-layer unrolled compiles "
+  "(2-3 extra small compiles); raw: report cost_analysis() as is.",
+)
 
-_TARGET = flags.DEFINE_enum("target_backend", "gpu", ["gpu", "tpu", "cpu"],
-                            "Backend whose attention kernels the attention report assumes.")
+_TARGET = flags.DEFINE_enum(
+  "target_backend", "gpu", ["gpu", "tpu", "cpu"], "Backend whose attention kernels the attention report assumes."
+)
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def attention_report(model_config, *, batch_per_device: int, seq_len: int, tensor: int, backend: str) -> list[dict]:
@@ -143,6 +153,7 @@ def sharded_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard per leaf)."""
   import jax
   import numpy as np
+
   total = 0
   for leaf in jax.tree.leaves(tree):
     shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
@@ -153,10 +164,12 @@ def sharded_bytes(tree) -> int:
 def _xla_flops(config, devices=None) -> float:
   """cost_analysis() FLOPs of the compiled step for `config` (per device)."""
   from nvlm_jax.training import trainer  # lazy: main() sets up jax first
+
   setup = trainer.build_setup(config, devices=devices)
   with trainer._MeshContext(setup):
-    compiled = trainer.jitted_train_step(setup).lower(setup.abstract_state,
-                                                        trainer.abstract_global_batch(setup)).compile()
+    compiled = (
+      trainer.jitted_train_step(setup).lower(setup.abstract_state, trainer.abstract_global_batch(setup)).compile()
+    )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost.get("flops", math.nan))
@@ -165,6 +178,7 @@ def _xla_flops(config, devices=None) -> float:
 def _shallow(config, llm_layers: int, vision_layers: int | None):
   """`config` with towers of the given depth, layers unrolled, one microbatch of the microbatch size."""
   import copy
+
   c = copy.deepcopy(config)
   c.unlock()
   overrides = c.model.overrides.to_dict() if hasattr(c.model.overrides, "to_dict") else dict(c.model.overrides)
@@ -202,8 +216,15 @@ def extrapolated_flops(config, model_config, devices=None) -> float:
   return micro * total
 
 
-def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", out=None, devices=None,
-         target_backend: str = "gpu") -> dict:
+def plan(
+  config,
+  *,
+  lower_only: bool = False,
+  flops_mode: str = "extrapolate",
+  out=None,
+  devices=None,
+  target_backend: str = "gpu",
+) -> dict:
   """Lowers (and compiles) the train step for `config` on `devices` (default: all); returns the figures."""
   from nvlm_jax.training import optimizer, trainer  # lazy: main() sets up jax first
 
@@ -215,27 +236,42 @@ def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", o
   n_all = optimizer.count_params(state.params)
   n_train = optimizer.count_params(state.params, setup.labels)
   data = config.data
-  say(f"model {config.model.preset or 'decoder'}: {n_all / 1e9:.2f}B params, {n_train / 1e9:.2f}B trainable; "
-      f"mesh {dict(setup.mesh.shape)} = {n_devices} devices")
-  say(f"batch {data.global_batch_size} x {data.seq_len} tokens"
-      + (f", {data.get('max_tiles', 0)} tile slots" if setup.multimodal else "")
-      + f", {data.get('num_microbatches', 1)} microbatch(es); remat {dict(config.model.remat)}")
+  say(
+    f"model {config.model.preset or 'decoder'}: {n_all / 1e9:.2f}B params, {n_train / 1e9:.2f}B trainable; "
+    f"mesh {dict(setup.mesh.shape)} = {n_devices} devices"
+  )
+  say(
+    f"batch {data.global_batch_size} x {data.seq_len} tokens"
+    + (f", {data.get('max_tiles', 0)} tile slots" if setup.multimodal else "")
+    + f", {data.get('num_microbatches', 1)} microbatch(es); remat {dict(config.model.remat)}"
+  )
   figures = {
-      "devices": n_devices, "params": n_all, "trainable_params": n_train,
-      "params_bytes_per_device": sharded_bytes(state.params),
-      "opt_state_bytes_per_device": sharded_bytes(state.opt_state),
+    "devices": n_devices,
+    "params": n_all,
+    "trainable_params": n_train,
+    "params_bytes_per_device": sharded_bytes(state.params),
+    "opt_state_bytes_per_device": sharded_bytes(state.opt_state),
   }
-  say(f"per device: params {figures['params_bytes_per_device'] / GIB:.2f} GiB, "
-      f"optimizer state {figures['opt_state_bytes_per_device'] / GIB:.2f} GiB")
+  say(
+    f"per device: params {figures['params_bytes_per_device'] / GIB:.2f} GiB, "
+    f"optimizer state {figures['opt_state_bytes_per_device'] / GIB:.2f} GiB"
+  )
   mesh = dict(setup.mesh.shape)
   shards = mesh.get("data", 1) * mesh.get("fsdp", 1)
   micro_batch = max(1, data.global_batch_size // data.get("num_microbatches", 1) // shards)
-  figures["attention"] = attention_report(setup.model_config, batch_per_device=micro_batch, seq_len=data.seq_len,
-                                          tensor=mesh.get("tensor", 1), backend=target_backend)
+  figures["attention"] = attention_report(
+    setup.model_config,
+    batch_per_device=micro_batch,
+    seq_len=data.seq_len,
+    tensor=mesh.get("tensor", 1),
+    backend=target_backend,
+  )
   for row in figures["attention"]:
-    say(f"attention on {target_backend}: {row['layer']} ({row['mask']} mask, attention_impl={row['setting']}) -> "
-        f"{row['impl']}; fused kernel saves ~{row['estimated_bytes_saved_per_device'] / GIB:.2f} GiB per device "
-        f"(estimate: scores + probabilities of {row['layers']} layers not materialized)")
+    say(
+      f"attention on {target_backend}: {row['layer']} ({row['mask']} mask, attention_impl={row['setting']}) -> "
+      f"{row['impl']}; fused kernel saves ~{row['estimated_bytes_saved_per_device'] / GIB:.2f} GiB per device "
+      f"(estimate: scores + probabilities of {row['layers']} layers not materialized)"
+    )
   step = trainer.jitted_train_step(setup)
   with trainer._MeshContext(setup):
     lowered = step.lower(state, trainer.abstract_global_batch(setup))
@@ -254,20 +290,31 @@ def plan(config, *, lower_only: bool = False, flops_mode: str = "extrapolate", o
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-  figures.update(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-                 alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes, peak_bytes=peak,
-                 xla_tflops_per_device=float(cost.get("flops", math.nan)) / 1e12)
+  figures.update(
+    argument_bytes=mem.argument_size_in_bytes,
+    output_bytes=mem.output_size_in_bytes,
+    alias_bytes=mem.alias_size_in_bytes,
+    temp_bytes=mem.temp_size_in_bytes,
+    peak_bytes=peak,
+    xla_tflops_per_device=float(cost.get("flops", math.nan)) / 1e12,
+  )
   say(f"compiled in {figures['compile_s']:.1f}s")
-  say(f"per-device memory (XLA, CPU backend): arguments {mem.argument_size_in_bytes / GIB:.2f} GiB, "
-      f"outputs {mem.output_size_in_bytes / GIB:.2f} GiB (donated/aliased {mem.alias_size_in_bytes / GIB:.2f}), "
-      f"temporaries {mem.temp_size_in_bytes / GIB:.2f} GiB -> peak ~{peak / GIB:.2f} GiB")
-  say(f"per-device TFLOPs per step, XLA cost_analysis as reported: {figures['xla_tflops_per_device']:,.4g} "
-      "(loop bodies counted once)")
+  say(
+    f"per-device memory (XLA, CPU backend): arguments {mem.argument_size_in_bytes / GIB:.2f} GiB, "
+    f"outputs {mem.output_size_in_bytes / GIB:.2f} GiB (donated/aliased {mem.alias_size_in_bytes / GIB:.2f}), "
+    f"temporaries {mem.temp_size_in_bytes / GIB:.2f} GiB -> peak ~{peak / GIB:.2f} GiB"
+  )
+  say(
+    f"per-device TFLOPs per step, XLA cost_analysis as reported: {figures['xla_tflops_per_device']:,.4g} "
+    "(loop bodies counted once)"
+  )
   if flops_mode == "extrapolate":
     t2 = time.perf_counter()
     figures["xla_tflops_per_device_extrapolated"] = extrapolated_flops(config, setup.model_config, devices) / 1e12
-    say(f"per-device TFLOPs per step, XLA extrapolated over layers and microbatches (incl. remat recompute): "
-        f"{figures['xla_tflops_per_device_extrapolated']:,.4g}  [{time.perf_counter() - t2:.0f}s]")
+    say(
+      f"per-device TFLOPs per step, XLA extrapolated over layers and microbatches (incl. remat recompute): "
+      f"{figures['xla_tflops_per_device_extrapolated']:,.4g}  [{time.perf_counter() - t2:.0f}s]"
+    )
   if model_flops is not None:
     say(f"per-device TFLOPs per step, analytic model FLOPs (flops.py): {model_flops['total'] / n_devices / 1e12:,.4g}")
   return figures
@@ -291,6 +338,7 @@ def main(argv):
   if devices <= 0:
     raise app.UsageError(f"mesh {sizes} has a -1 axis: pass --devices or a full --mesh")
   import jax
+
   jax.config.update("jax_platforms", "cpu")
   jax.config.update("jax_num_cpu_devices", devices)
   plan(config, lower_only=_LOWER_ONLY.value, flops_mode=_FLOPS.value, target_backend=_TARGET.value)

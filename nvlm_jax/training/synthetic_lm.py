@@ -12,6 +12,7 @@ Sharding over processes: global batch s is rows [s*G, (s+1)*G); process p reads 
 [s*G + p*G/P, s*G + (p+1)*G/P), exactly the rows its devices hold in the global array, so a run on P
 processes sees the same global batches as a run on one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ class SyntheticLMSpec:
     if self.vocab_size <= RESERVED_IDS + 1:
       raise ValueError(f"synthetic LM vocab_size={self.vocab_size} must exceed {RESERVED_IDS + 1}")
     if self.seq_len // self.samples_per_row < max(self.min_sample_len, self.prompt_len + 2):
-      raise ValueError(f"seq_len={self.seq_len} too short for {self.samples_per_row} samples per row "
-                       f"of >= {self.min_sample_len} tokens")
+      raise ValueError(
+        f"seq_len={self.seq_len} too short for {self.samples_per_row} samples per row "
+        f"of >= {self.min_sample_len} tokens"
+      )
 
 
 def make_row(spec: SyntheticLMSpec, row_index: int) -> dict[str, np.ndarray]:
@@ -45,9 +48,11 @@ def make_row(spec: SyntheticLMSpec, row_index: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng((spec.seed, int(row_index)))
   length = spec.seq_len
   out = {
-      "input_ids": np.zeros(length, np.int32), "targets": np.zeros(length, np.int32),
-      "loss_mask": np.zeros(length, np.float32), "segment_ids": np.zeros(length, np.int32),
-      "positions": np.zeros(length, np.int32),
+    "input_ids": np.zeros(length, np.int32),
+    "targets": np.zeros(length, np.int32),
+    "loss_mask": np.zeros(length, np.float32),
+    "segment_ids": np.zeros(length, np.int32),
+    "positions": np.zeros(length, np.int32),
   }
   span = length // spec.samples_per_row
   modulus = spec.vocab_size - RESERVED_IDS
@@ -61,7 +66,7 @@ def make_row(spec: SyntheticLMSpec, row_index: int) -> dict[str, np.ndarray]:
     out["input_ids"][sl] = tokens[:-1]
     out["targets"][sl] = tokens[1:]
     # Loss on the answer: targets after the prompt (the first prompt_len tokens of the sample).
-    out["loss_mask"][cursor + spec.prompt_len:cursor + n] = 1.0
+    out["loss_mask"][cursor + spec.prompt_len : cursor + n] = 1.0
     out["segment_ids"][sl] = k + 1
     out["positions"][sl] = np.arange(n)
     cursor += n
@@ -87,8 +92,14 @@ class _MakeRow:
     return make_row(self.spec, row_index)
 
 
-def synthetic_lm_dataset(spec: SyntheticLMSpec, *, global_batch_size: int, process_index: int = 0,
-                         process_count: int = 1, num_rows: int = 2 ** 40) -> grain.MapDataset:
+def synthetic_lm_dataset(
+  spec: SyntheticLMSpec,
+  *,
+  global_batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_rows: int = 2**40,
+) -> grain.MapDataset:
   """A MapDataset of this process's local batches (dicts of [G / P, L] arrays)."""
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {process_count} processes")
@@ -98,13 +109,19 @@ def synthetic_lm_dataset(spec: SyntheticLMSpec, *, global_batch_size: int, proce
   return rows.batch(local, drop_remainder=True)
 
 
-def make_synthetic_lm_iterator(data_config, *, vocab_size: int, process_index: int = 0, process_count: int = 1,
-                               seed: int = 0) -> grain.DatasetIterator:
+def make_synthetic_lm_iterator(
+  data_config, *, vocab_size: int, process_index: int = 0, process_count: int = 1, seed: int = 0
+) -> grain.DatasetIterator:
   """The iterator the trainer uses for `config.data.kind == "synthetic_lm"`."""
-  spec = SyntheticLMSpec(vocab_size=vocab_size, seq_len=data_config.seq_len,
-                         samples_per_row=data_config.get("samples_per_row", 2),
-                         min_sample_len=data_config.get("min_sample_len", 8),
-                         prompt_len=data_config.get("prompt_len", 3), seed=seed)
-  ds = synthetic_lm_dataset(spec, global_batch_size=data_config.global_batch_size,
-                            process_index=process_index, process_count=process_count)
+  spec = SyntheticLMSpec(
+    vocab_size=vocab_size,
+    seq_len=data_config.seq_len,
+    samples_per_row=data_config.get("samples_per_row", 2),
+    min_sample_len=data_config.get("min_sample_len", 8),
+    prompt_len=data_config.get("prompt_len", 3),
+    seed=seed,
+  )
+  ds = synthetic_lm_dataset(
+    spec, global_batch_size=data_config.global_batch_size, process_index=process_index, process_count=process_count
+  )
   return iter(ds.to_iter_dataset())

@@ -12,6 +12,7 @@ A START session log written at step s tells TensorBoard to discard events with s
 runs of the same job. After resuming from a checkpoint the trainer also cuts the old event files to the
 restored step (`truncate_event_files`), so the files themselves hold every step once.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,16 +61,23 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
   return _key(field, 2) + _varint(len(payload)) + payload
 
 
-def encode_event(step: int, wall_time: float, *, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None, session_start: bool = False) -> bytes:
+def encode_event(
+  step: int,
+  wall_time: float,
+  *,
+  scalars: dict[str, float] | None = None,
+  file_version: str | None = None,
+  session_start: bool = False,
+) -> bytes:
   """One serialized tensorflow.Event."""
   out = _key(1, 1) + struct.pack("<d", wall_time) + _key(2, 0) + _varint(int(step))
   if file_version is not None:
     out += _length_delimited(3, file_version.encode())
   if scalars:
     values = b"".join(
-        _length_delimited(1, _length_delimited(1, tag.encode()) + _key(2, 5) + struct.pack("<f", float(v)))
-        for tag, v in scalars.items())
+      _length_delimited(1, _length_delimited(1, tag.encode()) + _key(2, 5) + struct.pack("<f", float(v)))
+      for tag, v in scalars.items()
+    )
     out += _length_delimited(5, values)
   if session_start:
     out += _length_delimited(7, _key(1, 0) + _varint(1))
@@ -91,15 +99,15 @@ def read_records(path: str, *, allow_torn_tail: bool = False) -> list[bytes]:
   while pos < len(data):
     if allow_torn_tail and pos + 16 > len(data):
       break
-    length_bytes = data[pos:pos + 8]
+    length_bytes = data[pos : pos + 8]
     (length,) = struct.unpack("<Q", length_bytes)
-    (length_crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    (length_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
     if length_crc != masked_crc32c(length_bytes):
       raise ValueError(f"{path}: corrupt record length at byte {pos}")
     if allow_torn_tail and pos + 16 + length > len(data):
       break
-    payload = data[pos + 12:pos + 12 + length]
-    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+    payload = data[pos + 12 : pos + 12 + length]
+    (payload_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
     if payload_crc != masked_crc32c(payload):
       raise ValueError(f"{path}: corrupt record payload at byte {pos}")
     payloads.append(payload)

@@ -12,6 +12,7 @@ dropped inside the step (parameters and optimizer state stay as they were), `ski
 `nonfinite_streak` count it, and the host loop aborts after too many in a row. So a non-finite value never
 enters the state (and never a checkpoint).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -52,8 +53,15 @@ class TrainState:
 
 def new_train_state(params, opt_state, seed: int) -> TrainState:
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, applied_steps=zero, skipped_steps=zero, nonfinite_streak=zero,
-                    rng=jax.random.key_data(jax.random.key(seed)), params=params, opt_state=opt_state)
+  return TrainState(
+    step=zero,
+    applied_steps=zero,
+    skipped_steps=zero,
+    nonfinite_streak=zero,
+    rng=jax.random.key_data(jax.random.key(seed)),
+    params=params,
+    opt_state=opt_state,
+  )
 
 
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
@@ -62,6 +70,7 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
 
 def split_microbatches(batch: dict[str, jnp.ndarray], num_microbatches: int, mesh=None) -> dict[str, jnp.ndarray]:
   """[B, ...] -> [M, B/M, ...] with microbatch m = rows m::M (stays local to each batch shard)."""
+
   def split(x):
     b = x.shape[0]
     if b % num_microbatches:
@@ -71,11 +80,19 @@ def split_microbatches(batch: dict[str, jnp.ndarray], num_microbatches: int, mes
     if mesh is not None:
       y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 1)))))
     return y
+
   return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: Any, schedule: Callable,
-                    *, num_microbatches: int = 1, mesh=None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  labels: Any,
+  schedule: Callable,
+  *,
+  num_microbatches: int = 1,
+  mesh=None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """Returns step(state, batch) -> (state, metrics); jit it with `jit_train_step`."""
 
   def loss_fn(trainable, frozen, micro, denominator):
@@ -123,21 +140,24 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     finite_i = finite.astype(jnp.int32)
     new_state = state.replace(
-        step=state.step + 1,
-        applied_steps=state.applied_steps + finite_i,
-        skipped_steps=state.skipped_steps + (1 - finite_i),
-        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
-        rng=rng, params=new_params, opt_state=new_opt_state)
+      step=state.step + 1,
+      applied_steps=state.applied_steps + finite_i,
+      skipped_steps=state.skipped_steps + (1 - finite_i),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      rng=rng,
+      params=new_params,
+      opt_state=new_opt_state,
+    )
     metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "learning_rate": schedule(state.applied_steps),
-        "loss_tokens": token_count,
-        # packed samples in the batch: the largest segment id of each row
-        "samples": jnp.sum(jnp.max(batch["segment_ids"], axis=1)),
-        "skipped": 1 - finite_i,
-        "skipped_steps": new_state.skipped_steps,
-        "nonfinite_streak": new_state.nonfinite_streak,
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "learning_rate": schedule(state.applied_steps),
+      "loss_tokens": token_count,
+      # packed samples in the batch: the largest segment id of each row
+      "samples": jnp.sum(jnp.max(batch["segment_ids"], axis=1)),
+      "skipped": 1 - finite_i,
+      "skipped_steps": new_state.skipped_steps,
+      "nonfinite_streak": new_state.nonfinite_streak,
     }
     return new_state, metrics
 
@@ -153,6 +173,10 @@ def all_finite(tree) -> jnp.ndarray:
 def jit_train_step(step_fn, state_shardings, batch_shardings, mesh, compiler_options=None):
   """jax.jit with explicit in/out shardings and the state donated (updated in place)."""
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,),
-                 compiler_options=compiler_options)
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+    compiler_options=compiler_options,
+  )

@@ -13,6 +13,7 @@ The data iterator is any grain `DatasetIterator` yielding THIS process's rows of
 `config.data.kind` picks the factory: "nvlm_pipeline" -> nvlm_jax.data.pipeline.make_train_iterator,
 "synthetic_lm" -> the text-only synthetic LM set (synthetic_lm.py); or pass an iterator to Trainer.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,6 +75,7 @@ def unique_logical_axes(specs):
   Nested scans (NVLM-X/H: groups of layers, each group a scan over layers) stack parameters on two
   leading axes that are both named "layers"; flax refuses a name twice, and neither may be sharded.
   """
+
   def fix(spec):
     seen, out = set(), []
     for name in spec:
@@ -81,6 +83,7 @@ def unique_logical_axes(specs):
       if isinstance(name, str):
         seen.add(name)
     return P(*out)
+
   return jax.tree.map(fix, specs, is_leaf=lambda x: isinstance(x, P))
 
 
@@ -91,14 +94,17 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
     mesh = sharding_lib.create_mesh(dict(config.mesh), devices)
   except ValueError as e:
     raise ValueError(f"config.mesh: {e}") from None
-  rules = sharding_lib.checked_rules(config.get("sharding_rules", sharding_lib.LOGICAL_AXIS_RULES),
-                                     "config.sharding_rules")
+  rules = sharding_lib.checked_rules(
+    config.get("sharding_rules", sharding_lib.LOGICAL_AXIS_RULES), "config.sharding_rules"
+  )
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   micro = int(config.data.get("num_microbatches", 1))
   if config.data.global_batch_size % (shards * micro):
-    raise ValueError(f"config.data.global_batch_size={config.data.global_batch_size} must be divisible by "
-                     f"num_microbatches={micro} x the {shards} batch shards (mesh data x fsdp), so every "
-                     "microbatch splits evenly over the devices")
+    raise ValueError(
+      f"config.data.global_batch_size={config.data.global_batch_size} must be divisible by "
+      f"num_microbatches={micro} x the {shards} batch shards (mesh data x fsdp), so every "
+      "microbatch splits evenly over the devices"
+    )
   if model_config is None:
     model_config = models.model_config_from_settings(config.model)
   model = models.module_for_config(model_config)
@@ -117,17 +123,41 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
   replicated = NamedSharding(mesh, P())
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
-  state_shardings = TrainState(step=replicated, applied_steps=replicated, skipped_steps=replicated,
-                               nonfinite_streak=replicated, rng=replicated, params=param_shardings,
-                               opt_state=opt_shardings)
-  abstract_state = TrainState(step=scalar, applied_steps=scalar, skipped_steps=scalar, nonfinite_streak=scalar,
-                              rng=rng, params=_shapes_with_shardings(abstract_params, param_shardings),
-                              opt_state=_shapes_with_shardings(abstract_opt, opt_shardings))
+  state_shardings = TrainState(
+    step=replicated,
+    applied_steps=replicated,
+    skipped_steps=replicated,
+    nonfinite_streak=replicated,
+    rng=replicated,
+    params=param_shardings,
+    opt_state=opt_shardings,
+  )
+  abstract_state = TrainState(
+    step=scalar,
+    applied_steps=scalar,
+    skipped_steps=scalar,
+    nonfinite_streak=scalar,
+    rng=rng,
+    params=_shapes_with_shardings(abstract_params, param_shardings),
+    opt_state=_shapes_with_shardings(abstract_opt, opt_shardings),
+  )
   multimodal = models.is_multimodal(model_config)
   ndims = {"pixel_values": 5}
   batch_shardings = {k: batch_sharding(mesh, ndims.get(k, 2)) for k in batch_lib.batch_keys(multimodal)}
-  return Setup(config, mesh, model_config, model, labels, tx, schedule, abstract_state, state_shardings,
-               batch_shardings, multimodal, rules)
+  return Setup(
+    config,
+    mesh,
+    model_config,
+    model,
+    labels,
+    tx,
+    schedule,
+    abstract_state,
+    state_shardings,
+    batch_shardings,
+    multimodal,
+    rules,
+  )
 
 
 def compiler_options(config) -> dict | None:
@@ -150,10 +180,12 @@ def init_compiler_options(config) -> dict | None:
 def jitted_train_step(setup: Setup):
   """The jitted train step (not yet lowered); trace it inside `_MeshContext(setup)`."""
   num_micro = setup.config.data.get("num_microbatches", 1)
-  step = make_train_step(setup.model, setup.tx, setup.labels, setup.schedule, num_microbatches=num_micro,
-                         mesh=setup.mesh)
-  return jit_train_step(step, setup.state_shardings, setup.batch_shardings, setup.mesh,
-                        compiler_options=compiler_options(setup.config))
+  step = make_train_step(
+    setup.model, setup.tx, setup.labels, setup.schedule, num_microbatches=num_micro, mesh=setup.mesh
+  )
+  return jit_train_step(
+    step, setup.state_shardings, setup.batch_shardings, setup.mesh, compiler_options=compiler_options(setup.config)
+  )
 
 
 class _MeshContext:
@@ -177,9 +209,14 @@ class _MeshContext:
 def abstract_global_batch(setup: Setup) -> dict[str, jax.ShapeDtypeStruct]:
   data = setup.config.data
   tile = setup.model_config.vision.image_size if setup.multimodal else 0
-  return batch_lib.abstract_batch(data.global_batch_size, data.seq_len, multimodal=setup.multimodal,
-                                  max_tiles=data.get("max_tiles", 1), tile_size=tile,
-                                  sharding=setup.batch_shardings)
+  return batch_lib.abstract_batch(
+    data.global_batch_size,
+    data.seq_len,
+    multimodal=setup.multimodal,
+    max_tiles=data.get("max_tiles", 1),
+    tile_size=tile,
+    sharding=setup.batch_shardings,
+  )
 
 
 def model_flops_per_step(setup: Setup) -> dict[str, float] | None:
@@ -189,20 +226,28 @@ def model_flops_per_step(setup: Setup) -> dict[str, float] | None:
   slots = data.get("max_tiles", 0) if setup.multimodal else 0
   tiles = data.get("tile_budget", 0) or data.global_batch_size * slots
   try:
-    return flops_lib.train_step_flops(setup.model_config, batch_size=data.global_batch_size, seq_len=data.seq_len,
-                                      num_tiles=tiles, tile_slots=slots, trainable_towers=towers)
+    return flops_lib.train_step_flops(
+      setup.model_config,
+      batch_size=data.global_batch_size,
+      seq_len=data.seq_len,
+      num_tiles=tiles,
+      tile_slots=slots,
+      trainable_towers=towers,
+    )
   except NotImplementedError:
     return None
 
 
 # --- data ------------------------------------------------------------------------------------------
 
+
 def make_processor(config, model_config, workdir: str | None = None):
   """(processor, kwargs, model_config synced to its token ids) for data.kind 'nvlm_pipeline', else (None, None, cfg)."""
   if config.data.get("kind", "nvlm_pipeline") != "nvlm_pipeline":
     return None, None, model_config
   processor, kwargs = processor_setup.build_processor(
-      config.data, model_config, workdir, default_tokenizer=config.checkpoint.get("init_from", ""))
+    config.data, model_config, workdir, default_tokenizer=config.checkpoint.get("init_from", "")
+  )
   return processor, kwargs, processor_setup.sync_model_config(model_config, processor)
 
 
@@ -211,14 +256,25 @@ def make_data_iterator(config, setup: Setup, processor=None):
   kind = config.data.get("kind", "nvlm_pipeline")
   if kind == "synthetic_lm":
     llm = getattr(setup.model_config, "llm", setup.model_config)
-    return make_synthetic_lm_iterator(config.data, vocab_size=llm.vocab_size, process_index=jax.process_index(),
-                                      process_count=jax.process_count(), seed=config.seed)
+    return make_synthetic_lm_iterator(
+      config.data,
+      vocab_size=llm.vocab_size,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      seed=config.seed,
+    )
   if kind == "nvlm_pipeline":
     if processor is None:
       processor = make_processor(config, setup.model_config)[0]
     return pipeline.make_train_iterator(
-        config.data, processor, setup.mesh, model_config=setup.model_config, process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.seed)
+      config.data,
+      processor,
+      setup.mesh,
+      model_config=setup.model_config,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      seed=config.seed,
+    )
   raise ValueError(f"config.data.kind={kind!r}; expected 'nvlm_pipeline' or 'synthetic_lm'")
 
 
@@ -229,8 +285,14 @@ def check_local_batch(local: dict[str, np.ndarray], setup: Setup) -> None:
   keys = batch_lib.batch_keys(setup.multimodal)
   tile = setup.model_config.vision.image_size if setup.multimodal else None
   batch = {k: local[k] for k in keys if k in local}
-  batch_lib.check_batch(batch, multimodal=setup.multimodal, batch_size=rows, seq_len=data.seq_len,
-                        max_tiles=data.get("max_tiles", None) if setup.multimodal else None, tile_size=tile)
+  batch_lib.check_batch(
+    batch,
+    multimodal=setup.multimodal,
+    batch_size=rows,
+    seq_len=data.seq_len,
+    max_tiles=data.get("max_tiles", None) if setup.multimodal else None,
+    tile_size=tile,
+  )
   batch_lib.check_batch_values(batch)
 
 
@@ -249,11 +311,15 @@ def to_global_batch(local: dict[str, np.ndarray], setup: Setup) -> dict[str, jax
 
 # --- state creation --------------------------------------------------------------------------------
 
+
 def strip_boxes(tree):
   """Boxed flax variables -> plain arrays, without the sharding constraint `nn.meta.unbox` adds (the
   jit's out_shardings place them; nested-scan names would trip the constraint, see unique_logical_axes)."""
-  return jax.tree.map(lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x, tree,
-                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(
+    lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+  )
 
 
 def fresh_state(setup: Setup, seed: int) -> TrainState:
@@ -264,21 +330,30 @@ def fresh_state(setup: Setup, seed: int) -> TrainState:
     params = strip_boxes(init(rng))["params"]
     opt_state = setup.tx.init(params)
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, applied_steps=zero, skipped_steps=zero, nonfinite_streak=zero,
-                      rng=jax.random.key_data(jax.random.fold_in(rng, 1)), params=params, opt_state=opt_state)
+    return TrainState(
+      step=zero,
+      applied_steps=zero,
+      skipped_steps=zero,
+      nonfinite_streak=zero,
+      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
+      params=params,
+      opt_state=opt_state,
+    )
 
   with _MeshContext(setup):
-    return jax.jit(make, out_shardings=setup.state_shardings,
-                   compiler_options=init_compiler_options(setup.config))(jax.random.key(seed))
+    return jax.jit(make, out_shardings=setup.state_shardings, compiler_options=init_compiler_options(setup.config))(
+      jax.random.key(seed)
+    )
 
 
 def state_from_params(setup: Setup, params, seed: int) -> TrainState:
   """A step-0 TrainState around existing parameters (placed onto the training shardings)."""
   expected = setup.abstract_state.params
-  got_shapes = jax.tree.map(lambda a: (tuple(a.shape)), params)
-  want_shapes = jax.tree.map(lambda a: (tuple(a.shape)), expected)
+  got_shapes = jax.tree.map(lambda a: tuple(a.shape), params)
+  want_shapes = jax.tree.map(lambda a: tuple(a.shape), expected)
   if jax.tree.structure(got_shapes) != jax.tree.structure(want_shapes) or got_shapes != want_shapes:
     from flax import traverse_util
+
     got = traverse_util.flatten_dict(got_shapes, sep="/")
     want = traverse_util.flatten_dict(want_shapes, sep="/")
     diff = sorted(set(got) ^ set(want))[:8] + [k for k in got if k in want and got[k] != want[k]][:8]
@@ -287,13 +362,20 @@ def state_from_params(setup: Setup, params, seed: int) -> TrainState:
 
   def make(params):
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, applied_steps=zero, skipped_steps=zero, nonfinite_streak=zero,
-                      rng=jax.random.key_data(jax.random.key(seed)), params=params,
-                      opt_state=setup.tx.init(params))
+    return TrainState(
+      step=zero,
+      applied_steps=zero,
+      skipped_steps=zero,
+      nonfinite_streak=zero,
+      rng=jax.random.key_data(jax.random.key(seed)),
+      params=params,
+      opt_state=setup.tx.init(params),
+    )
 
   with _MeshContext(setup):
-    return jax.jit(make, out_shardings=setup.state_shardings, donate_argnums=0,
-                   compiler_options=init_compiler_options(setup.config))(params)
+    return jax.jit(
+      make, out_shardings=setup.state_shardings, donate_argnums=0, compiler_options=init_compiler_options(setup.config)
+    )(params)
 
 
 def load_init_params(path: str, setup: Setup):
@@ -301,8 +383,9 @@ def load_init_params(path: str, setup: Setup):
   cfg = setup.model_config
   param_dtype = setup.config.model.get("param_dtype") or "float32"
   dtype = setup.config.model.get("dtype") or "float32"  # the compute dtype: it does not change the params
-  _, params = models.load_model(path, dtype=dtype, param_dtype=param_dtype, mesh=setup.mesh,
-                                scan_layers=_scan_layers(cfg))
+  _, params = models.load_model(
+    path, dtype=dtype, param_dtype=param_dtype, mesh=setup.mesh, scan_layers=_scan_layers(cfg)
+  )
   return params
 
 
@@ -312,6 +395,7 @@ def _scan_layers(model_config) -> bool:
 
 
 # --- the loop --------------------------------------------------------------------------------------
+
 
 class Trainer:
   """Owns the setup, the state, the data iterator, the checkpointer and the metrics writer."""
@@ -343,8 +427,11 @@ class Trainer:
     description = models.describe_model(setup.model_config)
     checkpointing.write_model_description(self.workdir, description)
     checkpointer = checkpointing.TrainCheckpointer(
-        self.workdir, max_to_keep=ckpt_cfg.max_to_keep, save_interval_steps=ckpt_cfg.every_steps,
-        async_save=ckpt_cfg.get("async_save", True))
+      self.workdir,
+      max_to_keep=ckpt_cfg.max_to_keep,
+      save_interval_steps=ckpt_cfg.every_steps,
+      async_save=ckpt_cfg.get("async_save", True),
+    )
     owns_iterator = self.data_iterator is None
     if owns_iterator:
       if self.processor is not None:
@@ -356,19 +443,26 @@ class Trainer:
     start = int(jax.device_get(state.step))
     n_train = optimizer.count_params(state.params, setup.labels)
     n_all = optimizer.count_params(state.params)
-    writer = metrics_lib.MetricsWriter(self.workdir, enabled=self.is_chief,
-                                       tensorboard=cfg.log.get("tensorboard", True),
-                                       resume_step=start if resumed else None)
+    writer = metrics_lib.MetricsWriter(
+      self.workdir,
+      enabled=self.is_chief,
+      tensorboard=cfg.log.get("tensorboard", True),
+      resume_step=start if resumed else None,
+    )
     for line in writer.repaired:
       self._say(f"log brought to the restored step {start}: {line}")
-    self._say(f"{how} in {time.perf_counter() - t0:.1f}s: step {start}, {n_all:,} params "
-              f"({n_train:,} trainable), mesh {dict(setup.mesh.shape)}, {jax.process_count()} process(es)")
+    self._say(
+      f"{how} in {time.perf_counter() - t0:.1f}s: step {start}, {n_all:,} params "
+      f"({n_train:,} trainable), mesh {dict(setup.mesh.shape)}, {jax.process_count()} process(es)"
+    )
 
     total = int(cfg.total_steps)
     log_every = max(int(cfg.log.get("every_steps", 1)), 1)
     if start >= total:
-      self._say(f"nothing to do: the checkpoint is at step {start} >= total_steps={total} "
-                f"(raise --config.total_steps, or use a new workdir)")
+      self._say(
+        f"nothing to do: the checkpoint is at step {start} >= total_steps={total} "
+        f"(raise --config.total_steps, or use a new workdir)"
+      )
     else:
       with _MeshContext(setup):
         t0 = time.perf_counter()
@@ -420,9 +514,11 @@ class Trainer:
     init_from = cfg.checkpoint.get("init_from")
     latest = checkpointer.latest_step()
     if latest is not None and init_from:
-      self._say(f"WARNING: config.checkpoint.init_from={init_from} is NOT used: {checkpointer.directory} already "
-                f"holds checkpoints (steps {checkpointer.all_steps()}), and a workdir with checkpoints always "
-                "resumes from them. To start from init_from, use a new workdir.")
+      self._say(
+        f"WARNING: config.checkpoint.init_from={init_from} is NOT used: {checkpointer.directory} already "
+        f"holds checkpoints (steps {checkpointer.all_steps()}), and a workdir with checkpoints always "
+        "resumes from them. To start from init_from, use a new workdir."
+      )
     if latest is not None and checkpointer.is_params_only(latest):
       # A params-only checkpoint in the workdir (a stitched model saved here): start from it.
       state = state_from_params(setup, load_init_params(self.workdir, setup), cfg.seed)
@@ -445,8 +541,9 @@ class Trainer:
     if not checkpointer.save(step, state, self.data_iterator, description):
       self._say(f"WARNING: not saving the checkpoint of step {step}: a parameter is not finite")
 
-  def _log_window(self, pending, window_start: float, writer, total: int, checkpointer,
-                  durable: bool = False) -> list[dict]:
+  def _log_window(
+    self, pending, window_start: float, writer, total: int, checkpointer, durable: bool = False
+  ) -> list[dict]:
     """Fetches the metrics of the steps since the last log line (one device->host transfer, which also
     waits for them to finish: the window's time is measured after it), writes them (`durable`: onto the
     disk), prints a progress line, and aborts on a run of non-finite steps."""
@@ -459,8 +556,9 @@ class Trainer:
     rows = []
     for (step, _), m in zip(pending, fetched):
       row = {k: float(v) if np.issubdtype(np.asarray(v).dtype, np.floating) else int(v) for k, v in m.items()}
-      row.update(step_time_s=step_time, tokens_per_s=tokens_per_step / step_time,
-                 samples_per_s=row.pop("samples") / step_time)
+      row.update(
+        step_time_s=step_time, tokens_per_s=tokens_per_step / step_time, samples_per_s=row.pop("samples") / step_time
+      )
       if flops is not None:
         row["tflops_per_step"] = flops / 1e12
         if peak:
@@ -475,8 +573,11 @@ class Trainer:
       extra += f" | MFU {100 * last['mfu']:.1f}%"
     if last["skipped_steps"]:
       extra += f" | skipped {last['skipped_steps']}"
-    self._say(metrics_lib.progress_line(last["step"], total, float(np.mean(finite)) if finite else float("nan"),
-                                        last["tokens_per_s"], step_time, extra))
+    self._say(
+      metrics_lib.progress_line(
+        last["step"], total, float(np.mean(finite)) if finite else float("nan"), last["tokens_per_s"], step_time, extra
+      )
+    )
     max_bad = int(cfg.get("max_consecutive_nonfinite", 5))
     worst = max(rows, key=lambda r: r["nonfinite_streak"])
     if worst["nonfinite_streak"] >= max_bad:
@@ -485,14 +586,18 @@ class Trainer:
       first_bad = worst["step"] - worst["nonfinite_streak"] + 1
       checkpointer.wait()
       good = [s for s in checkpointer.all_steps() if s <= first_bad - 2]
-      where = (f"the last checkpoint whose parameters still gave a finite loss: {checkpointer.directory}/{max(good)}"
-               if good else "no checkpoint predates it (start again, e.g. with a lower config.optimizer.lr)")
+      where = (
+        f"the last checkpoint whose parameters still gave a finite loss: {checkpointer.directory}/{max(good)}"
+        if good
+        else "no checkpoint predates it (start again, e.g. with a lower config.optimizer.lr)"
+      )
       raise NonFiniteLossError(
-          f"{worst['nonfinite_streak']} consecutive steps (up to step {worst['step']}) had a non-finite loss or "
-          f"gradient norm, or an update that would make the parameters non-finite; their updates were skipped "
-          f"({worst['skipped_steps']} skipped in total). Aborting: check the data of these steps, lower "
-          f"config.optimizer.lr, or raise config.max_consecutive_nonfinite (now {max_bad}). The streak began "
-          f"at step {first_bad}; {where}")
+        f"{worst['nonfinite_streak']} consecutive steps (up to step {worst['step']}) had a non-finite loss or "
+        f"gradient norm, or an update that would make the parameters non-finite; their updates were skipped "
+        f"({worst['skipped_steps']} skipped in total). Aborting: check the data of these steps, lower "
+        f"config.optimizer.lr, or raise config.max_consecutive_nonfinite (now {max_bad}). The streak began "
+        f"at step {first_bad}; {where}"
+      )
     return rows
 
   def _say(self, line: str) -> None:

@@ -1,6 +1,7 @@
 """Vision pathway: image decoding, DHR tiling, InternViT, pixel shuffle, projector.
 
 Submodules load on first use, so `nvlm_jax.vision.<module>` works after a plain `import nvlm_jax`."""
+
 from __future__ import annotations
 
 from nvlm_jax.lazy_exports import lazy_exports

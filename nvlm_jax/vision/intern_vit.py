@@ -18,6 +18,7 @@ The 25 heads of InternViT-6B do not divide a tensor-parallel axis of 8 (Megatron
 heads, docs/paper.md a.2); our heads carry the logical name "vision_heads", which the default rules keep
 unsharded, while the MLP (12800) shards over "tensor" and the model dim over "fsdp".
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -47,21 +48,38 @@ class VisionEmbeddings(nn.Module):
     cfg = self.config
     n, height, width, channels = pixels.shape
     if (height, width, channels) != (cfg.image_size, cfg.image_size, cfg.num_channels):
-      raise ValueError(f"InternViT expects channels-last tiles [N, {cfg.image_size}, {cfg.image_size}, "
-                       f"{cfg.num_channels}], got {pixels.shape}")
+      raise ValueError(
+        f"InternViT expects channels-last tiles [N, {cfg.image_size}, {cfg.image_size}, "
+        f"{cfg.num_channels}], got {pixels.shape}"
+      )
     p, g = cfg.patch_size, cfg.grid_size
     # A stride-p, kernel-p conv is a matmul over each p x p x C patch: [N, g, g, p, p, C] . [p, p, C, D].
     patches = pixels.reshape(n, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
-    x = Dense(cfg.hidden_size, (None, None, None, "embed"), contract_dims=3, use_bias=True,
-              dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="patch_embedding")(patches)
+    x = Dense(
+      cfg.hidden_size,
+      (None, None, None, "embed"),
+      contract_dims=3,
+      use_bias=True,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name="patch_embedding",
+    )(patches)
     x = x.reshape(n, g * g, cfg.hidden_size)
     if cfg.use_class_token:
-      cls = self.param("class_embedding", nn.with_logical_partitioning(default_kernel_init, ("embed",)),
-                       (cfg.hidden_size,), jnp.dtype(cfg.param_dtype))
+      cls = self.param(
+        "class_embedding",
+        nn.with_logical_partitioning(default_kernel_init, ("embed",)),
+        (cfg.hidden_size,),
+        jnp.dtype(cfg.param_dtype),
+      )
       cls = jnp.broadcast_to(cls.astype(cfg.dtype), (n, 1, cfg.hidden_size))
       x = jnp.concatenate([cls, x], axis=1)
-    pos = self.param("position_embedding", nn.with_logical_partitioning(default_kernel_init, (None, "embed")),
-                     (cfg.num_positions, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+    pos = self.param(
+      "position_embedding",
+      nn.with_logical_partitioning(default_kernel_init, (None, "embed")),
+      (cfg.num_positions, cfg.hidden_size),
+      jnp.dtype(cfg.param_dtype),
+    )
     return x + pos.astype(cfg.dtype)[None]
 
 
@@ -74,8 +92,12 @@ class FullWidthRMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("vision_heads", "head_dim")),
-                       x.shape[-2:], jnp.dtype(self.param_dtype))
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("vision_heads", "head_dim")),
+      x.shape[-2:],
+      jnp.dtype(self.param_dtype),
+    )
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=(-2, -1), keepdims=True) + self.epsilon)
     return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -99,13 +121,21 @@ class VisionAttention(nn.Module):
       q = FullWidthRMSNorm(cfg.layer_norm_eps, name="q_norm", **kw)(q)
       k = FullWidthRMSNorm(cfg.layer_norm_eps, name="k_norm", **kw)(k)
     q = nn.with_logical_constraint(q, HEAD_AXES)
-    impl = choose_attention_impl(cfg.attention_impl, jax.default_backend(), "full", q_len=q.shape[1],
-                                 k_len=k.shape[1], head_dim=cfg.head_dim, dtype=cfg.dtype)
+    impl = choose_attention_impl(
+      cfg.attention_impl,
+      jax.default_backend(),
+      "full",
+      q_len=q.shape[1],
+      k_len=k.shape[1],
+      head_dim=cfg.head_dim,
+      dtype=cfg.dtype,
+    )
     log_choice_once("ViT attention", cfg.attention_impl, "full", impl)
     out = attend(impl, q, k, v, None)
     out = nn.with_logical_constraint(out, HEAD_AXES)
-    return Dense(cfg.hidden_size, ("vision_heads", "head_dim", "embed"), contract_dims=2, use_bias=True,
-                 name="proj", **kw)(out)
+    return Dense(
+      cfg.hidden_size, ("vision_heads", "head_dim", "embed"), contract_dims=2, use_bias=True, name="proj", **kw
+    )(out)
 
 
 class VisionEncoderLayer(nn.Module):

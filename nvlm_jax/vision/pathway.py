@@ -15,6 +15,7 @@ its inputs are concrete. With short samples (1-2 tiles of 7) this saves most of 
 The functions take the (bound) submodules as arguments, so each fusion model keeps the flat parameter
 tree `vision_model/`, `projector/`, `language_model/` that mirrors the checkpoints.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -32,8 +33,15 @@ def make_vision_modules(config: NVLMConfig) -> tuple[InternViT, Projector]:
   return InternViT(config.vision), Projector(config.projector)
 
 
-def encode_tiles(vision_model: nn.Module, projector: nn.Module, tiles: jnp.ndarray, *,
-                 downsample_ratio: float, ps_version: str = "v2", freeze_vision: bool = True) -> jnp.ndarray:
+def encode_tiles(
+  vision_model: nn.Module,
+  projector: nn.Module,
+  tiles: jnp.ndarray,
+  *,
+  downsample_ratio: float,
+  ps_version: str = "v2",
+  freeze_vision: bool = True,
+) -> jnp.ndarray:
   """tiles [N, H, W, 3] -> [N, tokens_per_tile, D_llm]: ViT (class token dropped) -> shuffle -> projector.
 
   freeze_vision: stop_gradient on the ViT output, so no gradient (and no backward ViT compute) flows
@@ -47,10 +55,17 @@ def encode_tiles(vision_model: nn.Module, projector: nn.Module, tiles: jnp.ndarr
   return projector(features)
 
 
-def encode_images(vision_model: nn.Module, projector: nn.Module, pixel_values: jnp.ndarray,
-                  tile_mask: jnp.ndarray | None = None, *, downsample_ratio: float = 0.5,
-                  ps_version: str = "v2", freeze_vision: bool = True,
-                  tile_budget: int | None = None) -> jnp.ndarray:
+def encode_images(
+  vision_model: nn.Module,
+  projector: nn.Module,
+  pixel_values: jnp.ndarray,
+  tile_mask: jnp.ndarray | None = None,
+  *,
+  downsample_ratio: float = 0.5,
+  ps_version: str = "v2",
+  freeze_vision: bool = True,
+  tile_budget: int | None = None,
+) -> jnp.ndarray:
   """pixel_values [B, T, H, W, 3], tile_mask [B, T] (None: all valid) -> [B, T, tokens_per_tile, D_llm].
 
   Features of padded tiles are exactly zero. See the module docstring for `tile_budget`.
@@ -66,8 +81,9 @@ def encode_images(vision_model: nn.Module, projector: nn.Module, pixel_values: j
   flat = pixel_values.reshape((total,) + pixel_values.shape[2:])
   valid = tile_mask.reshape(total).astype(bool)
   flat = jnp.where(valid[:, None, None, None], flat, jnp.zeros((), flat.dtype))
-  encode = lambda x: encode_tiles(vision_model, projector, x, downsample_ratio=downsample_ratio,
-                                  ps_version=ps_version, freeze_vision=freeze_vision)
+  encode = lambda x: encode_tiles(
+    vision_model, projector, x, downsample_ratio=downsample_ratio, ps_version=ps_version, freeze_vision=freeze_vision
+  )
   if tile_budget is None or tile_budget >= total:
     features = encode(flat)
   else:

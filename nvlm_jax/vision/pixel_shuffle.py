@@ -9,6 +9,7 @@ for an input grid of g x g tokens (row-major, as the conv patch embedding flatte
 0 <= dr, dc < k. Version 1 (InternVL's `ps_version='v1'`) has the same channel layout but emits the
 output tokens column-major (out token c*G + r); it is kept only to read old InternVL checkpoints.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ def pixel_shuffle(x: jnp.ndarray, scale: float = 0.5, version: str = "v2") -> jn
   if x.ndim != 3:
     raise ValueError(f"pixel_shuffle expects [N, tokens, channels], got shape {x.shape}")
   n, tokens, channels = x.shape
-  g = int(round(tokens ** 0.5))
+  g = int(round(tokens**0.5))
   if g * g != tokens:
     raise ValueError(f"pixel_shuffle needs a square token grid, got {tokens} tokens")
   k = shuffle_factor(scale)

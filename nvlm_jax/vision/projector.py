@@ -4,6 +4,7 @@ Two layers (NVLM-D/H `mlp1`, transformers InternVL `multi_modal_projector`):
     LayerNorm -> Linear(in, hidden) -> GELU (exact erf) -> Linear(hidden, out)
 One layer (NVLM-X): LayerNorm -> Linear(in, out). See `ProjectorConfig` for the shapes of each model.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn

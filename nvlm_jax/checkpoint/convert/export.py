@@ -16,6 +16,7 @@ template is in tokenizer_config.json) are copied along, and for NVLM layouts the
 trained with (WORKDIR/processor.json) go into config.json under "nvlm_jax", where
 `Processor.from_pretrained` reads them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,8 +76,10 @@ def _llm_of(cfg, layout: str) -> tuple[DecoderConfig, str]:
     return cfg, ""
   if isinstance(cfg, NVLMConfig):
     if cfg.variant != "d" and cfg.llm.scan_layers:
-      raise ConvertError(f"--layout {layout}: the language model of an NVLM-{cfg.variant.upper()} checkpoint has its "
-                         "layers regrouped around the cross-attention blocks; exporting it alone is not supported")
+      raise ConvertError(
+        f"--layout {layout}: the language model of an NVLM-{cfg.variant.upper()} checkpoint has its "
+        "layers regrouped around the cross-attention blocks; exporting it alone is not supported"
+      )
     return cfg.llm, "language_model"
   raise ConvertError(f"--layout {layout}: the checkpoint holds a {type(cfg).__name__}, not a language model")
 
@@ -95,8 +98,9 @@ def plan_export(cfg, layout: str, dtype: str, *, pad_dummy_heads: bool = False) 
     if layout == "llama" and llm.qkv_bias:
       raise ConvertError("--layout llama: this language model has q/k/v biases (Qwen2-style); use --layout qwen2")
     name = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[layout]
-    return ExportPlan(layout, decoder_rules(llm, name=name), prefix, llm,
-                      convert_configs.decoder_config_json(llm, layout, dtype), name)
+    return ExportPlan(
+      layout, decoder_rules(llm, name=name), prefix, llm, convert_configs.decoder_config_json(llm, layout, dtype), name
+    )
   if not isinstance(cfg, NVLMConfig) or cfg.variant != "d":
     what = type(cfg).__name__ if not isinstance(cfg, NVLMConfig) else f"NVLM-{cfg.variant.upper()} model"
     raise ConvertError(f"--layout {layout}: needs an NVLM-D model, the checkpoint holds a {what}")
@@ -104,26 +108,40 @@ def plan_export(cfg, layout: str, dtype: str, *, pad_dummy_heads: bool = False) 
   if layout == "internvl":
     if not (p.num_layers == 2 and p.use_bias and p.hidden_size == p.out_features):
       raise ConvertError(
-          f"--layout internvl: transformers' InternVL projector is Linear({p.in_features}, D) + bias -> "
-          f"Linear(D, D) + bias with D = the LLM width; this model's projector has num_layers={p.num_layers}, "
-          f"use_bias={p.use_bias}, hidden_size={p.hidden_size} (NVLM-D's mlp1): use --layout nvlm_d")
-    return ExportPlan(layout, vision_layouts.internvl_hf_rules(cfg), "", cfg,
-                      convert_configs.internvl_config_json(cfg, dtype), "InternVLForConditionalGeneration")
+        f"--layout internvl: transformers' InternVL projector is Linear({p.in_features}, D) + bias -> "
+        f"Linear(D, D) + bias with D = the LLM width; this model's projector has num_layers={p.num_layers}, "
+        f"use_bias={p.use_bias}, hidden_size={p.hidden_size} (NVLM-D's mlp1): use --layout nvlm_d"
+      )
+    return ExportPlan(
+      layout,
+      vision_layouts.internvl_hf_rules(cfg),
+      "",
+      cfg,
+      convert_configs.internvl_config_json(cfg, dtype),
+      "InternVLForConditionalGeneration",
+    )
   # nvlm_d
   if p.num_layers != 2:
     raise ConvertError(f"--layout nvlm_d: mlp1 has two linear layers; this projector has {p.num_layers}")
   if not cfg.llm.qkv_bias:
-    raise ConvertError("--layout nvlm_d: the NVLM-D layout's language model is Qwen2 (q/k/v biases); this one "
-                       "has none")
+    raise ConvertError("--layout nvlm_d: the NVLM-D layout's language model is Qwen2 (q/k/v biases); this one has none")
   heads = cfg.vision.num_heads
   stored = vision_layouts.nvlm_d_stored_heads(heads) if pad_dummy_heads else heads
-  return ExportPlan(layout, vision_layouts.nvlm_d_rules(cfg, stored_heads=stored), "", cfg,
-                    convert_configs.nvlm_d_config_json(cfg, dtype, stored - heads), "NVLM_D", stored - heads)
+  return ExportPlan(
+    layout,
+    vision_layouts.nvlm_d_rules(cfg, stored_heads=stored),
+    "",
+    cfg,
+    convert_configs.nvlm_d_config_json(cfg, dtype, stored - heads),
+    "NVLM_D",
+    stored - heads,
+  )
 
 
 def _plain(cfg) -> dict:
   def strip(d):
     return {k: strip(v) if isinstance(v, dict) else v for k, v in d.items() if k not in _IMPLEMENTATION_FIELDS}
+
   return strip(dataclasses.asdict(cfg))
 
 
@@ -145,17 +163,21 @@ def check_config_round_trip(plan: ExportPlan, directory: Path) -> list[str]:
   cfg_json, cfg_file = hf_import.read_config(directory)
   scan = getattr(plan.model_config, "scan_layers", None)
   scan = plan.model_config.llm.scan_layers if scan is None else scan
-  parsed = layout.build_config(cfg_json, source=str(cfg_file), dtype="float32", param_dtype="float32",
-                               scan_layers=scan)
+  parsed = layout.build_config(cfg_json, source=str(cfg_file), dtype="float32", param_dtype="float32", scan_layers=scan)
   diffs = _differences(_plain(plan.model_config), _plain(parsed))
   soft = _UNREPRESENTED.get(plan.layout, set())
   hard = [d for d in diffs if d[0] not in soft]
   if hard:
     lines = "\n  ".join(f"{name}: model has {a!r}, the written config.json gives {b!r}" for name, a, b in hard)
-    raise ConvertError(f"--layout {plan.layout} cannot represent this model (re-reading {cfg_file.name} gives a "
-                       f"different model):\n  {lines}")
-  return [f"{name}: the {plan.layout} layout cannot record it; readers will use {b!r} (model has {a!r})"
-          for name, a, b in diffs if name in soft]
+    raise ConvertError(
+      f"--layout {plan.layout} cannot represent this model (re-reading {cfg_file.name} gives a "
+      f"different model):\n  {lines}"
+    )
+  return [
+    f"{name}: the {plan.layout} layout cannot record it; readers will use {b!r} (model has {a!r})"
+    for name, a, b in diffs
+    if name in soft
+  ]
 
 
 def _entries(plan: ExportPlan, stored_dtypes: Mapping[str, np.dtype], out_dtype) -> list[TensorEntry]:
@@ -183,9 +205,17 @@ def _training_processor_settings(workdir: Path) -> dict:
   return settings
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, layout: str,
-                      max_shard_size: str | int = "5GB", pad_dummy_heads: bool = False, dtype: str = "auto",
-                      step: int | None = None, progress: bool = True) -> dict:
+def export_checkpoint(
+  checkpoint: str | os.PathLike,
+  out: str | os.PathLike,
+  *,
+  layout: str,
+  max_shard_size: str | int = "5GB",
+  pad_dummy_heads: bool = False,
+  dtype: str = "auto",
+  step: int | None = None,
+  progress: bool = True,
+) -> dict:
   """Writes `checkpoint` (a workdir / step dir of ours) as a Hugging Face directory at `out`."""
   start = time.perf_counter()
   out = refuse_existing(out)
@@ -225,11 +255,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *, 
     finally:
       bar.close()
     summary = {
-        "command": "export", "source": str(source.step_dir), "layout": layout, "dtype": config_dtype,
-        "tensors": len(entries), "shards": len(writer.files), "bytes": writer.bytes_written,
-        "num_dummy_heads": plan.num_dummy_heads, "side_files": side_files,
-        "processor_settings": config_json.get("nvlm_jax", {}), "notes": notes,
-        "seconds": round(time.perf_counter() - start, 3),
+      "command": "export",
+      "source": str(source.step_dir),
+      "layout": layout,
+      "dtype": config_dtype,
+      "tensors": len(entries),
+      "shards": len(writer.files),
+      "bytes": writer.bytes_written,
+      "num_dummy_heads": plan.num_dummy_heads,
+      "side_files": side_files,
+      "processor_settings": config_json.get("nvlm_jax", {}),
+      "notes": notes,
+      "seconds": round(time.perf_counter() - start, 3),
     }
     (tmp / PROVENANCE_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
   summary["out"] = str(out)

@@ -8,6 +8,7 @@ checkpoint (a stacked [layers, ...] param one layer slice at a time). Host memor
 tensor plus the bounded in-flight writes, whatever the checkpoint size; nothing is placed on devices.
 The result lands under a temporary name and is renamed to `--out` only when complete.
 """
+
 from __future__ import annotations
 
 import collections
@@ -38,8 +39,14 @@ from nvlm_jax.sharding import parse_mesh as parse_mesh_text
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 
-def stream_into(writer: orbax_stream.ParamWriter, items: Iterable[WorkItem], bar: Progress, *,
-                workers: int = DEFAULT_WORKERS, budget: int | None = None) -> None:
+def stream_into(
+  writer: orbax_stream.ParamWriter,
+  items: Iterable[WorkItem],
+  bar: Progress,
+  *,
+  workers: int = DEFAULT_WORKERS,
+  budget: int | None = None,
+) -> None:
   """Runs the work items (read + transform) on `workers` threads ahead of the writes, and writes
   their pieces in order.
 
@@ -89,9 +96,11 @@ def check_float_tensors(source: HFSource) -> None:
   for key in source.table.hf_shapes():
     dtype = source.ckpt[key].np_dtype
     if not is_float_dtype(dtype):
-      raise ConvertError(f"{source.directory / source.ckpt.file_of(key)}: tensor {key!r} is {np.dtype(dtype).name}, "
-                         "but it feeds a floating-point parameter; refusing to cast it (is the file damaged, or "
-                         "from another model?)")
+      raise ConvertError(
+        f"{source.directory / source.ckpt.file_of(key)}: tensor {key!r} is {np.dtype(dtype).name}, "
+        "but it feeds a floating-point parameter; refusing to cast it (is the file damaged, or "
+        "from another model?)"
+      )
 
 
 def write_provenance(directory: Path, record: Mapping[str, Any]) -> None:
@@ -108,11 +117,19 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
     raise ConvertError(str(e)) from None
 
 
-def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str = "auto",
-                      mesh: Mapping[str, int] | str | None = None, layout: str = "auto", scan_layers: bool = True,
-                      compression: str = "zstd", progress: bool = True,
-                      max_chunk_bytes: int = orbax_stream.DEFAULT_MAX_CHUNK_BYTES,
-                      inflight_bytes: int = orbax_stream.DEFAULT_INFLIGHT_BYTES) -> dict:
+def import_checkpoint(
+  hf_dir: str | os.PathLike,
+  out: str | os.PathLike,
+  *,
+  dtype: str = "auto",
+  mesh: Mapping[str, int] | str | None = None,
+  layout: str = "auto",
+  scan_layers: bool = True,
+  compression: str = "zstd",
+  progress: bool = True,
+  max_chunk_bytes: int = orbax_stream.DEFAULT_MAX_CHUNK_BYTES,
+  inflight_bytes: int = orbax_stream.DEFAULT_INFLIGHT_BYTES,
+) -> dict:
   """Converts `hf_dir` into an orbax checkpoint at `out`; returns a summary dict.
 
   dtype: storage (and compute) dtype of the params, 'auto' = the checkpoint's own floating dtype.
@@ -132,11 +149,13 @@ def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtyp
   description = models.describe_model(source.config)
   with atomic_output_dir(out) as tmp:
     params_dir = orbax_stream.start_checkpoint(tmp, description)
-    bar = Progress(source.nbytes, len(source.table.hf_shapes()), desc=f"import {source.directory.name}",
-                   enabled=progress)
+    bar = Progress(
+      source.nbytes, len(source.table.hf_shapes()), desc=f"import {source.directory.name}", enabled=progress
+    )
     try:
-      with orbax_stream.ParamWriter(params_dir, specs, compression=compression,
-                                    inflight_bytes=inflight_bytes) as writer:
+      with orbax_stream.ParamWriter(
+        params_dir, specs, compression=compression, inflight_bytes=inflight_bytes
+      ) as writer:
         stream_into(writer, source.items(), bar)
         writer.close()
     finally:
@@ -144,12 +163,20 @@ def import_checkpoint(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtyp
     orbax_stream.register_params_item(params_dir)
     side_files = copy_side_files(source.directory, tmp)
     summary = {
-        "command": "import", "source": str(source.directory), "layout": source.layout.name,
-        "model_config": type(source.config).__name__, "dtype": source.dtype, "mesh": mesh or {},
-        "compression": compression, "tensors": len(source.table.hf_shapes()), "params": len(specs),
-        "source_bytes": source.nbytes, "written_bytes": writer.bytes_written,
-        "stored_bytes": orbax_stream.stored_bytes(params_dir), "side_files": side_files,
-        "largest_tensor_bytes": max(source.ckpt[k].end - source.ckpt[k].start for k in source.table.hf_shapes()),
+      "command": "import",
+      "source": str(source.directory),
+      "layout": source.layout.name,
+      "model_config": type(source.config).__name__,
+      "dtype": source.dtype,
+      "mesh": mesh or {},
+      "compression": compression,
+      "tensors": len(source.table.hf_shapes()),
+      "params": len(specs),
+      "source_bytes": source.nbytes,
+      "written_bytes": writer.bytes_written,
+      "stored_bytes": orbax_stream.stored_bytes(params_dir),
+      "side_files": side_files,
+      "largest_tensor_bytes": max(source.ckpt[k].end - source.ckpt[k].start for k in source.table.hf_shapes()),
     }
     summary["seconds"] = round(time.perf_counter() - start, 3)
     write_provenance(tmp, summary)

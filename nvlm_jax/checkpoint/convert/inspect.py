@@ -6,6 +6,7 @@ which HF key(s) become which param path(s), with which transform. For one of our
 the model description, every stored param (shape, dtype, chunk shape) and the mapping to the HF layout
 `export` would use by default. Only headers and metadata are read.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,14 @@ from nvlm_jax.config import DecoderConfig, NVLMConfig, VisionConfig
 
 # What each rule factory does to the tensor, keyed by the factory that built the rule's `to_flax`.
 _TRANSFORMS = {
-    "rename": "copy",
-    "linear": "transpose torch Linear [out, in] -> kernel [in, out], reshape to the param",
-    "bias": "reshape",
-    "reshaped": "reshape",
-    "conv_patch": "permute torch Conv2d [out, in, kh, kw] -> [kh, kw, in, out]",
-    "_fused_qkv_rule": "split fused [Q | K | V] rows into q/k/v (transpose); zero dummy heads checked and dropped",
-    "_padded_vector_rule": "drop the zero dummy-head tail, reshape to [heads, head_dim]",
-    "_padded_proj_rule": "drop the zero dummy-head columns, transpose to [heads, head_dim, D]",
+  "rename": "copy",
+  "linear": "transpose torch Linear [out, in] -> kernel [in, out], reshape to the param",
+  "bias": "reshape",
+  "reshaped": "reshape",
+  "conv_patch": "permute torch Conv2d [out, in, kh, kw] -> [kh, kw, in, out]",
+  "_fused_qkv_rule": "split fused [Q | K | V] rows into q/k/v (transpose); zero dummy heads checked and dropped",
+  "_padded_vector_rule": "drop the zero dummy-head tail, reshape to [heads, head_dim]",
+  "_padded_proj_rule": "drop the zero dummy-head columns, transpose to [heads, head_dim, D]",
 }
 _LAYER_RE = re.compile(r"(?<=\blayers[./])\d+(?=[./])|(?<=\blayer[./])\d+(?=[./])")
 
@@ -61,9 +62,17 @@ def mapping_rows(table: RuleTable) -> list[dict[str, Any]]:
     stacked = rule.scan
     paths = rule.stacked_paths if stacked else rule.param_paths
     shapes = [((rule.num_layers,) if stacked else ()) + tuple(s) for s in rule.param_shapes]
-    rows.append({"hf_keys": list(rule.hf_keys), "hf_shapes": [list(s) for s in rule.hf_shapes],
-                 "params": list(paths), "param_shapes": [list(s) for s in shapes],
-                 "layers": rule.num_layers, "stacked": stacked, "transform": describe_transform(rule)})
+    rows.append(
+      {
+        "hf_keys": list(rule.hf_keys),
+        "hf_shapes": [list(s) for s in rule.hf_shapes],
+        "params": list(paths),
+        "param_shapes": [list(s) for s in shapes],
+        "layers": rule.num_layers,
+        "stacked": stacked,
+        "transform": describe_transform(rule),
+      }
+    )
   return rows
 
 
@@ -94,10 +103,11 @@ def inspect_hf(path: Path, layout: str = "auto") -> dict[str, Any]:
 
   ckpt = SafetensorsCheckpoint(path)
   report: dict[str, Any] = {
-      "kind": "huggingface", "path": str(path),
-      "files": sorted({info.file.name for info in ckpt.values()}),
-      "tensors": [{"key": k, "shape": list(i.shape), "dtype": i.dtype, "file": i.file.name} for k, i in ckpt.items()],
-      "total_bytes": sum(i.end - i.start for i in ckpt.values()),
+    "kind": "huggingface",
+    "path": str(path),
+    "files": sorted({info.file.name for info in ckpt.values()}),
+    "tensors": [{"key": k, "shape": list(i.shape), "dtype": i.dtype, "file": i.file.name} for k, i in ckpt.items()],
+    "total_bytes": sum(i.end - i.start for i in ckpt.values()),
   }
   if path.is_dir() and (path / hf_import.CONFIG_FILE).is_file():
     try:
@@ -118,19 +128,25 @@ def inspect_orbax(path: Path) -> dict[str, Any]:
   source = OrbaxSource(path)
   arrays = source.reader.arrays
   report: dict[str, Any] = {
-      "kind": "orbax", "path": str(source.step_dir), "step": source.step,
-      "config_class": type(source.config).__name__, "description": source.description,
-      "params": [{"path": p, "shape": list(a.shape), "dtype": a.dtype.name, "chunks": list(a.chunks)}
-                 for p, a in sorted(arrays.items())],
-      "total_bytes": sum(a.nbytes for a in arrays.values()),
+    "kind": "orbax",
+    "path": str(source.step_dir),
+    "step": source.step,
+    "config_class": type(source.config).__name__,
+    "description": source.description,
+    "params": [
+      {"path": p, "shape": list(a.shape), "dtype": a.dtype.name, "chunks": list(a.chunks)}
+      for p, a in sorted(arrays.items())
+    ],
+    "total_bytes": sum(a.nbytes for a in arrays.values()),
   }
   cfg = source.config
   layout = None
   if isinstance(cfg, DecoderConfig):
     layout = "qwen2" if cfg.qkv_bias else "llama"
   elif isinstance(cfg, NVLMConfig) and cfg.variant == "d":
-    layout = "internvl" if cfg.projector.use_bias and cfg.projector.hidden_size == cfg.projector.out_features \
-        else "nvlm_d"
+    layout = (
+      "internvl" if cfg.projector.use_bias and cfg.projector.hidden_size == cfg.projector.out_features else "nvlm_d"
+    )
   if layout is not None:
     try:
       plan = plan_export(cfg, layout, "float32")
@@ -158,8 +174,10 @@ def format_report(report: dict[str, Any], show_all: bool = False) -> str:
   lines = []
   if report["kind"] == "huggingface":
     dtypes = sorted({t["dtype"] for t in report["tensors"]})
-    lines.append(f"Hugging Face checkpoint {report['path']}: {len(report['files'])} file(s), "
-                 f"{len(report['tensors'])} tensors, {size}, dtypes {', '.join(dtypes)}")
+    lines.append(
+      f"Hugging Face checkpoint {report['path']}: {len(report['files'])} file(s), "
+      f"{len(report['tensors'])} tensors, {size}, dtypes {', '.join(dtypes)}"
+    )
     lines.append("tensors (key  shape dtype file):")
     rows = sorted((t["key"], f"{t['shape']} {t['dtype']}", t["file"]) for t in report["tensors"])
     lines += ["  " + line for line in _fold(rows, not show_all)]
@@ -171,8 +189,10 @@ def format_report(report: dict[str, Any], show_all: bool = False) -> str:
       lines.append(f"ignored keys (not loaded): {report['ignored_keys']}")
   else:
     desc = report["description"]
-    lines.append(f"nvlm_jax checkpoint {report['path']} (step {report['step']}): {report['config_class']}, "
-                 f"{len(report['params'])} params, {size}")
+    lines.append(
+      f"nvlm_jax checkpoint {report['path']} (step {report['step']}): {report['config_class']}, "
+      f"{len(report['params'])} params, {size}"
+    )
     lines.append(f"config: {desc.get('config')}")
     lines.append("params (path  shape dtype chunks):")
     lines += [f"  {p['path']}  {p['shape']} {p['dtype']} chunks {p['chunks']}" for p in report["params"]]

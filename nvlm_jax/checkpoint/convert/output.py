@@ -8,6 +8,7 @@ so a directory with the target's name is always complete.
 Also here: the tokenizer / processor files that travel with a checkpoint in both directions, and the
 progress bar.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +28,18 @@ PROVENANCE_FILE = "nvlm_convert.json"
 # Files a Hugging Face checkpoint directory carries beside the weights that a user of the converted
 # model needs (tokenizer, chat template, generation and image-processor settings).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json", "preprocessor_config.json", "processor_config.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "special_tokens_map.json",
+  "added_tokens.json",
+  "chat_template.jinja",
+  "chat_template.json",
+  "generation_config.json",
+  "preprocessor_config.json",
+  "processor_config.json",
 )
 
 
@@ -49,8 +59,10 @@ def refuse_existing(target: str | os.PathLike) -> Path:
   """The absolute output path; OutputExistsError if something is there already (checked before any work)."""
   target = Path(target).absolute()
   if target.exists() or target.is_symlink():
-    raise OutputExistsError(f"{target}: already exists; converting into an existing directory is refused "
-                            "(remove it or choose another output path)")
+    raise OutputExistsError(
+      f"{target}: already exists; converting into an existing directory is refused "
+      "(remove it or choose another output path)"
+    )
   return target
 
 
@@ -108,8 +120,10 @@ class Progress:
     self._bar = None
     if enabled:
       from tqdm import tqdm
-      self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                       dynamic_ncols=True, smoothing=0.05)
+
+      self._bar = tqdm(
+        total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True, smoothing=0.05
+      )
       self._bar.set_postfix_str(f"0/{total_tensors} tensors")
 
   def update(self, nbytes: int, tensors: int = 1) -> None:
@@ -127,11 +141,21 @@ def parse_size(text: str | int) -> int:
   """'5GB' -> 5_000_000_000, '500MiB' -> 524_288_000, '1234' -> 1234 (transformers' convention)."""
   if isinstance(text, int):
     return text
-  units = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
-           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+  units = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+  }
   s = str(text).strip().upper().replace(" ", "")
   number = s.rstrip("KMGTIB")
-  unit = s[len(number):]
+  unit = s[len(number) :]
   try:
     value = float(number)
   except ValueError:

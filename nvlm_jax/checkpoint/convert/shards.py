@@ -7,6 +7,7 @@ are produced, so memory stays at one tensor. The files are ordinary safetensors 
 length, JSON header padded to 8 bytes, contiguous little-endian data) plus
 `model.safetensors.index.json`, as transformers writes them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,8 +69,13 @@ def _header(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) -> byte
 class ShardedWriter:
   """Writes the planned tensors, in plan order, into model-0000k-of-0000n.safetensors + the index."""
 
-  def __init__(self, directory: str | Path, entries: Sequence[TensorEntry], max_shard_bytes: int,
-               metadata: Mapping[str, str] | None = None):
+  def __init__(
+    self,
+    directory: str | Path,
+    entries: Sequence[TensorEntry],
+    max_shard_bytes: int,
+    metadata: Mapping[str, str] | None = None,
+  ):
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
       raise CheckpointError("sharded writer: duplicate tensor names in the plan")
@@ -92,8 +98,10 @@ class ShardedWriter:
       raise CheckpointError(f"sharded writer: got {name!r}, expected {entry.name!r} next (export bug)")
     array = np.asarray(array)
     if tuple(array.shape) != entry.shape or array.dtype != entry.dtype:
-      raise CheckpointError(f"sharded writer: {name!r} is {array.dtype} {tuple(array.shape)}, planned "
-                            f"{entry.dtype} {entry.shape} (export bug)")
+      raise CheckpointError(
+        f"sharded writer: {name!r} is {array.dtype} {tuple(array.shape)}, planned "
+        f"{entry.dtype} {entry.shape} (export bug)"
+      )
     if shard_index != self._file_index:
       self._close_file()
       self._file = open(self.directory / self.files[shard_index], "wb")
@@ -119,7 +127,7 @@ class ShardedWriter:
     """Checks every planned tensor was written; writes the index; returns its path."""
     self._close_file()
     if self._next != len(self._queue):
-      missing = [e.name for _, e in self._queue[self._next:]]
+      missing = [e.name for _, e in self._queue[self._next :]]
       raise CheckpointError(f"sharded writer: {len(missing)} planned tensors never written, e.g. {missing[:5]}")
     weight_map = {e.name: self.files[i] for i, shard in enumerate(self.shards) for e in shard}
     total = sum(e.nbytes for shard in self.shards for e in shard)

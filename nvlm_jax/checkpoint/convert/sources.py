@@ -10,6 +10,7 @@ them) hold memory.
   written, so reads move through the shards sequentially.
 - `OrbaxSource`: one of our checkpoints (trainer-written or converted), read with `ParamReader`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,12 +30,12 @@ from nvlm_jax.training import checkpointing
 
 # Short names accepted by `--layout` -> registered import layouts (hf_import.REGISTRY).
 LAYOUT_ALIASES = {
-    "qwen2": "Qwen2ForCausalLM",
-    "llama": "LlamaForCausalLM",
-    "internvl": "InternVLForConditionalGeneration",
-    "nvlm_d": "NVLM_D",
-    "intern_vit": "InternVisionModel",
-    "internvl_vision": "InternVLVisionModel",
+  "qwen2": "Qwen2ForCausalLM",
+  "llama": "LlamaForCausalLM",
+  "internvl": "InternVLForConditionalGeneration",
+  "nvlm_d": "NVLM_D",
+  "intern_vit": "InternVisionModel",
+  "internvl_vision": "InternVLVisionModel",
 }
 DTYPES = ("auto", "bfloat16", "float32", "float16")
 
@@ -58,8 +59,9 @@ def resolve_layout(name: str, cfg_json: Mapping[str, Any], keys, source: str) ->
     return hf_import.detect_layout(cfg_json, keys, source)
   name = LAYOUT_ALIASES.get(name, name)
   if name not in layouts:
-    raise ConfigError(f"unknown layout {name!r}; use 'auto', one of {sorted(LAYOUT_ALIASES)} or a registered "
-                      f"layout {sorted(layouts)}")
+    raise ConfigError(
+      f"unknown layout {name!r}; use 'auto', one of {sorted(LAYOUT_ALIASES)} or a registered layout {sorted(layouts)}"
+    )
   return layouts[name]
 
 
@@ -91,8 +93,15 @@ def layout_rules(layout: hf_import.Layout, model_cfg, ckpt: SafetensorsCheckpoin
 class HFSource:
   """A Hugging Face checkpoint directory: validated headers, config, layout and rule table."""
 
-  def __init__(self, directory: str | os.PathLike, *, layout: str = "auto", dtype: str = "auto",
-               scan_layers: bool = True, config_overrides: Mapping[str, Any] | None = None):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    layout: str = "auto",
+    dtype: str = "auto",
+    scan_layers: bool = True,
+    config_overrides: Mapping[str, Any] | None = None,
+  ):
     self.directory = Path(directory)
     if not self.directory.is_dir():
       raise ConvertError(f"{self.directory}: not a directory")
@@ -102,9 +111,14 @@ class HFSource:
     if dtype not in DTYPES:
       raise ConvertError(f"--dtype {dtype!r}; expected one of {DTYPES}")
     self.dtype = majority_dtype(self.ckpt) if dtype == "auto" else dtype
-    self.config = self.layout.build_config(self.cfg_json, source=str(self.cfg_file), dtype=self.dtype,
-                                           param_dtype=self.dtype, scan_layers=scan_layers,
-                                           **dict(config_overrides or {}))
+    self.config = self.layout.build_config(
+      self.cfg_json,
+      source=str(self.cfg_file),
+      dtype=self.dtype,
+      param_dtype=self.dtype,
+      scan_layers=scan_layers,
+      **dict(config_overrides or {}),
+    )
     self.table = layout_rules(self.layout, self.config, self.ckpt)
     self.table.check_checkpoint(self.ckpt)  # unknown / missing keys, wrong shapes: before any read
 
@@ -130,8 +144,13 @@ class HFSource:
     for rule, layer in order:
       keys = rule.keys_at(layer)
       nbytes = sum(self.ckpt[k].end - self.ckpt[k].start for k in keys)
-      yield WorkItem(label=", ".join(keys), nbytes=nbytes, tensors=len(keys), keys=tuple(keys),
-                     run=self._runner(rule, layer, keys, join))
+      yield WorkItem(
+        label=", ".join(keys),
+        nbytes=nbytes,
+        tensors=len(keys),
+        keys=tuple(keys),
+        run=self._runner(rule, layer, keys, join),
+      )
 
   def _runner(self, rule, layer, keys, join):
     def run() -> list[Piece]:
@@ -145,6 +164,7 @@ class HFSource:
         else:
           pieces.append((join(path), None, out))
       return pieces
+
     return run
 
 
@@ -172,7 +192,7 @@ class OrbaxSource:
     cut = prefix.rstrip("/") + "/" if prefix else ""
     for path, info in self.reader.arrays.items():
       if path.startswith(cut):
-        out[path[len(cut):]] = info.shape
+        out[path[len(cut) :]] = info.shape
     return out
 
   def items(self, *, source_prefix: str = "", param_prefix: str = "") -> Iterator[WorkItem]:
@@ -184,12 +204,13 @@ class OrbaxSource:
     for path, info in self.reader.arrays.items():
       if not path.startswith(cut):
         continue
-      target = join(path[len(cut):])
+      target = join(path[len(cut) :])
       if is_scanned_path(path) and info.shape:
         per_layer = info.nbytes // max(1, info.shape[0])
         for layer in range(info.shape[0]):
-          yield WorkItem(label=f"{path}[{layer}]", nbytes=per_layer, tensors=int(layer == 0),
-                         run=self._runner(path, target, layer))
+          yield WorkItem(
+            label=f"{path}[{layer}]", nbytes=per_layer, tensors=int(layer == 0), run=self._runner(path, target, layer)
+          )
       else:
         yield WorkItem(label=path, nbytes=info.nbytes, run=self._runner(path, target, None))
 
@@ -199,6 +220,7 @@ class OrbaxSource:
       if layer is not None and layer == self.reader.arrays[path].shape[0] - 1:
         self.reader.release(path)
       return [(target, layer, array)]
+
     return run
 
 
@@ -215,5 +237,7 @@ def open_source(path: str | os.PathLike, **hf_kwargs):
     return OrbaxSource(path)
   if kind == models.HF:
     return HFSource(path, **hf_kwargs)
-  raise ConvertError(f"{path}: neither a Hugging Face checkpoint directory (config.json + safetensors) nor an "
-                     "nvlm_jax checkpoint (checkpoints/<step>/params)")
+  raise ConvertError(
+    f"{path}: neither a Hugging Face checkpoint directory (config.json + safetensors) nor an "
+    "nvlm_jax checkpoint (checkpoints/<step>/params)"
+  )

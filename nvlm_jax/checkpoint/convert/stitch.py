@@ -13,6 +13,7 @@ Each variant is a `StitchVariant`: how to build its NVLMConfig from the two towe
 to check about its fresh params (NVLM-X/H: the tanh gates start at zero, so the stitched model
 initially computes exactly the LLM on text). Adding a variant is one entry in VARIANTS.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,20 +78,35 @@ class StitchVariant:
 
 def nvlm_d_config(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
   """NVLM-D: mlp1 (LayerNorm -> Linear(4 Dv, llm intermediate) -> GELU -> Linear(., llm hidden), no bias)."""
-  return NVLMConfig(variant="d", vision=vision, projector=ProjectorConfig.mlp1(vision, llm, opts.downsample_ratio),
-                    llm=llm, image_token_id=opts.image_token_id, downsample_ratio=opts.downsample_ratio,
-                    max_tiles=opts.max_tiles, use_thumbnail=opts.use_thumbnail)
+  return NVLMConfig(
+    variant="d",
+    vision=vision,
+    projector=ProjectorConfig.mlp1(vision, llm, opts.downsample_ratio),
+    llm=llm,
+    image_token_id=opts.image_token_id,
+    downsample_ratio=opts.downsample_ratio,
+    max_tiles=opts.max_tiles,
+    use_thumbnail=opts.use_thumbnail,
+  )
 
 
 def cross_attention_config(variant: str):
   """NVLM-X / NVLM-H config from the towers (checkpoint/from_parts.py: X one-layer projector, H mlp1; gated
   cross-attention blocks every num_layers / 10 LLM layers unless --xattn-every says otherwise)."""
+
   def build(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
-    return from_parts.build_config(variant, llm, vision, image_token_id=opts.image_token_id,
-                                     cross_attention=opts.cross_attention,
-                                     image_start_token_ids=opts.image_start_token_ids,
-                                     downsample_ratio=opts.downsample_ratio, max_tiles=opts.max_tiles,
-                                     use_thumbnail=opts.use_thumbnail)
+    return from_parts.build_config(
+      variant,
+      llm,
+      vision,
+      image_token_id=opts.image_token_id,
+      cross_attention=opts.cross_attention,
+      image_start_token_ids=opts.image_start_token_ids,
+      downsample_ratio=opts.downsample_ratio,
+      max_tiles=opts.max_tiles,
+      use_thumbnail=opts.use_thumbnail,
+    )
+
   return build
 
 
@@ -114,9 +130,10 @@ def cross_attention_layout(cfg: NVLMConfig):
         out[path] = shape
         continue
       if shape[0] != groups * every:
-        raise ConvertError(f"stitch: {path} stacks {shape[0]} LLM layers; {groups} blocks x {every} need "
-                           f"{groups * every}")
-      rest = path[len(_LLM_LAYERS):]
+        raise ConvertError(
+          f"stitch: {path} stacks {shape[0]} LLM layers; {groups} blocks x {every} need {groups * every}"
+        )
+      rest = path[len(_LLM_LAYERS) :]
       for name, (lo, hi) in xc.group_parts().items():
         out[f"{_GROUPS}{name}/{rest}"] = (groups, hi - lo, *shape[1:])
     return out
@@ -125,7 +142,7 @@ def cross_attention_layout(cfg: NVLMConfig):
     if not path.startswith(_LLM_LAYERS):
       return path, index
     name, g, j = xc.layer_slot(index)
-    return f"{_GROUPS}{name}/{path[len(_LLM_LAYERS):]}", (g, j)
+    return f"{_GROUPS}{name}/{path[len(_LLM_LAYERS) :]}", (g, j)
 
   return map_shapes, map_piece
 
@@ -146,9 +163,9 @@ def gates_are_zero(fresh: Mapping[str, np.ndarray]) -> None:
 
 
 VARIANTS: dict[str, StitchVariant] = {
-    "d": StitchVariant("d", nvlm_d_config),
-    "x": StitchVariant("x", cross_attention_config("x"), cross_attention_layout, gates_are_zero),
-    "h": StitchVariant("h", cross_attention_config("h"), cross_attention_layout, gates_are_zero),
+  "d": StitchVariant("d", nvlm_d_config),
+  "x": StitchVariant("x", cross_attention_config("x"), cross_attention_layout, gates_are_zero),
+  "h": StitchVariant("h", cross_attention_config("h"), cross_attention_layout, gates_are_zero),
 }
 
 
@@ -169,8 +186,9 @@ class Tower:
 
 
 def _tower(path: str | os.PathLike, want: str, dtype: str) -> Tower:
-  kind, cls, prefix = (("--vision", VisionConfig, VISION_PREFIX) if want == "vision"
-                       else ("--llm", DecoderConfig, LLM_PREFIX))
+  kind, cls, prefix = (
+    ("--vision", VisionConfig, VISION_PREFIX) if want == "vision" else ("--llm", DecoderConfig, LLM_PREFIX)
+  )
   source = open_source(path, dtype=dtype)
   cfg = source.config
   if isinstance(cfg, NVLMConfig) and (want == "vision" or cfg.variant == "d"):
@@ -179,12 +197,15 @@ def _tower(path: str | os.PathLike, want: str, dtype: str) -> Tower:
     part, inner = cfg, ""
   else:
     what = f"NVLM-{cfg.variant.upper()} model" if isinstance(cfg, NVLMConfig) else cls.__name__
-    raise ConvertError(f"{kind} {path}: holds a {type(cfg).__name__}{'' if what == cls.__name__ else f' ({what})'}; "
-                       f"expected a {cls.__name__} (or an NVLM-D checkpoint whose {prefix} is used)")
+    raise ConvertError(
+      f"{kind} {path}: holds a {type(cfg).__name__}{'' if what == cls.__name__ else f' ({what})'}; "
+      f"expected a {cls.__name__} (or an NVLM-D checkpoint whose {prefix} is used)"
+    )
   cut = f"{prefix}/"
   if isinstance(source, HFSource):
-    shapes = {p if inner else f"{cut}{p}": s for p, s in source.table.param_shapes().items()
-              if not inner or p.startswith(cut)}
+    shapes = {
+      p if inner else f"{cut}{p}": s for p, s in source.table.param_shapes().items() if not inner or p.startswith(cut)
+    }
     rules = [r for r in source.table.rules if not inner or all(p.startswith(cut) for p in r.param_paths)]
     keys = [k for r in rules for layer in r.layers for k in r.keys_at(layer)]
     nbytes = sum(source.ckpt[k].end - source.ckpt[k].start for k in keys)
@@ -194,11 +215,13 @@ def _tower(path: str | os.PathLike, want: str, dtype: str) -> Tower:
       for item in source.items("" if inner else prefix):
         if not inner or wanted.issuperset(item.keys):
           yield item
+
     return Tower(part, shapes, items, nbytes, len(keys), source.directory)
   shapes = {f"{cut}{p}": s for p, s in source.shapes(inner).items()}
   nbytes = sum(a.nbytes for p, a in source.reader.arrays.items() if not inner or p.startswith(cut))
-  return Tower(part, shapes, lambda: source.items(source_prefix=inner, param_prefix=prefix),
-               nbytes, len(shapes), source.workdir)
+  return Tower(
+    part, shapes, lambda: source.items(source_prefix=inner, param_prefix=prefix), nbytes, len(shapes), source.workdir
+  )
 
 
 def _mapped(items: Iterator[WorkItem], map_piece: PieceMap | None) -> Iterator[WorkItem]:
@@ -206,8 +229,10 @@ def _mapped(items: Iterator[WorkItem], map_piece: PieceMap | None) -> Iterator[W
     yield from items
     return
   for item in items:
+
     def run(inner=item.run):
       return [(*map_piece(path, index), array) for path, index, array in inner()]
+
     yield dataclasses.replace(item, run=run)
 
 
@@ -245,11 +270,21 @@ def fresh_params(model: nn.Module, model_cfg, paths: list[str], seed: int) -> di
   return {p: np.asarray(v) for p, v in jax.jit(pick)(jax.random.key(seed)).items()}
 
 
-def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: str | os.PathLike, *,
-                      variant: str = "d", dtype: str = "auto", image_token_id: int | None = None,
-                      xattn_every: int | None = None, xattn_offset: int | None = None,
-                      mesh: Mapping[str, int] | str | None = None, seed: int = 0, compression: str = "zstd",
-                      progress: bool = True) -> dict:
+def stitch_checkpoint(
+  vision: str | os.PathLike,
+  llm: str | os.PathLike,
+  out: str | os.PathLike,
+  *,
+  variant: str = "d",
+  dtype: str = "auto",
+  image_token_id: int | None = None,
+  xattn_every: int | None = None,
+  xattn_offset: int | None = None,
+  mesh: Mapping[str, int] | str | None = None,
+  seed: int = 0,
+  compression: str = "zstd",
+  progress: bool = True,
+) -> dict:
   """Writes the stitched model as one of our orbax checkpoints at `out`; returns a summary.
 
   image_token_id: the placeholder id (default: `<|vision_pad|>` of the LLM's tokenizer files, else
@@ -276,11 +311,13 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
   xattn = None
   if xattn_every:
     xattn = CrossAttentionConfig(every=int(xattn_every), offset=xattn_offset)
-  opts = StitchOptions(image_token_id=int(image_token_id), cross_attention=xattn,
-                       image_start_token_ids=tuple(ids.get("image_start_token_ids", ())))
+  opts = StitchOptions(
+    image_token_id=int(image_token_id),
+    cross_attention=xattn,
+    image_start_token_ids=tuple(ids.get("image_start_token_ids", ())),
+  )
   try:
-    cfg = recipe.build_config(_with_dtype(vision_tower.config, storage), _with_dtype(llm_tower.config, storage),
-                              opts)
+    cfg = recipe.build_config(_with_dtype(vision_tower.config, storage), _with_dtype(llm_tower.config, storage), opts)
   except ValueError as e:
     if isinstance(e, ConvertError):
       raise
@@ -293,11 +330,16 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
   map_shapes, map_piece = layout if layout is not None else ((lambda shapes: dict(shapes)), None)
   provided = {**vision_tower.shapes, **map_shapes(llm_tower.shapes)}
   unknown = [p for p in provided if p not in expected]
-  wrong = [f"{p}: source has {provided[p]}, the NVLM-{variant.upper()} model expects {expected[p]}"
-           for p in provided if p in expected and tuple(provided[p]) != expected[p]]
+  wrong = [
+    f"{p}: source has {provided[p]}, the NVLM-{variant.upper()} model expects {expected[p]}"
+    for p in provided
+    if p in expected and tuple(provided[p]) != expected[p]
+  ]
   if unknown or wrong:
-    raise ConvertError("stitch: the sources do not match the stitched model's parameters:\n  "
-                       + "\n  ".join((wrong + [f"{p}: not a parameter of the stitched model" for p in unknown])[:20]))
+    raise ConvertError(
+      "stitch: the sources do not match the stitched model's parameters:\n  "
+      + "\n  ".join((wrong + [f"{p}: not a parameter of the stitched model" for p in unknown])[:20])
+    )
   fresh_paths = sorted(p for p in expected if p not in provided)
   fresh = fresh_params(model, cfg, fresh_paths, seed)
   if recipe.check_fresh is not None:
@@ -327,9 +369,18 @@ def stitch_checkpoint(vision: str | os.PathLike, llm: str | os.PathLike, out: st
       bar.close()
     orbax_stream.register_params_item(params_dir)
     side_files = copy_side_files(llm_tower.directory, tmp)
-    summary = {"command": "stitch", "variant": variant, "vision": str(vision), "llm": str(llm), "dtype": storage,
-               "image_token_id": cfg.image_token_id, "fresh_params": fresh_paths, "side_files": side_files,
-               "mesh": mesh or {}, "seconds": round(time.perf_counter() - start, 3)}
+    summary = {
+      "command": "stitch",
+      "variant": variant,
+      "vision": str(vision),
+      "llm": str(llm),
+      "dtype": storage,
+      "image_token_id": cfg.image_token_id,
+      "fresh_params": fresh_paths,
+      "side_files": side_files,
+      "mesh": mesh or {},
+      "seconds": round(time.perf_counter() - start, 3),
+    }
     write_provenance(tmp, summary)
   summary["out"] = str(out)
   return summary

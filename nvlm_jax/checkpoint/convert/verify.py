@@ -13,6 +13,7 @@ error (as in `import`), and a parameter the checkpoint stores in another dtype t
 as a float) is listed; a non-float stored parameter fails the check. Everything is loaded whole: meant
 for models that fit in host memory (twice, plus transformers' copy).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,11 @@ from nvlm_jax.config import DecoderConfig, NVLMConfig
 from nvlm_jax.models import load_pretrained
 from nvlm_jax.training.checkpointing import load_checkpoint
 
-TRANSFORMERS_ARCHS = {"Qwen2ForCausalLM": "AutoModelForCausalLM", "LlamaForCausalLM": "AutoModelForCausalLM",
-                      "InternVLForConditionalGeneration": "AutoModelForImageTextToText"}
+TRANSFORMERS_ARCHS = {
+  "Qwen2ForCausalLM": "AutoModelForCausalLM",
+  "LlamaForCausalLM": "AutoModelForCausalLM",
+  "InternVLForConditionalGeneration": "AutoModelForImageTextToText",
+}
 
 
 def make_inputs(cfg, seq_len: int, tiles: int, seed: int) -> dict[str, np.ndarray]:
@@ -50,7 +54,7 @@ def make_inputs(cfg, seq_len: int, tiles: int, seed: int) -> dict[str, np.ndarra
   pos = 4
   for _ in range(tiles):
     pos += 2  # two text tokens (a tile tag) before each tile's run
-    ids[pos:pos + per_tile] = cfg.image_token_id
+    ids[pos : pos + per_tile] = cfg.image_token_id
     pos += per_tile
   v = cfg.vision
   pixels = rng.standard_normal((1, tiles, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
@@ -92,8 +96,17 @@ def _stored_dtypes(checkpoint) -> dict[str, str]:
   return {path: np.dtype(info.dtype).name for path, info in OrbaxSource(checkpoint).reader.arrays.items()}
 
 
-def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len: int = 64, tiles: int = 2,
-           seed: int = 0, atol: float = 1e-3, layout: str = "auto", use_transformers: bool = True) -> dict[str, Any]:
+def verify(
+  hf_dir: str | os.PathLike,
+  checkpoint: str | os.PathLike,
+  *,
+  seq_len: int = 64,
+  tiles: int = 2,
+  seed: int = 0,
+  atol: float = 1e-3,
+  layout: str = "auto",
+  use_transformers: bool = True,
+) -> dict[str, Any]:
   """Compares the three models; `ok` is False when a difference exceeds `atol`."""
 
   hf_dir = Path(hf_dir)
@@ -103,16 +116,21 @@ def verify(hf_dir: str | os.PathLike, checkpoint: str | os.PathLike, *, seq_len:
   source = HFSource(hf_dir, layout=layout, dtype="float32", scan_layers=scan)
   check_float_tensors(source)
   imported, imported_params = load_pretrained(
-      hf_dir, dtype=jnp.float32, scan_layers=scan, layout=source.layout.name,
-      rules=lambda c: layout_rules(source.layout, c, source.ckpt))
+    hf_dir,
+    dtype=jnp.float32,
+    scan_layers=scan,
+    layout=source.layout.name,
+    rules=lambda c: layout_rules(source.layout, c, source.ckpt),
+  )
   report: dict[str, Any] = {"hf_dir": str(hf_dir), "checkpoint": str(checkpoint), "layout": source.layout.name}
 
   a = traverse_util.flatten_dict(our_params, sep="/")
   b = traverse_util.flatten_dict(imported_params, sep="/")
   if set(a) != set(b):
     only = sorted(set(a) ^ set(b))
-    raise ConvertError(f"verify: the two models have different parameters, e.g. {only[:5]} (was the checkpoint "
-                       f"converted from {hf_dir}?)")
+    raise ConvertError(
+      f"verify: the two models have different parameters, e.g. {only[:5]} (was the checkpoint converted from {hf_dir}?)"
+    )
   diffs = {p: _max_diff(a[p], b[p]) for p in a if tuple(a[p].shape) == tuple(b[p].shape)}
   shape_mismatch = [p for p in a if tuple(a[p].shape) != tuple(b[p].shape)]
   if shape_mismatch:
