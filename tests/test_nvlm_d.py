@@ -224,14 +224,22 @@ def test_tile_budget_gives_the_same_logits(tiny):
 # NVLM-D-72B checkpoint layout (docs/paper.md (h)), written with safetensors directly
 
 
-def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tuple[str, int] | None = None):
-  """The torch model's weights under NVLM-D-72B names: fused qkv, zero dummy heads, mlp1, bf16 storage."""
+def nvlm_d_release_tensors(
+  model,
+  *,
+  stored_heads: int,
+  norm_fill: tuple[float, float] = (0.0, 0.0),
+  projector=("layer_norm", "linear_1", "linear_2"),
+) -> dict:
+  """A transformers InternVL's weights under NVLM-D-72B names: fused qkv, dummy heads padded in (zero rows; the
+  q/k-norm dummy part filled with `norm_fill`, which cannot change the output), mlp1, bf16. `projector` names the
+  LayerNorm and the two Linears of the model's projector (transformers' names, or a Sequential's "0", "1", "3")."""
   sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
-  vt, hd = "model.vision_tower.", TINY_VISION["hidden_size"] // TINY_VISION["num_attention_heads"]
-  width = stored_heads * hd
+  vit = model.config.vision_config
+  vt, width = "model.vision_tower.", stored_heads * vit.hidden_size // vit.num_attention_heads
 
-  def pad_rows(w):
-    return torch.cat([w, torch.zeros((width - w.shape[0],) + tuple(w.shape[1:]), dtype=w.dtype)])
+  def pad_rows(w, fill=0.0):
+    return torch.cat([w, torch.full((width - w.shape[0],) + tuple(w.shape[1:]), fill, dtype=w.dtype)])
 
   out = {
     "vision_model.embeddings.class_embedding": sd[f"{vt}embeddings.cls_token"],
@@ -239,14 +247,13 @@ def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tupl
     "vision_model.embeddings.patch_embedding.bias": sd[f"{vt}embeddings.patch_embeddings.projection.bias"],
     "vision_model.embeddings.position_embedding": sd[f"{vt}embeddings.position_embeddings"],
   }
-  for i in range(TINY_VISION["num_hidden_layers"]):
+  for i in range(vit.num_hidden_layers):
     src, dst = f"{vt}encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
-    qkv = torch.cat([pad_rows(sd[f"{src}attention.{x}_proj.weight"]) for x in "qkv"])
     out.update(
       {
-        f"{dst}attn.qkv.weight": qkv,
-        f"{dst}attn.q_norm.weight": pad_rows(sd[f"{src}attention.q_norm.weight"]),
-        f"{dst}attn.k_norm.weight": pad_rows(sd[f"{src}attention.k_norm.weight"]),
+        f"{dst}attn.qkv.weight": torch.cat([pad_rows(sd[f"{src}attention.{x}_proj.weight"]) for x in "qkv"]),
+        f"{dst}attn.q_norm.weight": pad_rows(sd[f"{src}attention.q_norm.weight"], norm_fill[0]),
+        f"{dst}attn.k_norm.weight": pad_rows(sd[f"{src}attention.k_norm.weight"], norm_fill[1]),
         f"{dst}attn.proj.weight": pad_rows(sd[f"{src}attention.projection_layer.weight"].T).T.contiguous(),
         f"{dst}attn.proj.bias": sd[f"{src}attention.projection_layer.bias"],
         f"{dst}ls1": sd[f"{src}lambda_1"],
@@ -256,19 +263,25 @@ def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tupl
         **{f"{dst}mlp.{n}.{p}": sd[f"{src}mlp.{n}.{p}"] for n in ("fc1", "fc2") for p in ("weight", "bias")},
       }
     )
-  proj = "model.multi_modal_projector."
+  proj, (norm, first, second) = "model.multi_modal_projector.", projector
   out.update(
     {
-      "mlp1.0.weight": sd[f"{proj}layer_norm.weight"],
-      "mlp1.0.bias": sd[f"{proj}layer_norm.bias"],
-      "mlp1.1.weight": sd[f"{proj}linear_1.weight"],
-      "mlp1.3.weight": sd[f"{proj}linear_2.weight"],
+      "mlp1.0.weight": sd[f"{proj}{norm}.weight"],
+      "mlp1.0.bias": sd[f"{proj}{norm}.bias"],
+      "mlp1.1.weight": sd[f"{proj}{first}.weight"],
+      "mlp1.3.weight": sd[f"{proj}{second}.weight"],
     }
   )
   for k, v in sd.items():
     if k.startswith("model.language_model."):
       out["language_model.model." + k[len("model.language_model.") :]] = v
   out["language_model.lm_head.weight"] = sd["lm_head.weight"]
+  return out
+
+
+def write_nvlm_d_checkpoint(model, directory, *, stored_heads: int, poison: tuple[str, int] | None = None):
+  """The torch model's weights under NVLM-D-72B names (nvlm_d_release_tensors), in two shards with an index."""
+  out = nvlm_d_release_tensors(model, stored_heads=stored_heads)
   if poison is not None:
     key, row = poison
     out[key] = out[key].clone()

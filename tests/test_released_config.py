@@ -35,6 +35,7 @@ from nvlm_jax.models import load_pretrained
 from nvlm_jax.presets import get_preset
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import VISION_PAD, build_tiny_tokenizer
+from test_nvlm_d import nvlm_d_release_tensors
 
 RELEASED = Path(__file__).parent / "fixtures" / "nvlm_d_72b_config.json"
 ATOL = 1e-4
@@ -113,52 +114,10 @@ def build_oracle(config: dict, seed: int = 11):
 
 
 def released_tensors(model, config: dict) -> dict[str, torch.Tensor]:
-  """The oracle's weights under the release's names, bf16, ViT heads padded to STORED_HEADS."""
-  sd = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
-  vit = config["vision_config"]
-  width = STORED_HEADS * vit["hidden_size"] // vit["num_attention_heads"]
-
-  def pad(w, fill=0.0):
-    return torch.cat([w, torch.full((width - w.shape[0],) + tuple(w.shape[1:]), fill, dtype=w.dtype)])
-
-  vt = "model.vision_tower."
-  out = {
-    "vision_model.embeddings.class_embedding": sd[f"{vt}embeddings.cls_token"],
-    "vision_model.embeddings.patch_embedding.weight": sd[f"{vt}embeddings.patch_embeddings.projection.weight"],
-    "vision_model.embeddings.patch_embedding.bias": sd[f"{vt}embeddings.patch_embeddings.projection.bias"],
-    "vision_model.embeddings.position_embedding": sd[f"{vt}embeddings.position_embeddings"],
-  }
-  for i in range(vit["num_hidden_layers"]):
-    src, dst = f"{vt}encoder.layer.{i}.", f"vision_model.encoder.layers.{i}."
-    out.update(
-      {
-        f"{dst}attn.qkv.weight": torch.cat([pad(sd[f"{src}attention.{x}_proj.weight"]) for x in "qkv"]),
-        # The dummy part of the q/k-norm weights is not zero (it cannot change the output): dropped on import.
-        f"{dst}attn.q_norm.weight": pad(sd[f"{src}attention.q_norm.weight"], fill=1.0),
-        f"{dst}attn.k_norm.weight": pad(sd[f"{src}attention.k_norm.weight"], fill=-0.25),
-        f"{dst}attn.proj.weight": pad(sd[f"{src}attention.projection_layer.weight"].T).T.contiguous(),
-        f"{dst}attn.proj.bias": sd[f"{src}attention.projection_layer.bias"],
-        f"{dst}ls1": sd[f"{src}lambda_1"],
-        f"{dst}ls2": sd[f"{src}lambda_2"],
-        f"{dst}norm1.weight": sd[f"{src}layernorm_before.weight"],
-        f"{dst}norm2.weight": sd[f"{src}layernorm_after.weight"],
-        **{f"{dst}mlp.{n}.{p}": sd[f"{src}mlp.{n}.{p}"] for n in ("fc1", "fc2") for p in ("weight", "bias")},
-      }
-    )
-  proj = "model.multi_modal_projector."
-  out.update(
-    {
-      "mlp1.0.weight": sd[f"{proj}0.weight"],
-      "mlp1.0.bias": sd[f"{proj}0.bias"],
-      "mlp1.1.weight": sd[f"{proj}1.weight"],
-      "mlp1.3.weight": sd[f"{proj}3.weight"],
-    }
-  )
-  for k, v in sd.items():
-    if k.startswith("model.language_model."):
-      out["language_model.model." + k[len("model.language_model.") :]] = v
-  out["language_model.lm_head.weight"] = sd["lm_head.weight"]
-  return out
+  """The oracle's weights under the release's names, bf16, ViT heads padded to STORED_HEADS. The dummy part of the
+  q/k-norm weights is not zero (it cannot change the output): the importer drops it."""
+  assert model.config.vision_config.num_hidden_layers == config["vision_config"]["num_hidden_layers"]
+  return nvlm_d_release_tensors(model, stored_heads=STORED_HEADS, norm_fill=(1.0, -0.25), projector=("0", "1", "3"))
 
 
 def write_directory(
