@@ -2,7 +2,7 @@
 
 Order (a module may import its own unit and the units before it):
   config, sharding, presets -> layers -> language, vision, processing -> fusion -> models -> generation
-  -> data -> training -> checkpoint -> evaluation -> the command lines (chat, convert)
+  -> data -> training -> checkpoint -> evaluation -> studies -> the command lines (chat, convert)
 A function-level import of our own modules is allowed where it keeps a heavy or optional dependency out of a
 light path, or runs a command's code only when that command is chosen; it says why in a comment on its line or the line above.
 """
@@ -29,6 +29,7 @@ ORDER = (
   "training",
   "checkpoint",
   "evaluation",
+  "studies",
   "chat",
   "convert",
   "nvlm_jax",

@@ -94,8 +94,13 @@ def test_text_stage_trains_the_llm_without_the_new_cross_attention_blocks():
   model_config = models.model_config_from_settings(config.model)
   params = models.abstract_variables(models.module_for_config(model_config), model_config)["params"]
   labels = optimizer.trainable_labels(params, config.trainable)
-  flat = {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in __import__("jax").tree_util.tree_leaves_with_path(labels)}
-  assert flat and all((v == "trainable") == (k.startswith("language_model") and "cross_attn" not in k) for k, v in flat.items())
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in p): v
+    for p, v in __import__("jax").tree_util.tree_leaves_with_path(labels)
+  }
+  assert flat and all(
+    (v == "trainable") == (k.startswith("language_model") and "cross_attn" not in k) for k, v in flat.items()
+  )
 
 
 def test_spread_over_seeds():

@@ -198,7 +198,9 @@ def base_recipe(study: Study, *, steps: int) -> ml_collections.ConfigDict:
   return config
 
 
-def arm_recipe(study: Study, arm: Arm, *, steps: int, seed: int, workdir: str, init_from: str = "") -> ml_collections.ConfigDict:
+def arm_recipe(
+  study: Study, arm: Arm, *, steps: int, seed: int, workdir: str, init_from: str = ""
+) -> ml_collections.ConfigDict:
   config = base_recipe(study, steps=steps)
   arm.change(config)
   set_seed(config, seed)

@@ -104,9 +104,7 @@ def plot(study, summary: dict, path: Path) -> None:
   ax.set_title(f"{study.title}\n{summary['steps']} steps, {seeds} seed(s): mean, std, seeds as dots", fontsize=9)
   ax.legend(fontsize=7)
   if panels == 3:
-    for ax, key, label in zip(
-      axes[0][1:], SPEED_METRICS, ("training samples/s", "decoder tokens per sample (mean)")
-    ):
+    for ax, key, label in zip(axes[0][1:], SPEED_METRICS, ("training samples/s", "decoder tokens per sample (mean)")):
       names = list(arms)
       means = [arms[n]["aggregate"][key]["mean"] for n in names]
       stds = [arms[n]["aggregate"][key]["std"] for n in names]
