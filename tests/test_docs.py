@@ -121,6 +121,14 @@ SHORTENED = {
     "python -m nvlm_jax.data.tfds_builder --synthetic 50 --seed 0 --out /data/nvlm --name synth",
     "100,000 drawn samples run 50",
   ),
+  "python -m nvlm_jax.studies tile_tags --out studies": (
+    "python -m nvlm_jax.studies tile_tags --out studies --seeds 1 --steps 2 --eval-samples 2 --arms tags_1d",
+    "a 30 min study (5 arms x 3 seeds) runs one arm, one seed, 2 steps",
+  ),
+  "python -m nvlm_jax.studies x_frozen_llm --out studies": (
+    "python -m nvlm_jax.studies x_frozen_llm --out studies --seeds 1 --steps 2 --eval-samples 2 --arms llm_frozen",
+    "a 30 min study runs its text-only first stage and the frozen-LLM arm that starts from it, 2 steps each",
+  ),
 }
 CANNOT_RUN = {
   (
@@ -148,11 +156,21 @@ CANNOT_RUN = {
   (
     "python bench/mfu.py --hidden 4096 --layers 8 --heads 32 --kv-heads 8 --intermediate 11008 --seq-len 2048 --batch 8"
   ): "sized for a GPU (a 4096-wide model at 2048 tokens)",
+  "python -m nvlm_jax.studies x_tile_tags --out studies": (
+    "a 30 min study; the same runner runs tile_tags shortened here, and tests/test_studies.py checks its arms"
+  ),
+  "python -m nvlm_jax.studies fusion --out studies": (
+    "a 30 min study; the same runner runs tile_tags shortened here, and tests/test_studies.py checks its arms"
+  ),
+  "python -m nvlm_jax.studies text_retention --out studies": (
+    "a 30 min study; x_frozen_llm runs its shared text-only first stage shortened here"
+  ),
 }
 # Unfenced command-like text that is a synopsis with placeholders, not a command (file, start of the line).
 SYNOPSES = {
   ("docs/evaluation.md", "python -m nvlm_jax.evaluation.converters BENCH --in PATH [PATH ...]"),
   ("docs/evaluation.md", "python -m nvlm_jax.evaluation.runner --benchmark NAME --predictions P.jsonl"),
+  ("docs/miniature.md", "python -m nvlm_jax.studies STUDY --out DIR"),
 }
 
 
@@ -588,7 +606,7 @@ def test_dotted_names_in_the_docs_resolve_after_import_nvlm_jax():
   assert not missing, "\n".join(missing)
 
 
-@pytest.mark.parametrize("module", ["nvlm_jax.evaluation.runner", "nvlm_jax.evaluation.converters"])
+@pytest.mark.parametrize("module", ["nvlm_jax.evaluation.runner", "nvlm_jax.evaluation.converters", "nvlm_jax.studies"])
 def test_module_clis_start_without_warnings(module, tmp_path):
   proc = subprocess.run(
     [sys.executable, "-m", module, "--help"],
