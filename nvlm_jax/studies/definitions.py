@@ -243,8 +243,8 @@ STUDIES = {
       "d",
       ("data.processor.tile_tag_format", "model.overrides", "data.max_tiles"),
       TILE_TAG_ARMS + (Arm("low_res", "low resolution (one tile, no DHR)", _low_resolution),),
-      default_steps=150,
-      default_eval_samples=200,
+      default_steps=250,
+      default_eval_samples=150,
     ),
     Study(
       "x_tile_tags",
@@ -253,7 +253,7 @@ STUDIES = {
       "x",
       ("data.processor.tile_tag_format",),
       TILE_TAG_ARMS[:2],
-      default_steps=150,
+      default_steps=400,
       default_eval_samples=200,
     ),
     Study(
@@ -263,8 +263,8 @@ STUDIES = {
       "d",
       FUSION_KEYS,
       tuple(Arm(f"nvlm_{v}", f"NVLM-{v.upper()}", _fusion(v)) for v in ("d", "x", "h")),
-      default_steps=150,
-      default_eval_samples=200,
+      default_steps=250,
+      default_eval_samples=150,
     ),
     Study(
       "x_frozen_llm",
@@ -276,8 +276,8 @@ STUDIES = {
         Arm("llm_frozen", "LLM frozen (projector + cross-attention train)", _trainable(X_NEW_MODULES)),
         Arm("llm_unfrozen", "LLM trained too", _trainable(None)),
       ),
-      default_steps=150,
-      default_eval_samples=200,
+      default_steps=250,
+      default_eval_samples=150,
       from_text_stage=True,
     ),
     Study(
@@ -291,8 +291,8 @@ STUDIES = {
         Arm("sft_with_text", "multimodal SFT, 20 % text-only samples", _set_source("text_only_fraction", 0.2)),
         Arm("sft_without_text", "multimodal SFT, no text-only samples", _set_source("text_only_fraction", 0.0)),
       ),
-      default_steps=150,
-      default_eval_samples=200,
+      default_steps=250,
+      default_eval_samples=150,
       from_text_stage=True,
     ),
   )

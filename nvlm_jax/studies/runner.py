@@ -5,7 +5,8 @@ Layout under OUT:
     OUT/STUDY/runs/ARM/seed_S/        the run's training workdir (checkpoints: an interrupted run resumes)
     OUT/STUDY/runs/ARM/seed_S.json    the run's result, written atomically once it is complete
     OUT/STUDY/results.json, STUDY.png the study's summary (report.py), rewritten after every run
-    OUT/text_pretrain/seed_S/(.json)  the text-pretrained NVLM-X of x_frozen_llm and text_retention, one per seed
+    OUT/text_pretrain/steps_N/seed_S/(.json)  the text-pretrained NVLM-X of x_frozen_llm and text_retention,
+                                      one per seed and --steps
     OUT/jax_cache/                    compiled programs, reused by the next seed of an arm (compilation_cache)
 
 Rerunning a study skips every run with a result file and resumes unfinished training from its newest
@@ -238,8 +239,9 @@ class StudyRunner:
     return {"study": self.study.name, "arm": arm.name, **self._train_and_evaluate(config, workdir, seed, tag)}
 
   def text_stage(self, seed: int, tag: str) -> dict:
-    """The seed's text-pretrained NVLM-X (trained once, shared by the studies that start from it)."""
-    workdir = self.out / TEXT_STAGE / f"seed_{seed}"
+    """The seed's text-pretrained NVLM-X, trained for the study's --steps (trained once, shared by the studies
+    that start from it when they run with the same --steps)."""
+    workdir = self.out / TEXT_STAGE / f"steps_{self.steps}" / f"seed_{seed}"
     done = workdir.with_suffix(".json")
     if done.is_file():
       return json.loads(done.read_text())
