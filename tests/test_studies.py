@@ -147,6 +147,7 @@ def stand_in_benchmark(monkeypatch):
 def _toy(config):
   config.compiler_options = {"xla_backend_optimization_level": 0}
   config.checkpoint.async_save = False
+  config.checkpoint.every_steps = 2  # one save per run
 
 
 def test_a_study_arm_end_to_end_with_a_failure_and_resume(tmp_path, stand_in_benchmark, capsys):
