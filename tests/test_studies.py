@@ -166,7 +166,11 @@ def test_a_study_arm_end_to_end_with_a_failure_and_resume(tmp_path, stand_in_ben
   study_dir = tmp_path / "tile_tags"
   assert (study_dir / "runs" / "tags_1d" / "seed_0.json").is_file()
   assert not (study_dir / "runs" / "tags_1d" / "seed_1.json").exists()
-  assert calls[0][1:] == (5, {"size": "tiny", "text_only_fraction": 0.2, "tile_size": 56, "max_tiles": 6})
+  demo = definitions.demo_config("tiny_d")  # the held-out scenes: the main job's, with its DHR tile settings
+  scenes = {k: v for k, v in demo.data.sources[0].items() if k not in ("kind", "num_samples", "seed", "weight")}
+  model_config = models.model_config_from_settings(demo.model)
+  scenes.update(tile_size=model_config.vision.image_size, max_tiles=model_config.max_tiles)
+  assert calls[0][1:] == (5, scenes) and scenes["max_tiles"] == 6
 
   fail_seeds.clear()
   lines.clear()

@@ -33,7 +33,16 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 from nvlm_jax import models
 from nvlm_jax.data import pipeline
 from nvlm_jax.studies import report
-from nvlm_jax.studies.definitions import TEXT_STAGE, Arm, Study, arm_recipe, eval_source, get_study, text_stage_recipe
+from nvlm_jax.studies.definitions import (
+  TEXT_STAGE,
+  Arm,
+  Study,
+  arm_recipe,
+  base_recipe,
+  eval_source,
+  get_study,
+  text_stage_recipe,
+)
 from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.trainer import Trainer, make_processor
 
@@ -166,7 +175,7 @@ class StudyRunner:
     self.arms = [self.study.arm(a) for a in arms] if arms else list(self.study.arms)
     self.config_hook = config_hook
     self.say = say
-    self.source = eval_source(arm_recipe(self.study, self.study.arms[0], steps=self.steps, seed=0, workdir=""))
+    self.source = eval_source(base_recipe(self.study, steps=self.steps))
 
   def result_path(self, arm: Arm, seed: int) -> Path:
     return self.dir / "runs" / arm.name / f"seed_{seed}.json"
