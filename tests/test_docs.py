@@ -269,6 +269,8 @@ MODEL_WORK = (
   "build_from_released_parts",
   "import_checkpoint",
   "make_train_iterator",
+  "nvlm_jax.studies tile_tags",
+  "nvlm_jax.studies x_frozen_llm",
 )
 
 
