@@ -201,3 +201,17 @@ def test_a_study_arm_end_to_end_with_a_failure_and_resume(tmp_path, stand_in_ben
   lines.clear()
   runner().run()  # everything finished: nothing trains, nothing is asked again
   assert len(calls) == 3 and sum("done already" in line for line in lines) == 2
+
+
+def _must_not_train(config):
+  pytest.fail(f"{config.workdir} would train")
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+  """Finished runs of another --steps / --eval-samples would be skipped and mixed into one table."""
+  result = tmp_path / "fusion" / "runs" / "nvlm_d" / "seed_0.json"
+  result.parent.mkdir(parents=True)
+  result.write_text(json.dumps({"seed": 0, "steps": 60, "eval_samples": 100}))
+  StudyRunner("fusion", tmp_path, seeds=1, steps=60, eval_samples=100).check_finished_runs()
+  with pytest.raises(ValueError, match=r"seed_0.json \(--steps 60, --eval-samples 100\)"):
+    StudyRunner("fusion", tmp_path, seeds=1, steps=250, eval_samples=100, config_hook=_must_not_train).run()

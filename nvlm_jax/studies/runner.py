@@ -185,8 +185,24 @@ class StudyRunner:
       self.config_hook(config)
     return config
 
+  def check_finished_runs(self) -> None:
+    """Refuses an OUT whose finished runs were made with another --steps or --eval-samples: skipping them
+    would mix two settings in one table."""
+    other = []
+    for path in sorted((self.dir / "runs").glob("*/seed_*.json")):
+      result = json.loads(path.read_text())
+      if (result.get("steps"), result.get("eval_samples")) != (self.steps, self.eval_samples):
+        other.append(f"{path} (--steps {result.get('steps')}, --eval-samples {result.get('eval_samples')})")
+    if other:
+      raise ValueError(
+        f"{self.dir} holds runs made with other settings than --steps {self.steps} --eval-samples "
+        f"{self.eval_samples}: {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}. Rerun with those "
+        "settings to resume them, or give another --out"
+      )
+
   def run(self) -> dict:
     """Every (seed, arm) not yet finished; returns the summary (also written to OUT/STUDY/results.json)."""
+    self.check_finished_runs()
     with compilation_cache(self.out / "jax_cache"):
       return self._run_all()
 
@@ -239,7 +255,7 @@ class StudyRunner:
     if self.study.from_text_stage:
       stage = self.text_stage(seed, tag)
       if not arm.train:
-        return {**stage, "study": self.study.name, "arm": arm.name}
+        return {**stage, "study": self.study.name, "arm": arm.name, "eval_samples": self.eval_samples}
       init_from = stage["workdir"]
     workdir = self.result_path(arm, seed).with_suffix("")
     config = self._recipe(
@@ -271,6 +287,7 @@ class StudyRunner:
       "seed": seed,
       "workdir": str(workdir),
       "steps": int(config.total_steps),
+      "eval_samples": self.eval_samples,
       "accuracy": float(scores["accuracy"]),
       "per_type": {t: float(v["accuracy"]) for t, v in scores["per_type"].items()},
       "per_type_count": {t: int(v["count"]) for t, v in scores["per_type"].items()},
