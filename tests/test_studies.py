@@ -150,6 +150,7 @@ def _toy(config):
   config.checkpoint.every_steps = 2  # one save per run
 
 
+@pytest.mark.slow  # 30-40 s on the shared 2 cores: two tiny D trainings on 8 devices, a resume, the plot
 def test_a_study_arm_end_to_end_with_a_failure_and_resume(tmp_path, stand_in_benchmark, capsys):
   calls, fail_seeds = stand_in_benchmark
   lines = []
