@@ -365,15 +365,20 @@ def nvlm_d_batches(config, batch_size=4, seq_len=48, tiles=2, n_batches=2, seed=
   return iter(grain.MapDataset.source(rows).batch(batch_size).repeat().to_iter_dataset())
 
 
-def test_nvlm_d_pretraining_trains_only_the_projector():
+def tiny_d_config(trainable: tuple[str, ...]):
   c = config_base.base_config()
   c.model.preset = "tiny_nvlm_d"
   c.model.dtype = "float32"
-  c.trainable = ("projector",)
+  c.trainable = trainable
   c.compiler_options = FAST_COMPILE
   c.optimizer.update(lr=3e-3, min_lr=3e-4, warmup_steps=1, weight_decay=0.1, grad_clip=10.0)
   c.data.update(global_batch_size=4, seq_len=48, max_tiles=2)
   c.total_steps = 100
+  return c
+
+
+def test_nvlm_d_pretraining_trains_only_the_projector():
+  c = tiny_d_config(("projector",))
   runner = Runner(c, jax.devices()[:1])
   batch = next(nvlm_d_batches(c))
   batch_lib.check_batch(batch, multimodal=True)
@@ -387,6 +392,19 @@ def test_nvlm_d_pretraining_trains_only_the_projector():
   assert all(jax.tree.leaves(changed)), changed
   moment_paths = [optimizer.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.opt_state)]
   assert moment_paths and not any("vision_model" in p or "language_model" in p for p in moment_paths)
+
+
+def test_a_vit_listed_in_trainable_trains():
+  """The preset freezes the ViT behind a stop_gradient; listing it in `trainable` must lift that, or every ViT
+  weight would silently get a zero gradient."""
+  c = tiny_d_config(("vision_model", "projector"))
+  runner = Runner(c, jax.devices()[:1])
+  assert runner.setup.model_config.freeze_vision is False
+  state, _ = runner.run(nvlm_d_batches(c), 2)
+  before, after = runner.initial.params, jax.device_get(state.params)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), after["vision_model"], before["vision_model"])
+  assert all(jax.tree.leaves(changed)), changed
+  jax.tree.map(np.testing.assert_array_equal, after["language_model"], before["language_model"])
 
 
 def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable_model(tmp_path):

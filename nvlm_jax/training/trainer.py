@@ -112,6 +112,12 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
   logical = unique_logical_axes(nn.get_partition_spec(boxed))
   abstract_params = nn.meta.unbox(boxed)
   labels = optimizer.trainable_labels(abstract_params, tuple(config.trainable))
+  # `trainable` alone says whether the ViT trains; its stop_gradient follows (a trainable ViT behind a
+  # stop_gradient would silently get zero gradients, a frozen one without it would cost a backward pass).
+  vision_trains = optimizer.TRAINABLE in jax.tree.leaves(labels.get("vision_model", {}))
+  if getattr(model_config, "freeze_vision", vision_trains) == vision_trains:
+    model_config = dataclasses.replace(model_config, freeze_vision=not vision_trains)
+    model = models.module_for_config(model_config)
   decay_mask = optimizer.weight_decay_mask(logical)
   tx, schedule = optimizer.make_optimizer(config.optimizer, labels, decay_mask, config.total_steps)
 
