@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 import tensorboard_events
-from tensorboardX.proto.event_pb2 import Event, Summary
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
 from tensorboardX.record_writer import RecordWriter
 
 from nvlm_jax import models

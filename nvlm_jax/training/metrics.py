@@ -13,6 +13,7 @@ steps again). A torn last record in an old file (a kill mid-write) is left; Tens
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -123,6 +124,7 @@ class MetricsWriter:
       # The restored step's events stay; TensorBoard hides the earlier ones at steps >= purge_step.
       purge_step = None if resume_step is None else resume_step + 1
       self._tb = SummaryWriter(logdir, purge_step=purge_step, flush_secs=30, filename_suffix=suffix)
+      (self._tb_file,) = glob.glob(os.path.join(glob.escape(logdir), f"events.out.tfevents.*{suffix}"))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -143,6 +145,12 @@ class MetricsWriter:
         os.fsync(self._jsonl.fileno())
     if self._tb is not None:
       self._tb.flush()
+      if durable:  # the writer keeps its file object to itself; any descriptor of the file syncs its data
+        fd = os.open(self._tb_file, os.O_RDONLY)
+        try:
+          os.fsync(fd)
+        finally:
+          os.close(fd)
 
   def close(self) -> None:
     if self._jsonl is not None:
