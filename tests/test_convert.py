@@ -520,13 +520,11 @@ def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   assert float(np.max(np.abs(np.asarray(logits) - rm.torch_logits(qwen, ids)))) <= 1e-4  # gates 0: the LLM
 
 
-def test_stitch_h_from_released_parts_takes_the_tokenizer_ids_and_loads_onto_a_mesh(tmp_path):
-  """A tiny Qwen2 dir (with the tiny tokenizer) + a tiny InternViT dir (transformers layouts) -> NVLM-H: the
+def test_stitch_h_from_released_parts_takes_the_tokenizer_ids_and_loads_onto_a_mesh(hf, tmp_path):
+  """A tiny Qwen2 dir (with the tiny tokenizer) + the tiny InternViT-6B-style dir (transformers layouts) -> NVLM-H: the
   placeholder and `<Image>` ids from the LLM's tokenizer, H's mlp1 projector, gates zero, fresh blocks ~ N(0, 0.02),
   text logits equal the torch Qwen2's; the output is one of our checkpoints and restores onto a mesh."""
   import jax.numpy as jnp
-  import torch
-  import transformers
 
   from nvlm_jax.checkpoint import orbax_checkpoint
   from nvlm_jax.fusion.nvlm_h import NVLMH
@@ -535,22 +533,8 @@ def test_stitch_h_from_released_parts_takes_the_tokenizer_ids_and_loads_onto_a_m
   qwen = rm.build_causal_lm(rm.tiny_qwen2_config(num_hidden_layers=4, tie_word_embeddings=False), seed=3)
   llm_dir = rm.save(qwen, tmp_path / "llm")
   build_tiny_tokenizer(None, vocab_size=384, out_dir=llm_dir)
-  vision = transformers.InternVLVisionConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=56,
-    patch_size=7,
-    layer_norm_eps=1e-6,
-    use_mean_pooling=True,
-    use_qk_norm=True,
-    norm_type="rms_norm",
-  )
-  torch.manual_seed(0)
-  vit_dir = rm.save(rm.randomize_(transformers.InternVLVisionModel(vision), 4).eval(), tmp_path / "vit")
   out = tmp_path / "nvlm_h_init"
-  cli = ["stitch", "--vision", vit_dir, "--llm", llm_dir, "--variant", "h", "--xattn-every", "2", "--out", out]
+  cli = ["stitch", "--vision", hf["vit"], "--llm", llm_dir, "--variant", "h", "--xattn-every", "2", "--out", out]
   assert run_cli(*cli, "--quiet") == 0
   assert orbax_checkpoint.is_training_checkpoint(out) and orbax_checkpoint.resolve_step(out, None)[1] == 0
   model, params = models.load_model(out)
