@@ -12,8 +12,8 @@ Trainable: the X-attention layers (Table 10) and the one-layer projector (12800 
 them, which starts from random init and is the other half of NVLM-X's modality-alignment module.
 No tile tags: one 448 px tile per image, as the authors' pretraining.
 
-init_from: InternViT-6B + Qwen2-72B-Instruct stitched by nvlm_jax.checkpoint.from_parts
-(build_from_released_parts + save_checkpoint; new X-attention layers at init)
+init_from: InternViT-6B + Qwen2-72B-Instruct stitched by `python -m nvlm_jax.convert stitch`
+(`--variant x`; new X-attention layers at init)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 """

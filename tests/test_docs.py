@@ -248,7 +248,7 @@ MODEL_WORK = (
   "load_checkpoint",
   "load_model",
   "generate",
-  "build_from_released_parts",
+  "stitch_checkpoint",
   "import_checkpoint",
   "make_train_iterator",
 )
@@ -332,7 +332,7 @@ class StandIns:
     from nvlm_jax.checkpoint.convert import configs as convert_configs
     from nvlm_jax.checkpoint import safetensors_io
     from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
-    from nvlm_jax.training.checkpointing import load_checkpoint
+    from nvlm_jax.models import load_checkpoint
 
     model, params = load_checkpoint(self["tiny_d_workdir"])
     vision, out = model.config.vision, self.root / "intern_vit_hf"

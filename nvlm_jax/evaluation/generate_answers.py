@@ -39,7 +39,7 @@ from nvlm_jax.generation import generate, language_config
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import ENDOFTEXT, UNKNOWN_TOKEN_TEXT, NvlmTokenizer
 from nvlm_jax.sharding import LOGICAL_AXIS_RULES
-from nvlm_jax.training import processor_setup
+from nvlm_jax.data import processor_setup
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -117,7 +117,7 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
   """The Processor for a checkpoint.
 
   * a training checkpoint whose workdir has the trainer's processor.json: exactly the processor the
-    training run used (`training.processor_setup.read_run_processor`);
+    training run used (`data.processor_setup.read_run_processor`);
   * a dir holding tokenizer.json beside a HF config.json: `Processor.from_pretrained`;
   * otherwise the tokenizer found (in the dir, the workdir, workdir/tokenizer, or `tokenizer`) with
     the image settings of the model's config.

@@ -30,9 +30,10 @@ from jax.sharding import PartitionSpec as P
 
 from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
-from nvlm_jax.data import pipeline
+from nvlm_jax.checkpoint import orbax_checkpoint
+from nvlm_jax.data import pipeline, processor_setup
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, config_base, optimizer, processor_setup, run_identity
+from nvlm_jax.training import checkpointing, config_base, optimizer, run_identity
 from nvlm_jax.training import flops as flops_lib
 from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.synthetic_lm import make_synthetic_lm_iterator
@@ -431,7 +432,7 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     run_identity.claim(self.workdir, cfg, write=self.is_chief)  # refuses another run's checkpoints
     description = models.describe_model(setup.model_config)
-    checkpointing.write_model_description(self.workdir, description)
+    orbax_checkpoint.write_model_description(self.workdir, description)
     checkpointer = checkpointing.TrainCheckpointer(
       self.workdir,
       max_to_keep=ckpt_cfg.max_to_keep,
