@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.optimizer.grad_clip = 1.0
 
   c.data.kind = "nvlm_pipeline"
-  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (the stitched init_from has none)
+  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (convert stitch also copies it beside init_from)
   c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_pretrain", "split": "train", "weight": 1.0}]
   c.data.global_batch_size = 2048
   c.data.seq_len = 512
