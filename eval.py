@@ -178,21 +178,24 @@ def synthetic_benchmark(args) -> dict:
       f"drop {' '.join(given)}"
     )
   limit = synthetic.DEFAULT_NUM_SAMPLES if args.limit is None else args.limit
-  out = Path(args.out or os.path.join("eval_results", synthetic.NAME))
-  summary = synthetic.evaluate_checkpoint(
-    args.checkpoint,
-    num_samples=limit,
-    batch_size=32 if args.batch_size is None else args.batch_size,
-    source=args.synthetic_source,
-    out=out,
-    dtype=args.dtype,
-    tokenizer=args.tokenizer,
-    pad_to_multiple_of=synthetic.DEFAULT_PAD_TO_MULTIPLE_OF
-    if args.pad_to_multiple_of is None
-    else args.pad_to_multiple_of,
-    progress=not args.no_progress,
-  )
-  return summary
+  batch_size = 32 if args.batch_size is None else args.batch_size
+  if limit < 1 or batch_size < 1:
+    raise SystemExit(f"eval.py: --limit and --batch-size must be >= 1, got {limit} and {batch_size}")
+  pad = synthetic.DEFAULT_PAD_TO_MULTIPLE_OF if args.pad_to_multiple_of is None else args.pad_to_multiple_of
+  try:
+    return synthetic.evaluate_checkpoint(
+      args.checkpoint,
+      num_samples=limit,
+      batch_size=batch_size,
+      source=args.synthetic_source,
+      out=Path(args.out or os.path.join("eval_results", synthetic.NAME)),
+      dtype=args.dtype,
+      tokenizer=args.tokenizer,
+      pad_to_multiple_of=pad,
+      progress=not args.no_progress,
+    )
+  except synthetic.SyntheticBenchmarkError as e:
+    raise SystemExit(f"eval.py: {e}") from None
 
 
 def generate_and_score(args) -> dict:

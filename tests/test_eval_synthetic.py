@@ -151,6 +151,10 @@ def test_the_held_out_seed_is_refused_when_the_run_trained_on_it(tiny_d_workdir,
     synthetic.evaluate_checkpoint(tiny_d_workdir, num_samples=2, seed=TRAIN_SOURCE["seed"])
   with pytest.raises(ValueError, match=r"drop \['seed'\]"):
     synthetic.evaluate_checkpoint(tiny_d_workdir, num_samples=2, source={"size": "tiny", "seed": 3})
+  eval_cli = _load_module("nvlm_eval_cli_synthetic", ROOT / "eval.py")
+  argv = ["--checkpoint", str(tiny_d_workdir), "--benchmark", "synthetic", "--out", str(tmp_path)]
+  with pytest.raises(SystemExit, match=r"eval.py: synthetic benchmark source: .*'colour_count'"):
+    eval_cli.main(argv + ["--synthetic-source", '{"size": "tiny", "colour_count": 3}'])
 
 
 def test_an_explicit_source_asks_other_checkpoints_the_same_questions(tiny_d_workdir, tmp_path):

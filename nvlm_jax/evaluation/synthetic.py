@@ -60,7 +60,11 @@ _BLEND_KEYS = ("kind", "weight", "name")
 _SAMPLE_KEYS = ("num_samples", "seed")
 
 
-class HeldOutSeedError(ValueError):
+class SyntheticBenchmarkError(ValueError):
+  """The benchmark cannot run as asked (settings, seed); eval.py prints the message without a traceback."""
+
+
+class HeldOutSeedError(SyntheticBenchmarkError):
   """The checkpoint was trained on synthetic samples of the held-out seed."""
 
 
@@ -90,13 +94,18 @@ def held_out_source(source: Mapping[str, Any], num_samples: int, seed: int, proc
   settings = {k: v for k, v in dict(source).items() if k not in _BLEND_KEYS}
   clashing = sorted(k for k in _SAMPLE_KEYS if k in settings)
   if clashing:
-    raise ValueError(
+    raise SyntheticBenchmarkError(
       f"synthetic benchmark source {dict(source)}: drop {clashing}; the benchmark sets the number of samples "
       "(num_samples / --limit) and the seed (held-out seed) itself"
     )
   if "kind" in source and source["kind"] != "synthetic":
-    raise ValueError(f"synthetic benchmark source {dict(source)}: kind must be 'synthetic'")
-  return make_source({"kind": "synthetic", **settings, "num_samples": num_samples, "seed": seed}, processor)
+    raise SyntheticBenchmarkError(f"synthetic benchmark source {dict(source)}: kind must be 'synthetic'")
+  if num_samples < 1:
+    raise SyntheticBenchmarkError(f"num_samples must be >= 1, got {num_samples}")
+  try:
+    return make_source({"kind": "synthetic", **settings, "num_samples": num_samples, "seed": seed}, processor)
+  except ValueError as e:  # an unknown setting, or a bad value
+    raise SyntheticBenchmarkError(f"synthetic benchmark source: {e}") from e
 
 
 def source_settings(source) -> dict[str, Any]:
@@ -188,11 +197,9 @@ def evaluate_synthetic(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """(prediction rows, summary) of `num_samples` samples of `source` drawn with `seed` (module docstring)."""
   if not ga.is_multimodal(model):
-    raise ValueError(
+    raise SyntheticBenchmarkError(
       f"the synthetic benchmark asks about images; {type(model).__name__} is a text-only model (no vision config)"
     )
-  if num_samples < 1:
-    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   data = held_out_source(source, num_samples, seed, processor)
   questions = questions_of(data)
   max_new_tokens = answer_budget(questions, processor.tokenizer)
@@ -266,12 +273,12 @@ def default_source(train_sources: Sequence[Mapping[str, Any]], where: str) -> di
   """The benchmark settings of a run's synthetic training source(s): all but blend keys, length and seed."""
   settings = [{k: v for k, v in s.items() if k not in _BLEND_KEYS + _SAMPLE_KEYS} for s in train_sources]
   if not settings:
-    raise ValueError(
+    raise SyntheticBenchmarkError(
       f"{where}: the training data has no synthetic source to take the benchmark's settings from; pass "
       'source={"size": "tiny", ...} (eval.py --synthetic-source JSON)'
     )
   if any(s != settings[0] for s in settings[1:]):
-    raise ValueError(
+    raise SyntheticBenchmarkError(
       f"{where}: the training data has synthetic sources with different settings {settings}; choose one with "
       "source= (eval.py --synthetic-source JSON)"
     )
@@ -308,11 +315,12 @@ def evaluate_checkpoint(
     check_held_out(train_sources, seed, str(path))
   if source is None:
     if train_config is None:
-      raise ValueError(
+      raise SyntheticBenchmarkError(
         f"{path}: no recorded training config (train_config.json) to take the benchmark's data settings from; "
         'pass source={"size": "tiny", ...} (eval.py --synthetic-source JSON)'
       )
     source = default_source(train_sources, str(path))
+  held_out_source(source, num_samples, seed)  # bad settings fail here, before the model loads
 
   started = time.perf_counter()
   model, params = models.load_model(path, dtype=dtype)
