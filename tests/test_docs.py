@@ -121,6 +121,10 @@ SHORTENED = {
     "python -m nvlm_jax.data.tfds_builder --synthetic 50 --seed 0 --out /data/nvlm --name synth",
     "100,000 drawn samples run 50",
   ),
+  "python eval.py --checkpoint /tmp/nvlm_tiny_d --benchmark synthetic": (
+    "python eval.py --checkpoint /tmp/nvlm_tiny_d --benchmark synthetic --limit 10 --no-progress",
+    "500 held-out samples run 10",
+  ),
 }
 CANNOT_RUN = {
   (

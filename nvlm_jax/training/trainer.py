@@ -33,7 +33,7 @@ from nvlm_jax import sharding as sharding_lib
 from nvlm_jax.checkpoint import orbax_checkpoint
 from nvlm_jax.data import pipeline, processor_setup
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, config_base, optimizer, run_identity
+from nvlm_jax.training import checkpointing, config_base, optimizer, run_config, run_identity
 from nvlm_jax.training import flops as flops_lib
 from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.synthetic_lm import make_synthetic_lm_iterator
@@ -431,6 +431,8 @@ class Trainer:
     ckpt_cfg = cfg.checkpoint
     os.makedirs(self.workdir, exist_ok=True)
     run_identity.claim(self.workdir, cfg, write=self.is_chief)  # refuses another run's checkpoints
+    if self.is_chief:
+      run_config.save_train_config(self.workdir, cfg)  # evaluation reads the run's data settings from it
     description = models.describe_model(setup.model_config)
     orbax_checkpoint.write_model_description(self.workdir, description)
     checkpointer = checkpointing.TrainCheckpointer(
