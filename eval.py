@@ -7,6 +7,11 @@
     # score only (no model, no JAX): predictions JSONL + the samples they answer
     python eval.py --predictions results/vqav2/predictions.jsonl --benchmark vqav2 --data vqav2_val.jsonl
 
+    # the held-out synthetic benchmark (no --data): every question of N unseen samples of the built-in
+    # synthetic set, with the checkpoint's own data settings; prints accuracy per question type
+    python eval.py --checkpoint WORKDIR --benchmark synthetic [--limit 500] [--batch-size 32] [--out DIR] \\
+        [--synthetic-source '{"size": "tiny", "max_tiles": 6}']
+
 --data is a samples JSONL in the evaluation schema (docs/evaluation.md; converters in
 nvlm_jax.evaluation.converters). Prompts are the benchmark's (`Benchmark.build_prompt`: the paper's
 per-task system prompt and answer suffix), decoding is greedy, answers are cut at EOS. --out receives
@@ -36,6 +41,22 @@ def _parse_option(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _parse_synthetic_source(text: str) -> dict[str, Any]:
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f"--synthetic-source {text!r} is not JSON: {e}") from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(f"--synthetic-source {text!r} must be a JSON object of SyntheticSource settings")
+  return value
+
+
+SYNTHETIC_HELP = (
+  "  synthetic    exact match per question type (digits, tile, count, colour, word, text_only) on held-out\n"
+  "               samples of the built-in synthetic set (seed 1,000,000); needs --checkpoint, no --data"
+)
+
+
 def _parse_mesh(text: str) -> dict[str, int]:
   """'fsdp=2,tensor=4' -> {'fsdp': 2, 'tensor': 4} (axes data, fsdp, tensor; one may be -1)."""
   from nvlm_jax.sharding import parse_mesh  # imports jax: only when --mesh is given
@@ -50,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
   from nvlm_jax.evaluation import benchmark_help
 
   parser = argparse.ArgumentParser(
-    description=__doc__, epilog=benchmark_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    description=__doc__,
+    epilog=benchmark_help() + "\n" + SYNTHETIC_HELP,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--checkpoint", help="HF checkpoint dir, or a training workdir / checkpoints/<step> dir")
@@ -58,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--benchmark", required=True, help="benchmark name (listed below), e.g. vqav2")
   parser.add_argument("--data", help="samples JSONL (required with --checkpoint)")
   parser.add_argument("--out", help="output directory (default: eval_results/<benchmark>; scoring only: none)")
-  parser.add_argument("--limit", type=int, help="evaluate only the first N samples of --data")
-  parser.add_argument("--batch-size", type=int, default=8)
+  parser.add_argument(
+    "--limit", type=int, help="evaluate only the first N samples of --data (synthetic: N samples, default 500)"
+  )
+  parser.add_argument("--batch-size", type=int, help="default 8 (synthetic: 32 questions)")
   parser.add_argument("--max-new-tokens", type=int, help="default: the benchmark's (32 for short answers)")
   parser.add_argument(
     "--dtype", choices=("float32", "bfloat16", "float16"), help="compute/param dtype (default: as saved)"
@@ -71,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument(
     "--pad-to-multiple-of",
     type=int,
-    default=128,
-    help="left-pad prompts to a multiple of this: fewer distinct shapes, fewer compilations",
+    help="left-pad prompts to a multiple of this: fewer distinct shapes, fewer compilations (default 128; "
+    "synthetic: 32)",
+  )
+  parser.add_argument(
+    "--synthetic-source",
+    type=_parse_synthetic_source,
+    help="synthetic only: SyntheticSource settings as JSON, e.g. '{\"size\": \"tiny\", \"max_tiles\": 6}' "
+    "(default: those of the checkpoint's synthetic training source)",
   )
   parser.add_argument("--allow-missing", action="store_true", help="scoring only: score the predicted samples")
   parser.add_argument(
@@ -134,6 +165,39 @@ def _make_mesh(shape: dict[str, int], batch_size: int):
   return mesh
 
 
+def synthetic_benchmark(args) -> dict:
+  """`--benchmark synthetic`: generated held-out questions, scored by exact match (nvlm_jax/evaluation/synthetic.py)."""
+  from nvlm_jax.evaluation import synthetic
+
+  unused = [f"--{name.replace('_', '-')}" for name in ("data", "mesh", "max_new_tokens") if getattr(args, name)]
+  unused += ["--option"] if args.option else []
+  if args.predictions or unused:
+    given = ["--predictions"] if args.predictions else unused
+    raise SystemExit(
+      f"eval.py: --benchmark synthetic generates its own samples and answer length, and runs unsharded; "
+      f"drop {' '.join(given)}"
+    )
+  limit = synthetic.DEFAULT_NUM_SAMPLES if args.limit is None else args.limit
+  batch_size = 32 if args.batch_size is None else args.batch_size
+  if limit < 1 or batch_size < 1:
+    raise SystemExit(f"eval.py: --limit and --batch-size must be >= 1, got {limit} and {batch_size}")
+  pad = synthetic.DEFAULT_PAD_TO_MULTIPLE_OF if args.pad_to_multiple_of is None else args.pad_to_multiple_of
+  try:
+    return synthetic.evaluate_checkpoint(
+      args.checkpoint,
+      num_samples=limit,
+      batch_size=batch_size,
+      source=args.synthetic_source,
+      out=Path(args.out or os.path.join("eval_results", synthetic.NAME)),
+      dtype=args.dtype,
+      tokenizer=args.tokenizer,
+      pad_to_multiple_of=pad,
+      progress=not args.no_progress,
+    )
+  except synthetic.SyntheticBenchmarkError as e:
+    raise SystemExit(f"eval.py: {e}") from None
+
+
 def generate_and_score(args) -> dict:
   from nvlm_jax import models
   from nvlm_jax.evaluation import generate_answers as ga
@@ -141,6 +205,10 @@ def generate_and_score(args) -> dict:
 
   if not args.data:
     raise SystemExit("eval.py: --checkpoint needs --data (a samples JSONL)")
+  if args.synthetic_source is not None:
+    raise SystemExit("eval.py: --synthetic-source is for --benchmark synthetic only")
+  args.batch_size = 8 if args.batch_size is None else args.batch_size
+  args.pad_to_multiple_of = 128 if args.pad_to_multiple_of is None else args.pad_to_multiple_of
   if args.batch_size < 1:
     raise SystemExit(f"eval.py: --batch-size must be >= 1, got {args.batch_size}")
   benchmark = get_benchmark(args.benchmark)
@@ -212,6 +280,13 @@ def generate_and_score(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  if args.benchmark.lower() == "synthetic":
+    from nvlm_jax.evaluation.synthetic import format_table
+
+    summary = synthetic_benchmark(args)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    print(format_table(summary))
+    return 0
   summary = score_only(args) if args.predictions else generate_and_score(args)
   print(json.dumps(summary, indent=2, ensure_ascii=False))
   return 0

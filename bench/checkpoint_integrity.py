@@ -1,4 +1,4 @@
-"""Cost of the checkpoint checksums (nvlm_jax/training/checkpoint_integrity.py) next to the save they guard.
+"""Cost of the checkpoint checksums (nvlm_jax/checkpoint/integrity.py) next to the save they guard.
 
     python bench/checkpoint_integrity.py [--sizes-mb 0.5,1024] [--repeats 7]
 
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from nvlm_jax.training import checkpoint_integrity as integrity
+from nvlm_jax.checkpoint import integrity
 
 
 def state_tree(total_bytes: int, seed: int = 0) -> dict:

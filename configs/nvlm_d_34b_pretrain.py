@@ -13,7 +13,7 @@ Megatron's released script (pretrain_qwen20_72b_internvit_6b.sh) counts warmup/d
 Its dropout 0.1 on the frozen LLM is not modelled (our decoder has no dropout).
 
 init_from: InternViT-6B + Nous-Hermes-2-Yi-34B + a freshly initialized projector in one checkpoint
-(nvlm_jax.checkpoint.from_parts.save_checkpoint layout; its builder covers X/H so far)
+(`python -m nvlm_jax.convert stitch --variant d`)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 

@@ -13,7 +13,7 @@ Megatron's released script (pretrain_qwen20_72b_internvit_6b.sh) counts warmup/d
 Its dropout 0.1 on the frozen LLM is not modelled (our decoder has no dropout).
 
 init_from: InternViT-6B + Qwen2-72B-Instruct + a freshly initialized projector in one checkpoint
-(nvlm_jax.checkpoint.from_parts.save_checkpoint layout; its builder covers X/H so far)
+(`python -m nvlm_jax.convert stitch --variant d`)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 """
@@ -43,7 +43,7 @@ def get_config(arg=None):
   c.optimizer.grad_clip = 10.0
 
   c.data.kind = "nvlm_pipeline"
-  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (the stitched init_from has none)
+  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (convert stitch also copies it beside init_from)
   c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_pretrain", "split": "train", "weight": 1.0}]
   c.data.global_batch_size = 2048
   c.data.seq_len = 512

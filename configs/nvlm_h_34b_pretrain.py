@@ -10,8 +10,8 @@ Table 10 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8
 
 NVLM-H pretrains with dynamic high resolution already (6 tiles + thumbnail).
 
-init_from: InternViT-6B + Nous-Hermes-2-Yi-34B stitched by nvlm_jax.checkpoint.from_parts
-(build_from_released_parts + save_checkpoint; new X-attention layers and MLP at init)
+init_from: InternViT-6B + Nous-Hermes-2-Yi-34B stitched by `python -m nvlm_jax.convert stitch`
+(`--variant h`; new X-attention layers and MLP at init)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 

@@ -10,8 +10,8 @@ Table 10 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8
 
 NVLM-H pretrains with dynamic high resolution already (6 tiles + thumbnail).
 
-init_from: InternViT-6B + Qwen2-72B-Instruct stitched by nvlm_jax.checkpoint.from_parts
-(build_from_released_parts + save_checkpoint; new X-attention layers and MLP at init)
+init_from: InternViT-6B + Qwen2-72B-Instruct stitched by `python -m nvlm_jax.convert stitch`
+(`--variant h`; new X-attention layers and MLP at init)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 """
@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.optimizer.grad_clip = 1.0
 
   c.data.kind = "nvlm_pipeline"
-  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (the stitched init_from has none)
+  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (convert stitch also copies it beside init_from)
   c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_pretrain", "split": "train", "weight": 1.0}]
   c.data.global_batch_size = 2048
   c.data.seq_len = 512

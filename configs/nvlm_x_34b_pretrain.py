@@ -11,8 +11,8 @@ Table 10 (docs/paper.md (g)); the mesh assumes 512 accelerators (64-way fsdp x 8
 Trainable: the X-attention layers (Table 10) and the one-layer projector (12800 -> LLM width) that feeds
 them, which starts from random init and is the other half of NVLM-X's modality-alignment module.
 
-init_from: InternViT-6B + Nous-Hermes-2-Yi-34B stitched by nvlm_jax.checkpoint.from_parts
-(build_from_released_parts + save_checkpoint; new X-attention layers at init)
+init_from: InternViT-6B + Nous-Hermes-2-Yi-34B stitched by `python -m nvlm_jax.convert stitch`
+(`--variant x`; new X-attention layers at init)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 

@@ -12,8 +12,8 @@ Trainable: the X-attention layers (Table 10) and the one-layer projector (12800 
 them, which starts from random init and is the other half of NVLM-X's modality-alignment module.
 No tile tags: one 448 px tile per image, as the authors' pretraining.
 
-init_from: InternViT-6B + Qwen2-72B-Instruct stitched by nvlm_jax.checkpoint.from_parts
-(build_from_released_parts + save_checkpoint; new X-attention layers at init)
+init_from: InternViT-6B + Qwen2-72B-Instruct stitched by `python -m nvlm_jax.convert stitch`
+(`--variant x`; new X-attention layers at init)
 Data: fill `data.sources` with the pretraining blend of Table 4 (captioning, VQA, OCR, ...)
 (blend weights are the user's choice; see docs/data.md).
 """
@@ -45,7 +45,7 @@ def get_config(arg=None):
   c.optimizer.grad_clip = 1.0
 
   c.data.kind = "nvlm_pipeline"
-  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (the stitched init_from has none)
+  c.data.tokenizer = "/ckpt/Qwen2-72B-Instruct"  # the LLM's (convert stitch also copies it beside init_from)
   c.data.sources = [{"kind": "array_record", "path": "/data/nvlm_pretrain", "split": "train", "weight": 1.0}]
   c.data.global_batch_size = 2048
   c.data.seq_len = 512

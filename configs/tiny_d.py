@@ -8,7 +8,7 @@ projector, 2-layer Qwen2-style decoder) with the 512-token vocabulary of the tin
 offline on the synthetic corpus; its placeholder id reaches the model config from the processor).
 Recipe: NVLM's SFT stage at toy scale: ViT frozen, projector + LLM trained, AdamW with warmup + cosine;
 6 + 1 DHR tiles, 1-D tile tags. Leaves a checkpoint in the workdir that
-`nvlm_jax.training.load_checkpoint` (and `nvlm_jax.load_pretrained`) can load, and the tokenizer +
+`nvlm_jax.models.load_checkpoint` (and `nvlm_jax.load_pretrained`) can load, and the tokenizer +
 processor settings next to it (`nvlm_jax.load_processor`).
 """
 

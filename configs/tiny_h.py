@@ -7,7 +7,7 @@ Model: the `tiny_nvlm_h` preset (tiny InternViT, projector and gated
 cross-attention layers in a tiny Qwen2-style decoder) with the vocabulary of the tiny demo tokenizer
 (trained offline on the synthetic corpus: 512 tokens). Recipe: NVLM's SFT stage at toy scale: ViT frozen;
 projector, cross-attention layers and LLM trained; AdamW with warmup + cosine; 6 + 1 DHR tiles, 1-D tile tags.
-Leaves a checkpoint in the workdir that `nvlm_jax.training.checkpointing.load_checkpoint` can load, and the
+Leaves a checkpoint in the workdir that `nvlm_jax.models.load_checkpoint` can load, and the
 tokenizer + processor settings next to it.
 """
 

@@ -13,7 +13,9 @@ NVLMD / NVLMX / NVLMH. `describe_model` / `model_from_description` turn a model 
 checkpoint directory can rebuild its model without the training config.
 
 `load_model(path)` is the one way to load a checkpoint, ours (a trainer workdir or `convert` output) or a
-Hugging Face directory; `checkpoint_format(path)` is the one place that tells them apart.
+Hugging Face directory; `checkpoint_format(path)` is the one place that tells them apart. The readers sit
+below the registry (nvlm_jax/checkpoint/: orbax_checkpoint.py, hf_import.py); building the module a
+checkpoint describes happens here (`load_checkpoint`, `save_checkpoint` for ours).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import jax.numpy as jnp
 
 from nvlm_jax import config as config_lib
 from nvlm_jax import presets, sharding
+from nvlm_jax.checkpoint import hf_import, orbax_checkpoint
+from nvlm_jax.checkpoint.orbax_checkpoint import DESCRIPTION_FORMAT
 from nvlm_jax.fusion.nvlm_d import NVLMD
 from nvlm_jax.fusion.nvlm_h import NVLMH
 from nvlm_jax.fusion.nvlm_x import NVLMX
 from nvlm_jax.language.decoder import CausalLM
 
-DESCRIPTION_FORMAT = "nvlm_jax.model/1"
 # variant -> the NVLM fusion model class.
 FUSION_CLASSES = {"d": NVLMD, "x": NVLMX, "h": NVLMH}
 # Which sub-config each remat key addresses (CausalLM: the config itself is the "llm").
@@ -216,9 +219,7 @@ OURS, HF = "nvlm_jax", "hf"
 
 def checkpoint_format(path: str | os.PathLike) -> str | None:
   """OURS for a trainer workdir / checkpoints dir / step dir, HF for a directory with config.json, else None."""
-  from nvlm_jax.training import checkpointing  # checkpoint readers sit above the registry (they build through it)
-
-  if checkpointing.is_training_checkpoint(path):
+  if orbax_checkpoint.is_training_checkpoint(path):
     return OURS
   if Path(path).is_dir() and (Path(path) / "config.json").is_file():
     return HF
@@ -252,20 +253,55 @@ def load_model(
   `checkpoint.hf_import.load_hf_checkpoint` (scan_layers, rules, layout, config_overrides) and are ignored
   for our checkpoints, which keep their saved layout.
   """
-  from nvlm_jax.checkpoint import hf_import  # checkpoint readers sit above the registry (they build through it)
-  from nvlm_jax.training import checkpointing  # checkpoint readers sit above the registry (they build through it)
-
   if not Path(path).exists():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
   axis_rules = sharding.LOGICAL_AXIS_RULES if axis_rules is None else axis_rules
   if checkpoint_format(path) == OURS:
-    return checkpointing.load_checkpoint(
-      path, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, rules=axis_rules
-    )
+    return load_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype or dtype, rules=axis_rules)
   dtype = dtype or saved_dtype(path)
   return hf_import.load_hf_checkpoint(
     path, dtype=dtype, param_dtype=param_dtype or dtype, mesh=mesh, axis_rules=axis_rules, **hf_options
   )
+
+
+def load_checkpoint(
+  path: str | os.PathLike,
+  *,
+  step: int | None = None,
+  mesh=None,
+  dtype: str | None = None,
+  param_dtype: str | None = None,
+  rules=sharding.LOGICAL_AXIS_RULES,
+) -> tuple[nn.Module, Any]:
+  """(model, params) from one of our checkpoints (checkpoint/orbax_checkpoint.py; latest step unless `step`).
+
+  dtype / param_dtype override the saved compute / storage dtypes (e.g. "bfloat16" to serve); with a
+  `mesh`, every parameter is restored directly onto its NamedSharding, otherwise onto one device.
+  """
+  directory, step = orbax_checkpoint.resolve_step(path, step)
+  model_config = saved_config = config_from_description(orbax_checkpoint.read_model_description(directory, step))
+  if dtype:
+    model_config = _set_everywhere(model_config, "dtype", dtype)
+  if param_dtype:
+    model_config = _set_everywhere(model_config, "param_dtype", param_dtype)
+  model = module_for_config(model_config)
+  boxed = abstract_variables(model, model_config)["params"]
+  if mesh is not None:
+    shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
+  )
+  stored = lambda: nn.meta.unbox(abstract_variables(module_for_config(saved_config), saved_config)["params"])
+  return model, orbax_checkpoint.restore_params(directory / str(step), target, stored)
+
+
+def save_checkpoint(directory: str | os.PathLike, model_config, params: Mapping[str, Any], step: int = 0) -> Path:
+  """Writes params + model description as one of our checkpoints with no train state (e.g. an init for
+  `checkpoint.init_from`); `load_checkpoint` / `load_model` read it back. Returns the step directory."""
+  return orbax_checkpoint.save_params(directory, describe_model(model_config), params, step)
 
 
 def load_pretrained(

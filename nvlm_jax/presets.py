@@ -18,7 +18,7 @@ Values the sources leave open, and what we chose:
   LLM layers (8 at 72B, 6 at 34B), each just before the last LLM layer of its group (offset every - 1);
   heads and FFN width of the LLM; projector one layer for X (12800 -> 8192 / 7168), `mlp1` for H.
   Placeholder ids as NVLM-D's; `image_start_token_ids` (the ids of `<Image>`) depend on the tokenizer and
-  are left empty here: `nvlm_jax.checkpoint.from_parts` fills them from the tokenizer files.
+  are left empty here: `convert stitch` fills them from the tokenizer files.
 """
 
 from __future__ import annotations

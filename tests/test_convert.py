@@ -28,11 +28,10 @@ import torch
 from test_nvlm_d import build_torch_internvl, write_nvlm_d_checkpoint
 from test_vision import build_torch_vit
 
-from nvlm_jax import convert
-from nvlm_jax.checkpoint import orbax_stream
+from nvlm_jax import convert, models
+from nvlm_jax.checkpoint import orbax_checkpoint, orbax_stream
 from nvlm_jax.checkpoint import safetensors_io as sio
 from nvlm_jax.checkpoint.convert.output import TMP_MARKER
-from nvlm_jax.training import checkpointing
 
 NVLM_D_KEY = "vision_model.encoder.layers.1.attn.qkv.weight"
 
@@ -56,7 +55,7 @@ def assert_same_hf(a, b):
 
 
 def stored_params(workdir) -> dict[str, np.ndarray]:
-  directory, step = checkpointing._resolve(workdir, None)
+  directory, step = orbax_checkpoint.resolve_step(workdir, None)
   reader = orbax_stream.ParamReader(directory / str(step) / "params")
   return {p: reader.read(p) for p in reader.arrays}
 
@@ -138,8 +137,8 @@ def test_import_export_import_is_bit_identical(hf, imported, tmp_path, layout):
   again = tmp_path / "again"
   assert run_cli("import", "--hf-dir", exported, "--out", again, "--quiet") == 0
   assert_same_params(stored_params(imported[layout]), stored_params(again))
-  assert json.loads((again / checkpointing.MODEL_DESCRIPTION_FILE).read_text()) == json.loads(
-    (imported[layout] / checkpointing.MODEL_DESCRIPTION_FILE).read_text()
+  assert json.loads((again / orbax_checkpoint.MODEL_DESCRIPTION_FILE).read_text()) == json.loads(
+    (imported[layout] / orbax_checkpoint.MODEL_DESCRIPTION_FILE).read_text()
   )
 
 
@@ -147,7 +146,7 @@ def test_stored_dtypes_follow_the_source(hf, imported):
   assert {a.dtype for a in stored_params(imported["qwen2"]).values()} == {np.dtype(np.float32)}
   for layout in ("llama", "nvlm_d"):
     assert {a.dtype for a in stored_params(imported[layout]).values()} == {np.dtype(ml_dtypes.bfloat16)}
-  desc = json.loads((imported["nvlm_d"] / checkpointing.MODEL_DESCRIPTION_FILE).read_text())
+  desc = json.loads((imported["nvlm_d"] / orbax_checkpoint.MODEL_DESCRIPTION_FILE).read_text())
   assert desc["config"]["llm"]["param_dtype"] == "bfloat16" and desc["config"]["vision"]["num_heads"] == 4
   # tokenizer files travel along (the NVLM-D one names the placeholder, the Qwen2 one was added above)
   assert (imported["nvlm_d"] / "tokenizer_config.json").is_file()
@@ -180,11 +179,11 @@ def test_import_restores_onto_a_mesh_with_shard_aligned_chunks(hf, tmp_path):
 
   out = tmp_path / "meshed"
   assert run_cli("import", "--hf-dir", hf["qwen2"], "--out", out, "--mesh", "fsdp=4,tensor=2", "--quiet") == 0
-  directory, step = checkpointing._resolve(out, None)
+  directory, step = orbax_checkpoint.resolve_step(out, None)
   chunks = orbax_stream.ParamReader(directory / str(step) / "params").arrays
   assert chunks["decoder/layers/self_attn/q_proj/kernel"].chunks == (1, 16, 2, 16)  # one layer of one shard
   mesh = create_mesh({"fsdp": 4, "tensor": 2})
-  model, params = checkpointing.load_checkpoint(out, mesh=mesh)  # orbax restores what we wrote, resharded
+  model, params = models.load_checkpoint(out, mesh=mesh)  # orbax restores what we wrote, resharded
   _, reference = load_pretrained(hf["qwen2"])
   q = params["decoder"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert q.addressable_shards[0].data.shape == (3, 16, 2, 16)
@@ -399,7 +398,7 @@ def test_killed_import_leaves_nothing_that_looks_complete(hf, tmp_path):
   leftovers = [p.name for p in tmp_path.iterdir()]
   assert len(leftovers) == 1 and leftovers[0].startswith(f".out{TMP_MARKER}")
   assert run_cli("import", "--hf-dir", hf["qwen2"], "--out", tmp_path / "out", "--quiet") == 0
-  assert checkpointing.is_training_checkpoint(tmp_path / "out")
+  assert orbax_checkpoint.is_training_checkpoint(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -415,7 +414,7 @@ def test_stitch_d_loads_and_generates(hf, imported, tmp_path):
   assert (
     run_cli("stitch", "--vision", hf["vit"], "--llm", imported["qwen2"], "--variant", "d", "--out", out, "--quiet") == 0
   )
-  model, params = checkpointing.load_checkpoint(out)
+  model, params = models.load_checkpoint(out)
   cfg = model.config
   assert isinstance(model, NVLMD) and cfg.image_token_id == rm.TINY_TEXT["vocab_size"]  # one past the vocabulary
   assert (cfg.projector.in_features, cfg.projector.hidden_size, cfg.projector.use_bias) == (128, 160, False)
@@ -505,7 +504,7 @@ def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
     )
     == 0
   )
-  model, params = checkpointing.load_checkpoint(out)
+  model, params = models.load_checkpoint(out)
   assert isinstance(model, NVLMX) and model.config.cross_attention.every == 2
   flat = traverse_util.flatten_dict(params, sep="/")
   groups = "language_model/decoder/groups/"
@@ -521,15 +520,59 @@ def test_stitch_x_regroups_the_llm_layers_and_starts_as_the_llm(hf, tmp_path):
   assert float(np.max(np.abs(np.asarray(logits) - rm.torch_logits(qwen, ids)))) <= 1e-4  # gates 0: the LLM
 
 
+def test_stitch_h_from_released_parts_takes_the_tokenizer_ids_and_loads_onto_a_mesh(hf, tmp_path):
+  """A tiny Qwen2 dir (with the tiny tokenizer) + the tiny InternViT-6B-style dir (transformers layouts) -> NVLM-H: the
+  placeholder and `<Image>` ids from the LLM's tokenizer, H's mlp1 projector, gates zero, fresh blocks ~ N(0, 0.02),
+  text logits equal the torch Qwen2's; the output is one of our checkpoints and restores onto a mesh."""
+  import jax.numpy as jnp
+
+  from nvlm_jax.checkpoint import orbax_checkpoint
+  from nvlm_jax.fusion.nvlm_h import NVLMH
+  from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
+
+  qwen = rm.build_causal_lm(rm.tiny_qwen2_config(num_hidden_layers=4, tie_word_embeddings=False), seed=3)
+  llm_dir = rm.save(qwen, tmp_path / "llm")
+  build_tiny_tokenizer(None, vocab_size=384, out_dir=llm_dir)
+  out = tmp_path / "nvlm_h_init"
+  cli = ["stitch", "--vision", hf["vit"], "--llm", llm_dir, "--variant", "h", "--xattn-every", "2", "--out", out]
+  assert run_cli(*cli, "--quiet") == 0
+  assert orbax_checkpoint.is_training_checkpoint(out) and orbax_checkpoint.resolve_step(out, None)[1] == 0
+  model, params = models.load_model(out)
+  cfg = model.config
+  assert isinstance(model, NVLMH) and cfg.image_token_id == 3  # <|vision_pad|> of the tiny tokenizer
+  assert cfg.image_start_token_ids and cfg.projector.hidden_size == rm.TINY_TEXT["intermediate_size"]
+  gates = params["language_model"]["decoder"]["groups"]["cross_attn"]
+  assert float(jnp.max(jnp.abs(gates["attn_gate"]))) == 0 and float(jnp.max(jnp.abs(gates["mlp_gate"]))) == 0
+  assert 0.015 < float(jnp.std(gates["q_proj"]["kernel"])) < 0.025  # N(0, 0.02)
+  ids = rm.random_tokens(rm.TINY_TEXT["vocab_size"], (1, 300), seed=1)
+  ids[ids == cfg.image_token_id] = 5
+  ours = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids)))(params)
+  diff = float(np.max(np.abs(np.asarray(ours) - rm.torch_logits(qwen, ids))))
+  print(f"NVLM-H stitched from parts vs torch Qwen2, 300 tokens: max abs logit diff {diff:.2e}")
+  assert diff <= 1e-4
+  if jax.device_count() >= 4:  # restored straight onto a mesh (what train.py's init_from does)
+    from jax.sharding import PartitionSpec as P
+
+    from nvlm_jax import sharding
+
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
+    loaded_model, on_mesh = models.load_checkpoint(out, mesh=mesh)
+    assert loaded_model.config == cfg
+    kernel = on_mesh["language_model"]["decoder"]["groups"]["cross_attn"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), on_mesh, params)
+
+
 @pytest.fixture(scope="module")
 def trainer_workdir(tmp_path_factory) -> Path:
   """What the trainer leaves (nvlm_model.json, checkpoints/0, tokenizer/, processor.json) for the tiny NVLM-D
   with the demo tokenizer, whose placeholder id (3) is not NVLM-D-72B's (151654); random weights."""
   import ml_collections
 
+  import flax.linen as nn
+
   from nvlm_jax import presets
-  from nvlm_jax.checkpoint import from_parts as build
-  from nvlm_jax.training import processor_setup
+  from nvlm_jax.data import processor_setup
 
   directory = tmp_path_factory.mktemp("run")
   cfg = presets.get_preset("tiny_nvlm_d")
@@ -537,7 +580,8 @@ def trainer_workdir(tmp_path_factory) -> Path:
   data = ml_collections.ConfigDict({"tokenizer": "tiny_synthetic", "processor": {"tile_tag_format": "2d_grid"}})
   processor, kwargs = processor_setup.build_processor(data, cfg)
   cfg = processor_setup.sync_model_config(cfg, processor)
-  build.save_checkpoint(directory, cfg, build.init_params(cfg, jax.random.key(0)))
+  init = models.init_fn(models.module_for_config(cfg), cfg)
+  models.save_checkpoint(directory, cfg, nn.meta.unbox(jax.jit(init)(jax.random.key(0)))["params"])
   processor_setup.save_processor(directory, processor, kwargs)
   return directory
 

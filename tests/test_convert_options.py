@@ -18,10 +18,9 @@ import reference_models as rm
 from test_convert import hf_tensors, stored_params
 from test_vision import build_torch_vit
 
-from nvlm_jax import convert
+from nvlm_jax import convert, models
 from nvlm_jax.checkpoint import orbax_stream
 from nvlm_jax.checkpoint import safetensors_io as sio
-from nvlm_jax.training import checkpointing
 
 
 def run_cli(*args) -> int:
@@ -114,7 +113,7 @@ def two_steps(tmp_path_factory):
 def test_export_step_writes_that_step_and_dtype_casts(two_steps, tmp_path):
   from flax import traverse_util
 
-  first = traverse_util.flatten_dict(jax.device_get(checkpointing.load_checkpoint(two_steps, step=1)[1]), sep="/")
+  first = traverse_util.flatten_dict(jax.device_get(models.load_checkpoint(two_steps, step=1)[1]), sep="/")
   kernel = first["lm_head/kernel"]  # [hidden, vocab]: the HF weight is its transpose
   assert (
     run_cli(
@@ -231,9 +230,9 @@ def test_stitch_image_token_id_dtype_and_seed(sources, tmp_path):
   a = stitch("a", "--image-token-id", "7", "--dtype", "bfloat16", "--seed", "2")
   b = stitch("b", "--seed", "1")
   c = stitch("c", "--seed", "2")  # as b but the seed
-  model, _ = checkpointing.load_checkpoint(tmp_path / "a")
+  model, _ = models.load_checkpoint(tmp_path / "a")
   assert model.config.image_token_id == 7
-  assert checkpointing.load_checkpoint(tmp_path / "b")[0].config.image_token_id == rm.TINY_TEXT["vocab_size"]
+  assert models.load_checkpoint(tmp_path / "b")[0].config.image_token_id == rm.TINY_TEXT["vocab_size"]
   assert {v.dtype for v in a.values()} == {np.dtype(ml_dtypes.bfloat16)}
   assert {v.dtype for v in c.values()} == {np.dtype(np.float32)}  # auto: the LLM's
   llm = stored_params(sources["imported"])
@@ -292,7 +291,7 @@ def test_stitch_xattn_offset_places_the_block_within_each_group(sources, tmp_pat
     )
     == 0
   )
-  model, _ = checkpointing.load_checkpoint(out)
+  model, _ = models.load_checkpoint(out)
   assert (model.config.cross_attention.every, model.config.cross_attention.offset) == (3, 0)
   stored = stored_params(out)
   groups = "language_model/decoder/groups/"

@@ -129,6 +129,10 @@ SHORTENED = {
     "python -m nvlm_jax.studies x_frozen_llm --out studies --seeds 1 --steps 2 --eval-samples 2 --arms llm_frozen",
     "a 30 min study runs its text-only first stage and the frozen-LLM arm that starts from it, 2 steps each",
   ),
+  "python eval.py --checkpoint /tmp/nvlm_tiny_d --benchmark synthetic": (
+    "python eval.py --checkpoint /tmp/nvlm_tiny_d --benchmark synthetic --limit 10 --no-progress",
+    "500 held-out samples run 10",
+  ),
 }
 CANNOT_RUN = {
   (
@@ -266,7 +270,7 @@ MODEL_WORK = (
   "load_checkpoint",
   "load_model",
   "generate",
-  "build_from_released_parts",
+  "stitch_checkpoint",
   "import_checkpoint",
   "make_train_iterator",
   "nvlm_jax.studies tile_tags",
@@ -352,7 +356,7 @@ class StandIns:
     from nvlm_jax.checkpoint.convert import configs as convert_configs
     from nvlm_jax.checkpoint import safetensors_io
     from nvlm_jax.checkpoint.vision_layouts import intern_vit_rules
-    from nvlm_jax.training.checkpointing import load_checkpoint
+    from nvlm_jax.models import load_checkpoint
 
     model, params = load_checkpoint(self["tiny_d_workdir"])
     vision, out = model.config.vision, self.root / "intern_vit_hf"

@@ -16,8 +16,14 @@ import grain
 import jax
 import numpy as np
 import pytest
+import tensorboard_events
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.summary_pb2 import Summary
+from tensorboardX.record_writer import RecordWriter
 
-from nvlm_jax.training import checkpointing, config_base, tensorboard, trainer
+from nvlm_jax import models
+from nvlm_jax.checkpoint import orbax_checkpoint
+from nvlm_jax.training import checkpointing, config_base, trainer
 from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.synthetic_lm import SyntheticLMSpec, make_row
 
@@ -68,18 +74,17 @@ def logged(workdir) -> dict[int, tuple]:
 
 
 def event_steps(workdir) -> list[int]:
-  """The steps of every scalar event in the TensorBoard run (all files)."""
-  logdir = Path(workdir) / "tensorboard"
-  steps = []
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
-    for payload in tensorboard.read_records(str(path)):
-      if b"train/loss" in payload:
-        steps.append(tensorboard.event_step(payload))
-  return sorted(steps)
+  """The steps of train/loss as TensorBoard shows the run (all files, START markers applied); each shown value
+  is the loss metrics.jsonl holds for its step."""
+  shown = tensorboard_events.shown_scalars(Path(workdir) / "tensorboard", "train/loss")
+  losses = {step: row[0] for step, row in logged(workdir).items()}
+  for step, value in shown:
+    assert value == pytest.approx(losses[step], rel=1e-6), (step, value, losses[step])
+  return [step for step, _ in shown]
 
 
 def final_params(workdir):
-  return jax.device_get(checkpointing.load_checkpoint(workdir, step=TOTAL)[1])
+  return jax.device_get(models.load_checkpoint(workdir, step=TOTAL)[1])
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +153,8 @@ def test_damaged_newest_checkpoint_is_set_aside_and_training_resumes_exactly(ref
   assert f"resumed from {workdir / 'checkpoints'}/{TOTAL - EVERY}" in out
   assert (workdir / checkpointing.DAMAGED_SUBDIR / str(TOTAL)).is_dir()  # kept for inspection
   assert logged(workdir) == reference["metrics"]  # steps 5 and 6 redone bit for bit, each logged once
+  # the first run's file is left as it was; the resumed run's file starts with a purge marker after the checkpoint
+  assert tensorboard_events.purge_steps(workdir / "tensorboard") == [[], [TOTAL - EVERY + 1]]
   assert event_steps(workdir) == list(range(1, TOTAL + 1))
   jax.tree.map(np.testing.assert_array_equal, final_params(workdir), reference["params"])
 
@@ -173,13 +180,19 @@ def test_torn_log_lines_and_steps_past_the_checkpoint_are_cut_on_resume(referenc
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write('{"step": 7, "loss": 1.2')
   events = next((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  record = RecordWriter(str(tmp_path / "one_record"))
+  record.write(
+    Event(step=7, summary=Summary(value=[Summary.Value(tag="train/loss", simple_value=1.0)])).SerializeToString()
+  )
+  record.close()
   with open(events, "ab") as f:
-    f.write(tensorboard.encode_record(tensorboard.encode_event(7, 0.0, scalars={"train/loss": 1.0}))[:-9])
+    f.write((tmp_path / "one_record").read_bytes()[:-9])
   train(workdir)
   out = capsys.readouterr().out
   assert "removed 2 row(s) past step 4, dropped a torn last line" in out, out
   assert logged(workdir) == reference["metrics"]
-  assert event_steps(workdir) == list(range(1, TOTAL + 1))
+  assert tensorboard_events.purge_steps(workdir / "tensorboard") == [[], [TOTAL - EVERY + 1]]
+  assert event_steps(workdir) == list(range(1, TOTAL + 1))  # steps 5, 6 of the first run hidden, the torn 7 unread
 
 
 def test_a_middle_line_that_cannot_be_read_is_an_error_naming_file_and_line(tmp_path):
@@ -227,7 +240,7 @@ def test_an_update_that_would_overflow_the_parameters_is_skipped_and_never_saved
   assert [r["skipped"] for r in rows] == [1, 1, 1] and rows[-1]["skipped_steps"] == 3
   assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in rows)  # only the update was bad
   initial = jax.device_get(trainer.fresh_state(run.setup, config.seed).params)
-  saved = jax.device_get(checkpointing.load_checkpoint(workdir, step=2)[1])
+  saved = jax.device_get(models.load_checkpoint(workdir, step=2)[1])
   jax.tree.map(np.testing.assert_array_equal, saved, initial)  # nothing was applied
 
 
@@ -338,13 +351,13 @@ def test_loading_a_damaged_checkpoint_for_inference_names_it(reference, tmp_path
   workdir = copy_run(reference, tmp_path)
   flip_bytes(largest_file(workdir / "checkpoints" / str(TOTAL) / "params"))
   with pytest.raises(
-    checkpointing.DamagedCheckpointError,
+    orbax_checkpoint.DamagedCheckpointError,
     match=rf"checkpoints/{TOTAL} is damaged: checksum "
     r"mismatch in \d+ parameter",
   ):
-    checkpointing.load_checkpoint(workdir)
-  checkpointing.load_checkpoint(workdir, step=TOTAL, param_dtype="bfloat16")  # a cast is not compared
-  checkpointing.load_checkpoint(workdir, step=TOTAL - EVERY)  # the intact one loads
+    models.load_checkpoint(workdir)
+  models.load_checkpoint(workdir, step=TOTAL, param_dtype="bfloat16")  # a cast is not compared
+  models.load_checkpoint(workdir, step=TOTAL - EVERY)  # the intact one loads
 
 
 def test_a_mesh_that_cannot_split_a_parameter_names_it(tmp_path):

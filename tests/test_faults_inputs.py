@@ -21,7 +21,7 @@ from nvlm_jax.data.llava import LlavaFormatError, LlavaSource
 from nvlm_jax.evaluation.predictions import PredictionsError, read_predictions
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import NvlmTokenizer, build_tiny_tokenizer
-from nvlm_jax.training.processor_setup import read_run_processor as load_processor
+from nvlm_jax.data.processor_setup import read_run_processor as load_processor
 
 BAD_KEY = "model.layers.1.mlp.up_proj.weight"
 

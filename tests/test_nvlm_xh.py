@@ -1,5 +1,6 @@
 """NVLM-X and NVLM-H: identity at init, masks (by perturbation and directly), KV-cached generation, gradients
-and a few training steps, processor outputs for D/X/H, presets, and building X/H from released parts.
+and a few training steps, processor outputs for D/X/H, presets, and the one layer <-> group rule (building X/H from released parts:
+tests/test_convert.py, `convert stitch`).
 
 Streams are written by hand (ids below) or by the Processor with the tiny tokenizer; models are the tiny
 presets (4-layer LLM, 2 gated blocks before layers 1 and 3) with random weights.
@@ -16,7 +17,6 @@ import pytest
 from PIL import Image
 
 from nvlm_jax import models
-from nvlm_jax.checkpoint import from_parts as build
 from nvlm_jax.config import CrossAttentionConfig, NVLMConfig
 from nvlm_jax.fusion.cross_attention_inputs import check_tile_layout, cross_attention_inputs, tile_layout
 from nvlm_jax.fusion.gated_cross_attention import merge_layer_groups, split_layer_groups
@@ -51,6 +51,18 @@ cross_inputs = jax.jit(cross_attention_inputs, static_argnames=("max_tag_tokens"
 
 def config_for(variant: str, **changes) -> NVLMConfig:
   return get_preset(f"tiny_nvlm_{variant}", image_start_token_ids=START, **changes)
+
+
+def llm_params_from_cross_attention(lm_params, cfg: NVLMConfig) -> dict:
+  """A scanned X/H model's `language_model` params -> plain CausalLM params (cross_attn blocks dropped)."""
+  layers = merge_layer_groups(lm_params["decoder"]["groups"], cfg.cross_attention, cfg.llm.num_layers)
+  return {**{k: v for k, v in lm_params.items() if k != "decoder"}, "decoder": {"layers": layers}}
+
+
+def llm_to_cross_attention_params(llm_params, cfg: NVLMConfig) -> dict:
+  """The inverse: CausalLM params -> an X/H `language_model` without its cross_attn blocks."""
+  groups = split_layer_groups(llm_params["decoder"]["layers"], cfg.cross_attention, cfg.llm.num_layers)
+  return {**{k: v for k, v in llm_params.items() if k != "decoder"}, "decoder": {"groups": groups}}
 
 
 def random_params(model, seed: int, gate: float, std: float = 0.05) -> dict:
@@ -142,7 +154,7 @@ def test_identity_at_init_text_and_images(tiny):
   cfg = model.config
   init = with_gates(params, 0.0)
   llm = CausalLM(cfg.llm)
-  llm_params = build.llm_params_from_cross_attention(init["language_model"], cfg)
+  llm_params = llm_params_from_cross_attention(init["language_model"], cfg)
   llm_forward = jax.jit(
     lambda p, x, seg: llm.apply({"params": p}, inputs_embeds=x, segment_ids=seg), compiler_options=O0
   )
@@ -505,9 +517,9 @@ def test_unrolled_decoder_computes_the_same_and_params_round_trip():
   flat_cfg = cfg.replace(llm=cfg.llm.replace(scan_layers=False))
   flat = NVLMX(flat_cfg)
   lm = params["language_model"]
-  llm = build.llm_params_from_cross_attention(lm, cfg)
+  llm = llm_params_from_cross_attention(lm, cfg)
   np.testing.assert_array_equal(
-    build.llm_to_cross_attention_params(llm, cfg)["decoder"]["groups"]["layers_after"]["mlp"]["up_proj"]["kernel"],
+    llm_to_cross_attention_params(llm, cfg)["decoder"]["groups"]["layers_after"]["mlp"]["up_proj"]["kernel"],
     lm["decoder"]["groups"]["layers_after"]["mlp"]["up_proj"]["kernel"],
   )
   unstacked = {f"layers_{i}": jax.tree.map(lambda x: x[i], llm["decoder"]["layers"]) for i in range(4)}
@@ -603,64 +615,6 @@ def test_full_size_parameter_counts():
       assert count == (
         d_counts[size] - projector_params(d.projector) + projector_params(cfg.projector) + 10 * block_params(cfg.llm)
       )
-
-
-def test_build_from_released_parts_save_and_load(tmp_path):
-  """A tiny Qwen2 dir + a tiny InternViT dir (transformers layouts) -> NVLM-X/H: LLM params unchanged,
-  gates zero, text logits equal the torch Qwen2's; orbax save -> load_checkpoint gives the same params."""
-  import reference_models as rm
-  import torch
-  import transformers
-
-  from nvlm_jax.processing.tokenizer import build_tiny_tokenizer
-  from nvlm_jax.training import checkpointing
-
-  qwen = rm.build_causal_lm(rm.tiny_qwen2_config(num_hidden_layers=4, tie_word_embeddings=False), seed=3)
-  llm_dir = rm.save(qwen, tmp_path / "llm")
-  build_tiny_tokenizer(None, vocab_size=384, out_dir=llm_dir)
-  vision = transformers.InternVLVisionConfig(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=56,
-    patch_size=7,
-    layer_norm_eps=1e-6,
-    use_mean_pooling=True,
-    use_qk_norm=True,
-    norm_type="rms_norm",
-  )
-  torch.manual_seed(0)
-  vit_dir = rm.save(rm.randomize_(transformers.InternVLVisionModel(vision), 4).eval(), tmp_path / "vit")
-  xattn = CrossAttentionConfig(every=2, max_tag_tokens=12)
-  model, params = build.build_from_released_parts(llm_dir, vit_dir, variant="h", cross_attention=xattn)
-  cfg = model.config
-  assert isinstance(model, NVLMH) and cfg.image_token_id == 3  # <|vision_pad|> of the tiny tokenizer
-  assert cfg.image_start_token_ids and cfg.projector.hidden_size == rm.TINY_TEXT["intermediate_size"]
-  gates = params["language_model"]["decoder"]["groups"]["cross_attn"]
-  assert float(jnp.max(jnp.abs(gates["attn_gate"]))) == 0 and float(jnp.max(jnp.abs(gates["mlp_gate"]))) == 0
-  assert 0.015 < float(jnp.std(gates["q_proj"]["kernel"])) < 0.025  # N(0, 0.02)
-  ids = rm.random_tokens(rm.TINY_TEXT["vocab_size"], (1, 300), seed=1)
-  ids[ids == cfg.image_token_id] = 5
-  ours = jax.jit(lambda p: model.apply({"params": p}, jnp.asarray(ids)))(params)
-  diff = float(np.max(np.abs(np.asarray(ours) - rm.torch_logits(qwen, ids))))
-  print(f"NVLM-H built from parts vs torch Qwen2, 300 tokens: max abs logit diff {diff:.2e}")
-  assert diff <= 1e-4
-  step_dir = build.save_checkpoint(tmp_path / "nvlm_h_init", cfg, params)
-  assert step_dir.name == "0" and checkpointing.is_training_checkpoint(tmp_path / "nvlm_h_init")
-  loaded_model, loaded = build.load_checkpoint(tmp_path / "nvlm_h_init")
-  assert loaded_model.config == cfg
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), loaded, params)
-  if jax.device_count() >= 4:  # restored straight onto a mesh (what train.py's init_from does)
-    from jax.sharding import PartitionSpec as P
-
-    from nvlm_jax import sharding
-
-    mesh = sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 2}, jax.devices()[:4])
-    _, on_mesh = build.load_checkpoint(tmp_path / "nvlm_h_init", mesh=mesh)
-    kernel = on_mesh["language_model"]["decoder"]["groups"]["cross_attn"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(gates["mlp"]["up_proj"]["kernel"]))
 
 
 @pytest.mark.parametrize("layers,every,offset", [(8, 4, 3), (8, 4, 0), (6, 2, 1), (6, 3, None), (12, 12, 11)])

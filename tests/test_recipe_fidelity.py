@@ -11,7 +11,7 @@ from test_training_configs import RECIPES, load
 
 from nvlm_jax.data import pipeline
 from nvlm_jax.processing.tile_tags import YI_GLOBAL_TILE_TAG
-from nvlm_jax.training import processor_setup
+from nvlm_jax.data import processor_setup
 
 SFT_RECIPES = [r for r in RECIPES if r.endswith("_sft")]
 TEXT_ONLY_SFT = (

@@ -214,3 +214,18 @@ def test_eval_py_answers_each_image_question_as_generate_does(trained, tokenizer
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="pass --tokenizer"):
     eval_cli.main(args[:-2] + [str(empty), "--no-progress"])
+
+
+@pytest.mark.parametrize("trained", ["tiny_x", "tiny_h"], indirect=True)
+def test_synthetic_benchmark_asks_x_and_h_every_held_out_question(trained, tmp_path):
+  from nvlm_jax.data.synthetic import SyntheticSource
+  from nvlm_jax.evaluation import synthetic
+
+  variant, workdir, _ = trained
+  summary = synthetic.evaluate_checkpoint(workdir, num_samples=3, batch_size=8, out=tmp_path, pad_to_multiple_of=256)
+  assert summary["model"] == f"NVLM{variant.upper()}" and summary["seed_check"] == "verified"
+  expected = SyntheticSource(3, synthetic.HELD_OUT_SEED, size="tiny", tile_size=56, max_tiles=6)
+  types = [kind for i in range(3) for kind in expected.plan(i).types]
+  rows = read_predictions(tmp_path / "predictions.jsonl")
+  assert [r["type"] for r in rows] == types and summary["num_questions"] == len(types)
+  assert all(r["correct"] == (r["finished"] and r["prediction"] == r["answer"]) for r in rows)

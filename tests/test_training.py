@@ -12,10 +12,13 @@ import grain
 import jax
 import numpy as np
 import pytest
+import tensorboard_events
 from jax.sharding import PartitionSpec as P
 
+from nvlm_jax import models
+from nvlm_jax.checkpoint import orbax_checkpoint
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, config_base, flops, optimizer, tensorboard, trainer
+from nvlm_jax.training import config_base, flops, optimizer, trainer
 from nvlm_jax.training.synthetic_lm import SyntheticLMSpec, make_row
 
 VOCAB, SEQ, BATCH = 128, 32, 8
@@ -159,39 +162,29 @@ def test_weight_decay_skips_biases_norms_and_stacked_vectors():
   assert mask == {"kernel": True, "bias": False, "scale": False, "embedding": True, "ls1": False}
 
 
-def test_tensorboard_records_have_valid_crcs_and_decode(tmp_path):
-  assert tensorboard.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-  writer = tensorboard.EventWriter(str(tmp_path), resume_step=7)
-  writer.scalars(8, {"train/loss": 1.5})
-  writer.close()
-  records = tensorboard.read_records(writer.path)
-  assert len(records) == 3 and b"brain.Event:2" in records[0]
-  pb = pytest.importorskip("google.protobuf")
-  del pb
-  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+def test_metrics_writer_logs_tensorboard_scalars_and_marks_a_resume_for_purging(tmp_path):
+  """Numeric metrics reach TensorBoard under train/ (tensorboardX files, read back with their CRCs checked); a writer
+  resumed at step 2 opens a new file whose START marker at step 3 hides the first run's steps 3 and 4."""
+  from nvlm_jax.training import metrics as metrics_lib
 
-  fd = descriptor_pb2.FileDescriptorProto(name="ev.proto", package="t", syntax="proto3")
-  value = fd.message_type.add(name="Value")
-  value.field.add(name="tag", number=1, type=9, label=1)
-  value.field.add(name="simple_value", number=2, type=2, label=1)
-  summary = fd.message_type.add(name="Summary")
-  summary.field.add(name="value", number=1, type=11, label=3, type_name=".t.Value")
-  session = fd.message_type.add(name="SessionLog")
-  session.field.add(name="status", number=1, type=5, label=1)
-  event = fd.message_type.add(name="Event")
-  event.field.add(name="wall_time", number=1, type=1, label=1)
-  event.field.add(name="step", number=2, type=3, label=1)
-  event.field.add(name="file_version", number=3, type=9, label=1)
-  event.field.add(name="summary", number=5, type=11, label=1, type_name=".t.Summary")
-  event.field.add(name="session_log", number=7, type=11, label=1, type_name=".t.SessionLog")
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(fd)
-  Event = message_factory.GetMessageClass(pool.FindMessageTypeByName("t.Event"))
-  first, restart, scalar = (Event.FromString(r) for r in records)
-  assert first.file_version == "brain.Event:2"
-  assert restart.step == 7 and restart.session_log.status == 1
-  assert scalar.step == 8 and scalar.summary.value[0].tag == "train/loss"
-  assert scalar.summary.value[0].simple_value == 1.5
+  first = metrics_lib.MetricsWriter(str(tmp_path))
+  for step in (1, 2, 3, 4):
+    first.write(step, {"loss": 10.0 + step, "note": "text", "skipped": False})
+  first.close()
+  resumed = metrics_lib.MetricsWriter(str(tmp_path), resume_step=2)
+  resumed.write(3, {"loss": 0.5})
+  resumed.close()
+  logdir = tmp_path / "tensorboard"
+  assert tensorboard_events.purge_steps(logdir) == [[], [3]]
+  assert tensorboard_events.shown_scalars(logdir, "train/loss") == [(1, 11.0), (2, 12.0), (3, 0.5)]
+  tags = {
+    v.tag
+    for f in tensorboard_events.event_files(logdir)
+    for e in tensorboard_events.read_events(f)
+    for v in e.summary.value
+  }
+  assert tags == {"train/loss"}
+  assert [r["step"] for r in metrics_lib.read_metrics(str(tmp_path))] == [1, 2, 3]
 
 
 def test_flops_follow_the_documented_multipliers():
@@ -319,14 +312,14 @@ def test_trainer_writes_metrics_and_a_loadable_checkpoint(tmp_path):
   lines = open(tmp_path / "metrics.jsonl").read().splitlines()
   assert len(lines) == 4
   assert os.listdir(tmp_path / "tensorboard")
-  model, params = checkpointing.load_checkpoint(tmp_path)
+  model, params = models.load_checkpoint(tmp_path)
   assert type(model).__name__ == "CausalLM"
   ids = np.arange(1, 9, dtype=np.int32)[None]
   logits = model.apply({"params": params}, ids)
   assert logits.shape == (1, 8, VOCAB) and np.isfinite(np.asarray(logits)).all()
-  assert checkpointing.is_training_checkpoint(tmp_path)
-  assert checkpointing.is_training_checkpoint(tmp_path / "checkpoints" / "4")
-  assert not checkpointing.is_training_checkpoint(tmp_path / "tensorboard")
+  assert orbax_checkpoint.is_training_checkpoint(tmp_path)
+  assert orbax_checkpoint.is_training_checkpoint(tmp_path / "checkpoints" / "4")
+  assert not orbax_checkpoint.is_training_checkpoint(tmp_path / "tensorboard")
 
 
 # --- NVLM-D ------------------------------------------------------------------------------------------
@@ -365,15 +358,20 @@ def nvlm_d_batches(config, batch_size=4, seq_len=48, tiles=2, n_batches=2, seed=
   return iter(grain.MapDataset.source(rows).batch(batch_size).repeat().to_iter_dataset())
 
 
-def test_nvlm_d_pretraining_trains_only_the_projector():
+def tiny_d_config(trainable: tuple[str, ...]):
   c = config_base.base_config()
   c.model.preset = "tiny_nvlm_d"
   c.model.dtype = "float32"
-  c.trainable = ("projector",)
+  c.trainable = trainable
   c.compiler_options = FAST_COMPILE
   c.optimizer.update(lr=3e-3, min_lr=3e-4, warmup_steps=1, weight_decay=0.1, grad_clip=10.0)
   c.data.update(global_batch_size=4, seq_len=48, max_tiles=2)
   c.total_steps = 100
+  return c
+
+
+def test_nvlm_d_pretraining_trains_only_the_projector():
+  c = tiny_d_config(("projector",))
   runner = Runner(c, jax.devices()[:1])
   batch = next(nvlm_d_batches(c))
   batch_lib.check_batch(batch, multimodal=True)
@@ -389,11 +387,24 @@ def test_nvlm_d_pretraining_trains_only_the_projector():
   assert moment_paths and not any("vision_model" in p or "language_model" in p for p in moment_paths)
 
 
+def test_a_vit_listed_in_trainable_trains():
+  """The preset freezes the ViT behind a stop_gradient; listing it in `trainable` must lift that, or every ViT
+  weight would silently get a zero gradient."""
+  c = tiny_d_config(("vision_model", "projector"))
+  runner = Runner(c, jax.devices()[:1])
+  assert runner.setup.model_config.freeze_vision is False
+  state, _ = runner.run(nvlm_d_batches(c), 2)
+  before, after = runner.initial.params, jax.device_get(state.params)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), after["vision_model"], before["vision_model"])
+  assert all(jax.tree.leaves(changed)), changed
+  jax.tree.map(np.testing.assert_array_equal, after["language_model"], before["language_model"])
+
+
 def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable_model(tmp_path):
   """configs/tiny_d.py end to end (few steps): nvlm_jax.data.pipeline batches, processor saved, checkpoint loads."""
   import importlib.util
   from pathlib import Path
-  from nvlm_jax.training.processor_setup import read_run_processor as load_processor
+  from nvlm_jax.data.processor_setup import read_run_processor as load_processor
 
   path = Path(__file__).resolve().parents[1] / "configs" / "tiny_d.py"
   spec = importlib.util.spec_from_file_location("tiny_d", path)
@@ -407,7 +418,7 @@ def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable
   history = trainer.Trainer(c, devices=jax.devices()[:1]).run()
   assert [h["step"] for h in history] == [1, 2, 3] and all(math.isfinite(h["loss"]) for h in history)
   assert history[0]["loss"] > 5.0  # ~log(512) at init
-  model, params = checkpointing.load_checkpoint(tmp_path)
+  model, params = models.load_checkpoint(tmp_path)
   processor = load_processor(tmp_path)
   assert type(model).__name__ == "NVLMD" and processor.image_context_id == model.config.image_token_id
   enc = processor([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True)
@@ -416,11 +427,9 @@ def test_default_tiny_d_config_trains_on_the_data_pipeline_and_leaves_a_loadable
 
 
 def test_init_from_a_params_only_checkpoint_starts_from_those_parameters(tmp_path, one_device):
-  """A stitched model saved with nvlm_jax.checkpoint.from_parts.save_checkpoint (params + description, no optimizer
-  state) is a valid `checkpoint.init_from`; training then starts from exactly those parameters."""
-  from nvlm_jax.checkpoint.from_parts import save_checkpoint
-
-  save_checkpoint(tmp_path / "stitched", one_device.setup.model_config, one_device.initial.params)
+  """A model saved with nvlm_jax.models.save_checkpoint (params + description, no optimizer state) is a valid
+  `checkpoint.init_from`; training then starts from exactly those parameters."""
+  models.save_checkpoint(tmp_path / "stitched", one_device.setup.model_config, one_device.initial.params)
   config = lm_config(total_steps=2, workdir=str(tmp_path / "run"))
   config.checkpoint.init_from = str(tmp_path / "stitched")
   config.log.update(every_steps=1, tensorboard=False)

@@ -41,7 +41,7 @@ def run_from(runner: Runner, params, steps: int):
 
 
 def test_init_from_starts_from_the_saved_parameters_not_a_fresh_init(tmp_path, reference):
-  from nvlm_jax.checkpoint.from_parts import save_checkpoint
+  from nvlm_jax.models import save_checkpoint
 
   rng = np.random.default_rng(0)
   perturbed = jax.tree.map(lambda a: a + 0.2 * rng.standard_normal(a.shape).astype(a.dtype), reference.initial.params)
@@ -81,11 +81,11 @@ def test_max_to_keep_prunes_all_but_the_latest_checkpoints(trained):
 
 def test_load_pretrained_of_a_workdir_equals_load_checkpoint_and_the_trained_state(trained):
   import nvlm_jax
-  from nvlm_jax.training import checkpointing
+  from nvlm_jax import models
 
   workdir, run, _ = trained
   model_a, params_a = nvlm_jax.load_pretrained(workdir)
-  model_b, params_b = checkpointing.load_checkpoint(workdir)
+  model_b, params_b = models.load_checkpoint(workdir)
   assert model_a.config == model_b.config
   final = jax.device_get(run.state.params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params_a), final)

@@ -203,7 +203,7 @@ def load_hf_checkpoint(
   model = chosen.build_model(model_cfg)
   table = rules(model_cfg) if callable(rules) else rules
   if table is None:  # NVLM-D: the ViT heads as the files store them (padded as released, or not)
-    from nvlm_jax.checkpoint.convert.sources import layout_rules  # convert.sources imports this module
+    from nvlm_jax.checkpoint.vision_layouts import layout_rules  # vision_layouts imports this module
 
     table = layout_rules(chosen, model_cfg, ckpt)
 

@@ -9,11 +9,11 @@ larger than one slice (plus a bounded number of in-flight chunk writes) is ever 
 it back the same way. The step directory around it (`_CHECKPOINT_METADATA`, the `model` JSON item)
 is written by orbax itself.
 
-The result is an ordinary orbax checkpoint in the layout of nvlm_jax/training/checkpointing.py:
+The result is an ordinary orbax checkpoint in the layout of nvlm_jax/checkpoint/orbax_checkpoint.py:
 
     WORKDIR/nvlm_model.json, WORKDIR/checkpoints/<step>/{model, params}
 
-so `checkpointing.load_checkpoint(WORKDIR)` and `train.py --config.init_from=WORKDIR` restore it with
+so `models.load_checkpoint(WORKDIR)` and `train.py --config.init_from=WORKDIR` restore it with
 `StandardRestore` onto any mesh. Tests restore what this module writes through orbax.
 
 Chunking: a stacked parameter gets one chunk row per layer; with a mesh, chunks are additionally cut
@@ -39,7 +39,7 @@ import tensorstore as ts
 
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError
 from nvlm_jax.sharding import LOGICAL_AXIS_RULES
-from nvlm_jax.training import checkpointing
+from nvlm_jax.checkpoint import orbax_checkpoint
 
 PARAMS_ITEM = "params"
 MODEL_ITEM = "model"
@@ -406,12 +406,12 @@ def start_checkpoint(workdir: Path, description: Mapping[str, Any], step: int = 
   """Creates WORKDIR/checkpoints/<step>/ with its `model` item (written by orbax) and
   WORKDIR/nvlm_model.json; returns the directory the params item goes into."""
 
-  directory = workdir / checkpointing.CHECKPOINT_SUBDIR
+  directory = workdir / orbax_checkpoint.CHECKPOINT_SUBDIR
   options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
   with ocp.CheckpointManager(directory, options=options) as manager:
     manager.save(step, args=ocp.args.Composite(**{MODEL_ITEM: ocp.args.JsonSave(dict(description))}))
     manager.wait_until_finished()
-  (workdir / checkpointing.MODEL_DESCRIPTION_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
+  (workdir / orbax_checkpoint.MODEL_DESCRIPTION_FILE).write_text(json.dumps(description, indent=2, sort_keys=True))
   return directory / str(step) / PARAMS_ITEM
 
 

@@ -693,3 +693,15 @@ register_layout(
     init_args=_pixels_init,
   )
 )
+
+
+def layout_rules(layout: Layout, model_cfg, ckpt: SafetensorsCheckpoint | None = None) -> RuleTable:
+  """The layout's rule table; for NVLM-D, with the ViT heads as the files store them (padded with
+  zero dummy heads as released, or unpadded as `export` writes without --pad-dummy-heads)."""
+  if layout.name == "NVLM_D" and ckpt is not None:
+    key = "vision_model.encoder.layers.0.attn.qkv.weight"
+    if key in ckpt:
+      rows, hd = ckpt[key].shape[0], model_cfg.vision.head_dim
+      if rows % (3 * hd) == 0 and rows // (3 * hd) >= model_cfg.vision.num_heads:
+        return nvlm_d_rules(model_cfg, stored_heads=rows // (3 * hd))
+  return layout.build_rules(model_cfg)

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from nvlm_jax.data.encode import EncodeRecord
 from nvlm_jax.data.llava import LlavaSource
 from nvlm_jax.data.packing import PackedBatchIterator
+from nvlm_jax.data.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, read_run_processor
 from nvlm_jax.data.synthetic import SyntheticSource
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tile_tags import tile_tags
@@ -40,9 +41,6 @@ GAP = 4  # pixels between tiles in --save-tiles
 
 # ---- building the processor and source ------------------------------------------------------------------
 def build_processor(args):
-  # upward, allowed in tests/test_structure.py: a training workdir's processor
-  from nvlm_jax.training.processor_setup import PROCESSOR_FILE, TINY_TOKENIZER, build_tokenizer, read_run_processor
-
   tiny = args.size == "tiny" and args.synthetic
   image_size = args.image_size or (56 if tiny else 448)
   patch_size = args.patch_size or (7 if tiny else 14)

@@ -16,6 +16,11 @@ by the scene:
 * ``What color is the square?`` -> ``"blue"`` (only asked for a shape kind that occurs exactly once).
 * ``What word is written in large letters?`` -> ``"river"``.
 
+Every question has a *type* (``QUESTION_TYPES``; ``SamplePlan.types``), the unit the synthetic benchmark
+(nvlm_jax/evaluation/synthetic.py) reports accuracy in: ``digits`` (the small-print number: needs the
+high-resolution tiles), ``tile`` (needs the tile tags), ``count``, ``colour``, ``word`` (visible in the
+thumbnail too) and ``text_only`` (the arithmetic / word questions of text-only samples).
+
 Layout: each DHR tile is split into 2x2 cells and every object lives inside one cell (the word in the two
 cells of a half tile), so objects never overlap and never straddle a tile border. Drawing is PIL without
 antialiasing, so shape interiors hold their exact palette colour; images are PNG-encoded (lossless).
@@ -86,6 +91,10 @@ Q_REPEAT = "Repeat the word {w}."
 Q_REVERSE = "Spell the word {w} backwards."
 Q_LENGTH = "How many letters are in the word {w}?"
 
+# Question types: what a question needs from the image (see the module docstring).
+DIGITS, TILE, COUNT, COLOUR, WORD, TEXT_ONLY = "digits", "tile", "count", "colour", "word", "text_only"
+QUESTION_TYPES = (DIGITS, TILE, COUNT, COLOUR, WORD, TEXT_ONLY)
+
 _MIN_FONT_PX = 6
 _CELLS_PER_TILE_SIDE = 2
 
@@ -130,6 +139,7 @@ class SamplePlan:
   scene: Scene | None  # None: text-only
   qa: tuple[tuple[str, str], ...]
   system: bool
+  types: tuple[str, ...]  # the QUESTION_TYPES entry of each qa pair
 
 
 @functools.lru_cache(maxsize=256)
@@ -211,11 +221,14 @@ class SyntheticSource:
     system = bool(rng.random() < self.system_fraction)
     n_questions = int(rng.integers(1, self.max_questions + 1))
     if rng.random() < self.text_only_fraction:
-      return SamplePlan(sample_id, None, _text_questions(rng, n_questions), system)
-    scene = self._plan_scene(rng)
-    questions = _scene_questions(scene, count_kind=SHAPES[int(rng.integers(len(SHAPES)))])
-    order = rng.permutation(len(questions))[:n_questions]
-    return SamplePlan(sample_id, scene, tuple(questions[k] for k in sorted(order)), system)
+      scene, questions = None, _text_questions(rng, n_questions)
+    else:
+      scene = self._plan_scene(rng)
+      typed = _scene_questions(scene, count_kind=SHAPES[int(rng.integers(len(SHAPES)))])
+      order = rng.permutation(len(typed))[:n_questions]
+      questions = tuple(typed[k] for k in sorted(order))
+    qa = tuple((question, answer) for question, answer, _ in questions)
+    return SamplePlan(sample_id, scene, qa, system, tuple(kind for _, _, kind in questions))
 
   def _plan_scene(self, rng: np.random.Generator) -> Scene:
     lo, hi = self.image_size_range
@@ -316,26 +329,28 @@ def _fit_text(rng, text: str, cell, *, max_px: int, boxed: bool) -> TextItem | N
   return None
 
 
-def _scene_questions(scene: Scene, *, count_kind: str) -> list[tuple[str, str]]:
+def _scene_questions(scene: Scene, *, count_kind: str) -> list[tuple[str, str, str]]:
+  """(question, answer, question type) of every question the scene can answer."""
   questions = []
   if scene.number is not None:
-    questions.append((Q_NUMBER, scene.number.text))
+    questions.append((Q_NUMBER, scene.number.text, DIGITS))
   red_circles = [s for s in scene.shapes if (s.kind, s.color) == ("circle", "red")]
   cols, rows = scene.grid
   if len(red_circles) == 1 and cols * rows > 1:
-    questions.append((Q_TILE, f"tile {red_circles[0].tile + 1}"))
+    questions.append((Q_TILE, f"tile {red_circles[0].tile + 1}", TILE))
   counts = {kind: sum(s.kind == kind for s in scene.shapes) for kind in SHAPES}
   for kind in SHAPES:
     if counts[kind] == 1:
       color = next(s.color for s in scene.shapes if s.kind == kind)
-      questions.append((Q_COLOR.format(shape=kind), color))
-  questions.append((Q_COUNT.format(plural=SHAPE_PLURALS[count_kind]), str(counts[count_kind])))
+      questions.append((Q_COLOR.format(shape=kind), color, COLOUR))
+  questions.append((Q_COUNT.format(plural=SHAPE_PLURALS[count_kind]), str(counts[count_kind]), COUNT))
   if scene.word is not None:
-    questions.append((Q_WORD, scene.word.text))
+    questions.append((Q_WORD, scene.word.text, WORD))
   return questions
 
 
-def _text_questions(rng: np.random.Generator, n: int) -> tuple[tuple[str, str], ...]:
+def _text_questions(rng: np.random.Generator, n: int) -> tuple[tuple[str, str, str], ...]:
+  """(question, answer, TEXT_ONLY) for n arithmetic / word questions."""
   qa = []
   for _ in range(n):
     task = int(rng.integers(6))
@@ -355,7 +370,7 @@ def _text_questions(rng: np.random.Generator, n: int) -> tuple[tuple[str, str], 
       qa.append((Q_REVERSE.format(w=w), w[::-1]))
     else:
       qa.append((Q_LENGTH.format(w=w), str(len(w))))
-  return tuple(qa)
+  return tuple((question, answer, TEXT_ONLY) for question, answer in qa)
 
 
 def plan_messages(plan: SamplePlan) -> list[dict]:

@@ -39,7 +39,7 @@ from nvlm_jax.generation import generate, language_config
 from nvlm_jax.processing.processor import Processor
 from nvlm_jax.processing.tokenizer import ENDOFTEXT, UNKNOWN_TOKEN_TEXT, NvlmTokenizer
 from nvlm_jax.sharding import LOGICAL_AXIS_RULES
-from nvlm_jax.training import processor_setup
+from nvlm_jax.data import processor_setup
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -51,7 +51,7 @@ def is_training_checkpoint(path: str | os.PathLike) -> bool:
   return models.checkpoint_format(path) == models.OURS
 
 
-def _workdir_of(path: Path) -> Path:
+def workdir_of(path: Path) -> Path:
   """The trainer workdir of a training checkpoint path (workdir, workdir/checkpoints or a step dir)."""
   path = path.absolute()
   if path.name.isdigit() and path.parent.name == "checkpoints":
@@ -67,7 +67,7 @@ def _tokenizer_dirs(path: Path) -> list[Path]:
   path = path.absolute()
   candidates = [path]
   if is_training_checkpoint(path):
-    workdir = _workdir_of(path)
+    workdir = workdir_of(path)
     candidates += [workdir, workdir / "tokenizer"]
   return list(dict.fromkeys(candidates))
 
@@ -117,7 +117,7 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
   """The Processor for a checkpoint.
 
   * a training checkpoint whose workdir has the trainer's processor.json: exactly the processor the
-    training run used (`training.processor_setup.read_run_processor`);
+    training run used (`data.processor_setup.read_run_processor`);
   * a dir holding tokenizer.json beside a HF config.json: `Processor.from_pretrained`;
   * otherwise the tokenizer found (in the dir, the workdir, workdir/tokenizer, or `tokenizer`) with
     the image settings of the model's config.
@@ -132,8 +132,8 @@ def load_processor(path: str | os.PathLike, model=None, *, tokenizer: str | os.P
     raise FileNotFoundError(f"load_processor({path}): the directory does not exist")
   model_config = getattr(model, "config", None)
   training = is_training_checkpoint(path)
-  if tokenizer is None and training and (_workdir_of(path) / "processor.json").is_file():
-    processor = processor_setup.read_run_processor(_workdir_of(path))
+  if tokenizer is None and training and (workdir_of(path) / "processor.json").is_file():
+    processor = processor_setup.read_run_processor(workdir_of(path))
   else:
     # `tokenizer` takes what config.data.tokenizer takes: a dir with tokenizer.json or a training workdir
     candidates = [Path(tokenizer), Path(tokenizer) / "tokenizer"] if tokenizer is not None else _tokenizer_dirs(path)

@@ -19,7 +19,7 @@ G = num_layers / every groups; a group is
 so the LLM's stacked params [L, ...] become [G, offset, ...] and [G, every - offset, ...] (logical axes
 ("layer_groups", "layers", ...); a block's params are ("layer_groups", ...)):
 LLM layer i = g * every + j lives at layers_before[g, j] (j < offset) or layers_after[g, j - offset].
-`nvlm_jax.checkpoint.from_parts.llm_to_cross_attention_params` does this reshape. Unrolled (`scan_layers=False`) the
+`split_layer_groups` below does this reshape (`convert stitch` one layer at a time). Unrolled (`scan_layers=False`) the
 LLM layers keep CausalLM's names `layers_{i}` and the blocks are `cross_attn_{g}`.
 
 The KV cache keeps CausalLM's layout ({"layers": {"k", "v": [L, B, S, kv_heads, head_dim]}, "index",

@@ -1,22 +1,15 @@
-"""Our own checkpoint directory: train state + data iterator + a JSON model description, via orbax.
+"""The trainer's checkpoints: train state + data iterator + integrity record, saved and resumed via orbax.
 
-Layout of a training workdir::
+A training step directory holds, besides `params/` and `model/` (the layout of
+nvlm_jax/checkpoint/orbax_checkpoint.py, which `models.load_checkpoint` reads):
 
-    WORKDIR/
-      nvlm_model.json            the model description (models.describe_model), for humans and tools
-      checkpoints/<step>/        one orbax CheckpointManager step, items:
-        params/                  the model parameters (orbax StandardSave, sharded, fp32 master weights)
-        opt_state/               AdamW moments of the trainable parameters only
-        train_meta/              step counters and the PRNG key data (TrainState minus params/opt_state)
-        model/                   the same model description as JSON (a step directory is self-contained)
-        data/                    the grain iterator state, one file per process (absent without an iterator)
-        integrity/               checksums of every array and of the data states (checkpoint_integrity.py)
-      damaged_checkpoints/<step>/  steps found damaged at a resume, moved here for inspection
-      metrics.jsonl, tensorboard/ ...
+    opt_state/                 AdamW moments of the trainable parameters only
+    train_meta/                step counters and the PRNG key data (TrainState minus params/opt_state)
+    data/                      the grain iterator state, one file per process (absent without an iterator)
+    integrity/                 checksums of every array and of the data states (checkpoint/integrity.py)
 
-`load_checkpoint(path)` accepts WORKDIR, WORKDIR/checkpoints or WORKDIR/checkpoints/<step> and returns
-(model, params) ready for `model.apply({"params": params}, ...)`; `nvlm_jax.load_pretrained` detects such a
-directory with `is_training_checkpoint`.
+A resume restores the newest step whose every item is present, readable and matches its checksums; damaged
+steps are moved to WORKDIR/damaged_checkpoints/.
 """
 
 from __future__ import annotations
@@ -25,16 +18,12 @@ import json
 import os
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
-from nvlm_jax import models
-from nvlm_jax import sharding as sharding_lib
-from nvlm_jax.training import checkpoint_integrity as integrity
+from nvlm_jax.checkpoint import integrity
+from nvlm_jax.checkpoint.orbax_checkpoint import CHECKPOINT_SUBDIR, DamagedCheckpointError
 
-CHECKPOINT_SUBDIR = "checkpoints"
-MODEL_DESCRIPTION_FILE = "nvlm_model.json"
 STATE_ITEMS = ("params", "opt_state", "train_meta")
 TRAIN_ONLY_ITEMS = ("opt_state", "train_meta", integrity.INTEGRITY_ITEM, "data")
 DAMAGED_SUBDIR = "damaged_checkpoints"
@@ -43,14 +32,6 @@ META_FIELDS = ("step", "applied_steps", "skipped_steps", "nonfinite_streak", "rn
 
 def _has_data_state(iterator) -> bool:
   return iterator is not None and hasattr(iterator, "get_state") and hasattr(iterator, "set_state")
-
-
-class DamagedCheckpointError(RuntimeError):
-  """One checkpoint step cannot be used whole: an item is missing or unreadable, or a checksum differs."""
-
-  def __init__(self, path: Path, reason: str):
-    self.path, self.reason = path, reason
-    super().__init__(f"checkpoint {path} is damaged: {reason}")
 
 
 class NoIntactCheckpointError(RuntimeError):
@@ -103,7 +84,7 @@ class TrainCheckpointer:
     return self.manager.latest_step()
 
   def is_params_only(self, step: int) -> bool:
-    """True for a step with parameters but no train state, e.g. written by checkpoint.from_parts.save_checkpoint
+    """True for a step with parameters but no train state, e.g. written by models.save_checkpoint
     (an init). A trainer step that lost some of its items is not params-only: it is damaged."""
     step_dir = self.directory / str(step)
     if any((step_dir / item).exists() for item in TRAIN_ONLY_ITEMS):
@@ -246,121 +227,3 @@ class TrainCheckpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
-
-
-def write_model_description(workdir: str | os.PathLike, description: dict) -> None:
-  if jax.process_index() == 0:
-    path = Path(workdir) / MODEL_DESCRIPTION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(description, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
-# --- loading for inference / evaluation ------------------------------------------------------------
-
-
-def _resolve(path: str | os.PathLike, step: int | None) -> tuple[Path, int]:
-  """(checkpoint manager directory, step) for a workdir, its checkpoints/ dir, or one step dir."""
-  path = Path(path).absolute()
-  if (path / CHECKPOINT_SUBDIR).is_dir():
-    path = path / CHECKPOINT_SUBDIR
-  elif path.name.isdigit() and (path / "params").is_dir():
-    if step is not None and step != int(path.name):
-      raise ValueError(f"{path} is the checkpoint of step {path.name}, but step={step} was asked for")
-    return path.parent, int(path.name)
-  steps = (
-    sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").is_dir()) if path.is_dir() else []
-  )
-  if not steps:
-    raise FileNotFoundError(f"{path}: no nvlm_jax training checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
-  if step is None:
-    return path, steps[-1]
-  if step not in steps:
-    raise FileNotFoundError(f"{path}: no checkpoint for step {step}; available steps {steps}")
-  return path, step
-
-
-def is_training_checkpoint(path: str | os.PathLike) -> bool:
-  """True if `path` is a workdir, checkpoints dir or step dir written by the trainer."""
-  try:
-    _resolve(path, None)
-    return True
-  except (FileNotFoundError, NotADirectoryError):
-    return False
-
-
-def read_model_description(path: str | os.PathLike, step: int | None = None) -> dict:
-  directory, step = _resolve(path, step)
-  model_item = directory / str(step) / "model"
-  if model_item.is_dir():
-    files = [f for f in model_item.iterdir() if f.suffix == ".json" or f.name == "metadata"]
-    for f in files:
-      try:
-        data = json.loads(f.read_text())
-      except (json.JSONDecodeError, UnicodeDecodeError):
-        continue
-      if isinstance(data, dict) and data.get("format") == models.DESCRIPTION_FORMAT:
-        return data
-  workdir_file = directory.parent / MODEL_DESCRIPTION_FILE
-  if workdir_file.exists():
-    return json.loads(workdir_file.read_text())
-  raise FileNotFoundError(f"{directory / str(step)}: no model description (item 'model' or {workdir_file})")
-
-
-def load_checkpoint(
-  path: str | os.PathLike,
-  *,
-  step: int | None = None,
-  mesh=None,
-  dtype: str | None = None,
-  param_dtype: str | None = None,
-  rules=sharding_lib.LOGICAL_AXIS_RULES,
-):
-  """(model, params) from a trainer checkpoint (latest step unless `step`).
-
-  dtype / param_dtype override the saved compute / storage dtypes (e.g. "bfloat16" to serve); with a
-  `mesh`, every parameter is restored directly onto its NamedSharding, otherwise onto one device.
-  """
-  directory, step = _resolve(path, step)
-  model_config = saved_config = models.config_from_description(read_model_description(directory, step))
-  if dtype:
-    model_config = models._set_everywhere(model_config, "dtype", dtype)
-  if param_dtype:
-    model_config = models._set_everywhere(model_config, "param_dtype", param_dtype)
-  model = models.module_for_config(model_config)
-  boxed = models.abstract_variables(model, model_config)["params"]
-  if mesh is not None:
-    shardings = sharding_lib.logical_to_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  else:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shardings = jax.tree.map(lambda _: device, nn.meta.unbox(boxed))
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed), shardings
-  )
-  # The params item alone, read with a plain Checkpointer: a read-only CheckpointManager would log warnings
-  # ("Given directory is read only") on every load that tell a user nothing.
-  step_dir = directory / str(step)
-  with ocp.StandardCheckpointer() as checkpointer:
-    params = checkpointer.restore(step_dir / "params", target)
-  record_file = step_dir / integrity.INTEGRITY_ITEM / "metadata"  # trainer checkpoints have checksums
-  if record_file.is_file():
-    stored = nn.meta.unbox(models.abstract_variables(models.module_for_config(saved_config), saved_config)["params"])
-    _verify_params(step_dir, params, stored, json.loads(record_file.read_text()))
-  return model, params
-
-
-def _verify_params(step_dir: Path, params, stored, record) -> None:
-  """Checks the parameters restored for inference against the checksums saved with them (those restored
-  in their stored dtype; a cast, e.g. to serve in bfloat16, changes the bits)."""
-  digests, _ = integrity.array_digests({"params": params})
-  uncast = {
-    jax.tree_util.keystr(path): leaf.dtype == ref.dtype
-    for (path, leaf), ref in zip(
-      jax.tree_util.tree_flatten_with_path({"params": params})[0], jax.tree.leaves({"params": stored})
-    )
-  }
-  saved = (record or {}).get("arrays", {})
-  bad = [k for k, ok in uncast.items() if ok and saved.get(k) != digests[k]]
-  if bad:
-    raise DamagedCheckpointError(step_dir, f"checksum mismatch in {len(bad)} parameter(s), e.g. {bad[:3]}")

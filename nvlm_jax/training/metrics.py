@@ -1,19 +1,26 @@
 """Training metrics: one JSON line per step in WORKDIR/metrics.jsonl, TensorBoard scalars, progress lines.
 
 Only process 0 writes. On resume from a checkpoint at step s, a torn last line and lines for steps > s
-(written after that checkpoint by the interrupted run) are dropped first, and the TensorBoard event files
-are cut to step s the same way, so both read as one clean run: every step exactly once. The trainer
-writes the rows of every step up to a checkpoint to disk (fsync) before it starts that checkpoint.
+(written after that checkpoint by the interrupted run) are dropped first, so metrics.jsonl reads as one clean
+run: every step exactly once. The trainer writes the rows of every step up to a checkpoint to disk (fsync)
+before it starts that checkpoint.
+
+TensorBoard event files are written by tensorboardX and never edited: a resumed run opens a new event file
+with `purge_step=s + 1`, a START session log at that step, on which TensorBoard hides the events earlier
+files hold at steps >= s + 1 (what the interrupted run logged after the checkpoint; this run logs those
+steps again). A torn last record in an old file (a kill mid-write) is left; TensorBoard's reader stops there.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
-from nvlm_jax.training.tensorboard import EventWriter, truncate_event_files
+from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -108,13 +115,16 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     logdir = os.path.join(workdir, "tensorboard")
     if resume_step is not None:
-      self.repaired = [
-        m for m in (truncate_metrics(workdir, resume_step), truncate_event_files(logdir, resume_step)) if m
-      ]
+      self.repaired = [m for m in (truncate_metrics(workdir, resume_step),) if m]
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
     if tensorboard:
-      # TensorBoard drops earlier events at or after a START marker's step: the restored step's stay.
-      self._tb = EventWriter(logdir, resume_step=None if resume_step is None else resume_step + 1)
+      # tensorboardX names files by the second and the host only, opening them with "wb": a suffix keeps two
+      # writers of one second (a quick resume) apart, in the order TensorBoard reads them (by name).
+      suffix = f".{time.time_ns() % 1_000_000_000:09d}.{os.getpid()}"
+      # The restored step's events stay; TensorBoard hides the earlier ones at steps >= purge_step.
+      purge_step = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(logdir, purge_step=purge_step, flush_secs=30, filename_suffix=suffix)
+      (self._tb_file,) = glob.glob(os.path.join(glob.escape(logdir), f"events.out.tfevents.*{suffix}"))
 
   def write(self, step: int, values: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -122,9 +132,9 @@ class MetricsWriter:
     clean = {k: _plain(v) for k, v in values.items()}
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
     if self._tb is not None:
-      self._tb.scalars(
-        step, {f"train/{k}": v for k, v in clean.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-      )
+      for k, v in clean.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f"train/{k}", v, int(step))
 
   def flush(self, durable: bool = False) -> None:
     """Hands the rows to the OS; `durable`: also waits until they are on disk (before a checkpoint commits,
@@ -134,7 +144,13 @@ class MetricsWriter:
       if durable:
         os.fsync(self._jsonl.fileno())
     if self._tb is not None:
-      self._tb.flush(durable)
+      self._tb.flush()
+      if durable:  # the writer keeps its file object to itself; any descriptor of the file syncs its data
+        fd = os.open(self._tb_file, os.O_RDONLY)
+        try:
+          os.fsync(fd)
+        finally:
+          os.close(fd)
 
   def close(self) -> None:
     if self._jsonl is not None:

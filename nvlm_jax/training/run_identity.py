@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from nvlm_jax.training.checkpointing import CHECKPOINT_SUBDIR
+from nvlm_jax.checkpoint.orbax_checkpoint import CHECKPOINT_SUBDIR
 
 RUN_FILE = "run.json"
 

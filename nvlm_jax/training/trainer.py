@@ -30,9 +30,10 @@ from jax.sharding import PartitionSpec as P
 
 from nvlm_jax import models
 from nvlm_jax import sharding as sharding_lib
-from nvlm_jax.data import pipeline
+from nvlm_jax.checkpoint import orbax_checkpoint
+from nvlm_jax.data import pipeline, processor_setup
 from nvlm_jax.training import batch as batch_lib
-from nvlm_jax.training import checkpointing, config_base, optimizer, processor_setup, run_identity
+from nvlm_jax.training import checkpointing, config_base, optimizer, run_config, run_identity
 from nvlm_jax.training import flops as flops_lib
 from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.synthetic_lm import make_synthetic_lm_iterator
@@ -112,6 +113,12 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
   logical = unique_logical_axes(nn.get_partition_spec(boxed))
   abstract_params = nn.meta.unbox(boxed)
   labels = optimizer.trainable_labels(abstract_params, tuple(config.trainable))
+  # `trainable` alone says whether the ViT trains; its stop_gradient follows (a trainable ViT behind a
+  # stop_gradient would silently get zero gradients, a frozen one without it would cost a backward pass).
+  vision_trains = optimizer.TRAINABLE in jax.tree.leaves(labels.get("vision_model", {}))
+  if getattr(model_config, "freeze_vision", vision_trains) == vision_trains:
+    model_config = dataclasses.replace(model_config, freeze_vision=not vision_trains)
+    model = models.module_for_config(model_config)
   decay_mask = optimizer.weight_decay_mask(logical)
   tx, schedule = optimizer.make_optimizer(config.optimizer, labels, decay_mask, config.total_steps)
 
@@ -424,8 +431,10 @@ class Trainer:
     ckpt_cfg = cfg.checkpoint
     os.makedirs(self.workdir, exist_ok=True)
     run_identity.claim(self.workdir, cfg, write=self.is_chief)  # refuses another run's checkpoints
+    if self.is_chief:
+      run_config.save_train_config(self.workdir, cfg)  # evaluation reads the run's data settings from it
     description = models.describe_model(setup.model_config)
-    checkpointing.write_model_description(self.workdir, description)
+    orbax_checkpoint.write_model_description(self.workdir, description)
     checkpointer = checkpointing.TrainCheckpointer(
       self.workdir,
       max_to_keep=ckpt_cfg.max_to_keep,

@@ -48,7 +48,7 @@ from nvlm_jax.checkpoint.convert.sources import OrbaxSource
 from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.text_layouts import decoder_rules
 from nvlm_jax.config import DecoderConfig, NVLMConfig
-from nvlm_jax.training.processor_setup import PROCESSOR_FILE
+from nvlm_jax.data.processor_setup import PROCESSOR_FILE
 
 EXPORT_LAYOUTS = ("qwen2", "llama", "internvl", "nvlm_d")
 EXPORT_DTYPES = ("auto", "bfloat16", "float32", "float16")

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from nvlm_jax.training.processor_setup import TOKENIZER_SUBDIR
+from nvlm_jax.data.processor_setup import TOKENIZER_SUBDIR
 
 TMP_MARKER = ".convert-tmp-"
 PROVENANCE_FILE = "nvlm_convert.json"

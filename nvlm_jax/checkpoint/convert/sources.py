@@ -21,12 +21,10 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from nvlm_jax import models
-from nvlm_jax.checkpoint import hf_import, orbax_stream, vision_layouts
+from nvlm_jax.checkpoint import hf_import, orbax_checkpoint, orbax_stream, vision_layouts
 from nvlm_jax.checkpoint.convert.output import ConvertError
-from nvlm_jax.checkpoint.mapping import RuleTable
 from nvlm_jax.checkpoint.safetensors_io import CheckpointError, SafetensorsCheckpoint
 from nvlm_jax.checkpoint.text_layouts import ConfigError
-from nvlm_jax.training import checkpointing
 
 # Short names accepted by `--layout` -> registered import layouts (hf_import.REGISTRY).
 LAYOUT_ALIASES = {
@@ -78,18 +76,6 @@ def majority_dtype(ckpt: SafetensorsCheckpoint) -> str:
   return name if name in DTYPES else "float32"
 
 
-def layout_rules(layout: hf_import.Layout, model_cfg, ckpt: SafetensorsCheckpoint | None = None) -> RuleTable:
-  """The layout's rule table; for NVLM-D, with the ViT heads as the files store them (padded with
-  zero dummy heads as released, or unpadded as `export` writes without --pad-dummy-heads)."""
-  if layout.name == "NVLM_D" and ckpt is not None:
-    key = "vision_model.encoder.layers.0.attn.qkv.weight"
-    if key in ckpt:
-      rows, hd = ckpt[key].shape[0], model_cfg.vision.head_dim
-      if rows % (3 * hd) == 0 and rows // (3 * hd) >= model_cfg.vision.num_heads:
-        return vision_layouts.nvlm_d_rules(model_cfg, stored_heads=rows // (3 * hd))
-  return layout.build_rules(model_cfg)
-
-
 class HFSource:
   """A Hugging Face checkpoint directory: validated headers, config, layout and rule table."""
 
@@ -119,7 +105,7 @@ class HFSource:
       scan_layers=scan_layers,
       **dict(config_overrides or {}),
     )
-    self.table = layout_rules(self.layout, self.config, self.ckpt)
+    self.table = vision_layouts.layout_rules(self.layout, self.config, self.ckpt)
     self.table.check_checkpoint(self.ckpt)  # unknown / missing keys, wrong shapes: before any read
 
   def build_model(self):
@@ -174,13 +160,13 @@ class OrbaxSource:
   def __init__(self, path: str | os.PathLike, step: int | None = None):
 
     try:
-      directory, self.step = checkpointing._resolve(path, step)
+      directory, self.step = orbax_checkpoint.resolve_step(path, step)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
       raise ConvertError(str(e)) from None
     self.step_dir = directory / str(self.step)
-    self.workdir = directory.parent if directory.name == checkpointing.CHECKPOINT_SUBDIR else directory
+    self.workdir = directory.parent if directory.name == orbax_checkpoint.CHECKPOINT_SUBDIR else directory
     try:
-      self.description = checkpointing.read_model_description(directory, self.step)
+      self.description = orbax_checkpoint.read_model_description(directory, self.step)
       self.config = models.config_from_description(self.description)
     except (FileNotFoundError, ValueError, TypeError) as e:
       raise ConvertError(f"{self.step_dir}: cannot read the model description ({e})") from None

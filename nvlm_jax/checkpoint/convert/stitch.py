@@ -12,6 +12,12 @@ returns only the new params, so XLA drops everything else and the towers are nev
 Each variant is a `StitchVariant`: how to build its NVLMConfig from the two towers' configs, and what
 to check about its fresh params (NVLM-X/H: the tanh gates start at zero, so the stitched model
 initially computes exactly the LLM on text). Adding a variant is one entry in VARIANTS.
+
+This is the one way to build a model from released parts (no NVLM-X/H weights were released; the paper
+starts them, like NVLM-D, from a text LLM and InternViT-6B-448px-V1-5 and trains the new modules, paper 4.5,
+Table 10). The new modules get the model's own init: gated cross-attention q/k/v/o and SwiGLU kernels
+~ N(0, 0.02), norm scales 1, both gates 0; projector kernels ~ N(0, 0.02), LayerNorm scale 1 / bias 0.
+Load the result with `models.load_model(out)` (or `train.py --config.checkpoint.init_from=out`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import numpy as np
 from flax import traverse_util
 
 from nvlm_jax import models
-from nvlm_jax.checkpoint import from_parts, orbax_stream
+from nvlm_jax.checkpoint import orbax_stream
 from nvlm_jax.checkpoint.convert.importer import parse_mesh, stream_into, write_provenance
 from nvlm_jax.checkpoint.convert.output import (
   ConvertError,
@@ -41,9 +47,11 @@ from nvlm_jax.checkpoint.convert.output import (
 from nvlm_jax.checkpoint.convert.sources import DTYPES, HFSource, WorkItem, open_source
 from nvlm_jax.checkpoint.vision_layouts import _tokenizer_token_id
 from nvlm_jax.config import CrossAttentionConfig, DecoderConfig, NVLMConfig, ProjectorConfig, VisionConfig
+from nvlm_jax.processing.tokenizer import NvlmTokenizer
 
 VISION_PREFIX, LLM_PREFIX = "vision_model", "language_model"
 IMAGE_TOKEN = "<|vision_pad|>"
+IMAGE_START = "<Image>"  # X/H: locates each image's first tile tag (docs/fusion.md)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +98,30 @@ def nvlm_d_config(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions)
   )
 
 
+def default_cross_attention(llm: DecoderConfig, blocks: int = 10) -> CrossAttentionConfig:
+  """The paper's 10 blocks (one per num_layers / 10 LLM layers), each before its group's last layer."""
+  if llm.num_layers % blocks:
+    raise ValueError(
+      f"the LLM has {llm.num_layers} layers, not a multiple of {blocks} blocks; pass "
+      "cross_attention=CrossAttentionConfig(every=..., ...)"
+    )
+  every = llm.num_layers // blocks
+  return CrossAttentionConfig(every=every, offset=every - 1)
+
+
 def cross_attention_config(variant: str):
-  """NVLM-X / NVLM-H config from the towers (checkpoint/from_parts.py: X one-layer projector, H mlp1; gated
-  cross-attention blocks every num_layers / 10 LLM layers unless --xattn-every says otherwise)."""
+  """NVLM-X / NVLM-H config from the towers: X a one-layer projector, H mlp1 (ProjectorConfig.for_variant); gated
+  cross-attention blocks every num_layers / 10 LLM layers unless --xattn-every says otherwise."""
 
   def build(vision: VisionConfig, llm: DecoderConfig, opts: StitchOptions) -> NVLMConfig:
-    return from_parts.build_config(
-      variant,
-      llm,
-      vision,
+    return NVLMConfig(
+      variant=variant,
+      vision=vision,
+      projector=ProjectorConfig.for_variant(variant, vision, llm, opts.downsample_ratio),
+      llm=llm,
       image_token_id=opts.image_token_id,
-      cross_attention=opts.cross_attention,
-      image_start_token_ids=opts.image_start_token_ids,
+      cross_attention=opts.cross_attention or default_cross_attention(llm),
+      image_start_token_ids=tuple(opts.image_start_token_ids),
       downsample_ratio=opts.downsample_ratio,
       max_tiles=opts.max_tiles,
       use_thumbnail=opts.use_thumbnail,
@@ -236,13 +256,18 @@ def _mapped(items: Iterator[WorkItem], map_piece: PieceMap | None) -> Iterator[W
     yield dataclasses.replace(item, run=run)
 
 
-def _tokenizer_ids(directory: Path) -> dict[str, Any]:
-  """{image_token_id, image_start_token_ids} from the LLM's tokenizer files, where it has them."""
+def tokenizer_ids(directory: Path) -> dict[str, Any]:
+  """{image_token_id, image_start_token_ids} from the LLM's tokenizer files, where it has them: the
+  placeholder `<|vision_pad|>` and `<Image>` as that tokenizer encodes it."""
   ids: dict[str, Any] = {}
-  try:
-    ids.update(from_parts.tokenizer_ids(directory))
-  except (ImportError, OSError, ValueError, KeyError):
-    pass
+  if (directory / "tokenizer.json").is_file():
+    try:
+      tok = NvlmTokenizer.from_pretrained(directory)
+      ids["image_start_token_ids"] = tuple(tok.encode(IMAGE_START))
+      if tok.has_token(IMAGE_TOKEN):
+        ids["image_token_id"] = tok.token_to_id(IMAGE_TOKEN)
+    except (OSError, ValueError, KeyError):
+      pass
   if "image_token_id" not in ids:
     try:
       token_id = _tokenizer_token_id(directory, IMAGE_TOKEN)
@@ -305,7 +330,7 @@ def stitch_checkpoint(
   llm_tower = _tower(llm, "llm", dtype)
   vision_tower = _tower(vision, "vision", dtype)
   storage = llm_tower.config.param_dtype if dtype == "auto" else dtype
-  ids = _tokenizer_ids(llm_tower.directory)
+  ids = tokenizer_ids(llm_tower.directory)
   if image_token_id is None:
     image_token_id = ids.get("image_token_id", llm_tower.config.vocab_size)
   xattn = None

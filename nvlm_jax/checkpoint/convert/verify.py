@@ -27,10 +27,10 @@ from flax import traverse_util
 
 from nvlm_jax.checkpoint.convert.importer import check_float_tensors, is_float_dtype
 from nvlm_jax.checkpoint.convert.output import ConvertError
-from nvlm_jax.checkpoint.convert.sources import HFSource, OrbaxSource, layout_rules, majority_dtype
+from nvlm_jax.checkpoint.convert.sources import HFSource, OrbaxSource, majority_dtype
+from nvlm_jax.checkpoint.vision_layouts import layout_rules
 from nvlm_jax.config import DecoderConfig, NVLMConfig
-from nvlm_jax.models import load_pretrained
-from nvlm_jax.training.checkpointing import load_checkpoint
+from nvlm_jax.models import load_checkpoint, load_pretrained
 
 TRANSFORMERS_ARCHS = {
   "Qwen2ForCausalLM": "AutoModelForCausalLM",
