@@ -3,16 +3,14 @@ end through the runner (training, evaluation, results.json, the plot), survives 
 
 from __future__ import annotations
 
-import importlib.machinery
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nvlm_jax.data import pipeline
+from nvlm_jax.evaluation import synthetic
 from nvlm_jax.studies import definitions, report
 from nvlm_jax.studies.definitions import STUDIES, arm_recipe, base_recipe
 from nvlm_jax.studies.runner import StudyRunner
@@ -120,8 +118,9 @@ def _stand_in_scores(seed: int) -> dict:
 
 @pytest.fixture
 def stand_in_benchmark(monkeypatch):
-  """The synthetic benchmark's API (nvlm_jax.evaluation.synthetic.evaluate_checkpoint) with known scores per
-  seed; it checks that it is handed a trained checkpoint and the study's scene settings."""
+  """The synthetic benchmark (nvlm_jax.evaluation.synthetic.evaluate_checkpoint, tested in test_eval_synthetic.py)
+  replaced by known scores per seed, so the aggregation can be checked; it checks that it is handed a trained
+  checkpoint and the study's scene settings."""
   calls, fail_seeds = [], set()
 
   def evaluate_checkpoint(path, *, num_samples=500, batch_size=32, source=None):
@@ -132,15 +131,7 @@ def stand_in_benchmark(monkeypatch):
     assert (Path(path) / "checkpoints" / "2").is_dir(), f"{path} is not trained to step 2"
     return _stand_in_scores(seed)
 
-  name = "nvlm_jax.evaluation.synthetic"
-  module = types.ModuleType(name)
-  module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-  module.evaluate_checkpoint = evaluate_checkpoint
-  monkeypatch.setitem(sys.modules, name, module)
-  import nvlm_jax.evaluation
-
-  if "synthetic" in vars(nvlm_jax.evaluation):  # the real benchmark, imported by an earlier test
-    monkeypatch.setattr(nvlm_jax.evaluation, "synthetic", module)
+  monkeypatch.setattr(synthetic, "evaluate_checkpoint", evaluate_checkpoint)
   return calls, fail_seeds
 
 

@@ -32,6 +32,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 
 from nvlm_jax import models
 from nvlm_jax.data import pipeline
+from nvlm_jax.evaluation import synthetic
 from nvlm_jax.studies import report
 from nvlm_jax.studies.definitions import (
   TEXT_STAGE,
@@ -142,9 +143,6 @@ def decoder_length(config, num_samples: int = DECODER_LENGTH_SAMPLES) -> dict:
 
 def evaluate(workdir: Path, *, num_samples: int, source: dict) -> dict:
   """The synthetic benchmark's held-out accuracy (overall and per question type) of a training workdir."""
-  # imported here: the benchmark (and its generation code) is needed only once a run has trained
-  from nvlm_jax.evaluation import synthetic
-
   return synthetic.evaluate_checkpoint(str(workdir), num_samples=num_samples, source=source)
 
 
