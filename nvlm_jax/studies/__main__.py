@@ -33,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
   from absl import logging  # the training stack's libraries log through absl: keep their INFO lines out
 
   logging.set_verbosity(logging.WARNING)
-  from nvlm_jax.studies.runner import run_study  # JAX loads only when a study runs, not for --list
+  from nvlm_jax.studies.runner import StudyRunner  # JAX loads only when a study runs, not for --list
 
   arms = [a for a in args.arms.split(",") if a] or None
-  summary = run_study(
-    args.study, args.out, seeds=args.seeds, steps=args.steps, eval_samples=args.eval_samples, arms=arms
-  )
+  try:
+    runner = StudyRunner(
+      args.study, args.out, seeds=args.seeds, steps=args.steps, eval_samples=args.eval_samples, arms=arms
+    )
+    runner.check_finished_runs()
+  except (KeyError, ValueError) as e:  # an unknown arm, a bad number, another run's settings in --out
+    parser.error(str(e).strip("'\""))
+  summary = runner.run()
   return 1 if summary["failures"] else 0
 
 

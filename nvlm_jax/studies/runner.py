@@ -166,8 +166,8 @@ class StudyRunner:
     self.out = Path(out).resolve()
     self.dir = self.out / self.study.name
     self.seeds = list(range(seeds))
-    self.steps = int(steps or self.study.default_steps)
-    self.eval_samples = int(eval_samples or self.study.default_eval_samples)
+    self.steps = int(self.study.default_steps if steps is None else steps)
+    self.eval_samples = int(self.study.default_eval_samples if eval_samples is None else eval_samples)
     if self.steps < 1 or self.eval_samples < 1:
       raise ValueError(f"--steps and --eval-samples must be >= 1, got {self.steps}, {self.eval_samples}")
     self.arms = [self.study.arm(a) for a in arms] if arms else list(self.study.arms)
@@ -297,7 +297,3 @@ class StudyRunner:
       "eval_wall_s": eval_s,
       "recipe": json.loads(config.to_json_best_effort()),
     }
-
-
-def run_study(study: str, out: str | os.PathLike, **kwargs) -> dict:
-  return StudyRunner(study, out, **kwargs).run()
