@@ -10,8 +10,9 @@ On CPU a jax array's buffer is host memory: `np.asarray` exposes it without a co
 copy, and `jax.device_put` of an aligned numpy view wraps that memory without a copy. `decoding_layout` turns
 each stacked decoder weight into per-layer arrays made this way: they alias the caller's stacked buffers (no
 weight memory is added, the caller's params stay valid and unchanged) and keep those buffers alive. Every alias
-is checked by address; where one cannot be made (an accelerator, params sharded over several devices, a
-jax that copies), nothing is converted and decoding keeps the scanned module, as before.
+is checked by address. A slice whose address jax cannot wrap (not 64-byte aligned: gate scalars, short biases)
+is copied when it is small (SMALL_COPY_BYTES); where a large one cannot be wrapped (an accelerator, params sharded
+over several devices, a jax that copies), nothing is converted and decoding keeps the scanned module, as before.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 
 log = logging.getLogger(__name__)
+SMALL_COPY_BYTES = 64 * 1024  # per layer slice: what may be copied when its memory cannot be wrapped
 _reported: set[str] = set()
 
 
@@ -60,10 +62,11 @@ def _host_view(stacked: Any) -> np.ndarray:
 
 
 def _wrap(view: np.ndarray, device) -> jax.Array:
-  """A jax array over `view`'s memory; refuses (rather than doubling memory) if jax would copy it."""
+  """A jax array over `view`'s memory. jax wraps only 64-byte aligned memory; a slice that is not (a gate
+  scalar, a short bias) is copied if it is at most SMALL_COPY_BYTES, else refused rather than doubled."""
   out = jax.device_put(view, device)
-  if out.unsafe_buffer_pointer() != view.ctypes.data:
-    raise _NotAliasable(f"jax copied a {view.shape} {view.dtype} layer slice (alignment {view.ctypes.data % 64})")
+  if out.unsafe_buffer_pointer() != view.ctypes.data and view.nbytes > SMALL_COPY_BYTES:
+    raise _NotAliasable(f"jax copied a {view.shape} {view.dtype} layer slice (address {view.ctypes.data} % 64 != 0)")
   return out
 
 
@@ -71,7 +74,7 @@ def _layer_views(stacks: Any, index: tuple[int, ...]) -> Any:
   """The tree of stacked weights at leading indices `index`, every leaf an alias of its slice."""
 
   def view(stacked):
-    return _wrap(_host_view(stacked)[index], next(iter(stacked.devices())))
+    return _wrap(_host_view(stacked)[index + (Ellipsis,)], next(iter(stacked.devices())))  # 0-d stays an array
 
   return jax.tree.map(view, stacks)
 
