@@ -1,7 +1,7 @@
 """The package's import structure: imports flow one way, and few of them hide inside functions.
 
 Order (a module may import its own unit and the units before it):
-  config, sharding, presets -> layers -> language, vision, processing -> fusion -> models -> generation
+  config, sharding, presets -> layers -> language, vision, processing -> fusion -> models -> layer_views -> generation
   -> data -> training -> checkpoint -> evaluation -> the command lines (chat, convert)
 A function-level import of our own modules is allowed where it keeps a heavy or optional dependency out of a
 light path, or runs a command's code only when that command is chosen; it says why in a comment on its line or the line above.
@@ -24,6 +24,7 @@ ORDER = (
   "processing",
   "fusion",
   "models",
+  "layer_views",
   "generation",
   "data",
   "training",
