@@ -123,14 +123,14 @@ def memory_probe() -> dict:
         return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field} in /proc/self/status")
 
-  cases = {"views": lambda: run(params), "unstacked_copies": unstacked_copies}
-
   def sliced():
     with sliced_decoding():
       return run(params)
 
-  cases["sliced"] = sliced
-  out, tokens = {"weight_bytes": weight_bytes}, {}
+  # unstacked copies last: what it frees could otherwise be reused, unseen, by a later case
+  cases = {"sliced": sliced, "views": lambda: run(params), "unstacked_copies": unstacked_copies}
+  layer_bytes = sum(x.nbytes for x in jax.tree.leaves(params["decoder"]["layers"])) // cfg.num_layers
+  out, tokens = {"weight_bytes": weight_bytes, "layer_bytes": layer_bytes}, {}
   for name, fn in cases.items():
     fn()  # compile outside the measured call
     with open("/proc/self/clear_refs", "w") as f:
@@ -155,10 +155,9 @@ def measure_memory() -> dict:
   mb = 2**20
   return {
     "weights_mb": result["weight_bytes"] / mb,
+    "one_layer_mb": result["layer_bytes"] / mb,
     "peak_above_before_mb": {
-      k.removesuffix("_peak_above_before_bytes"): v / mb
-      for k, v in result.items()
-      if k.endswith("_bytes") and k != "weight_bytes"
+      k.removesuffix("_peak_above_before_bytes"): v / mb for k, v in result.items() if k.endswith("_above_before_bytes")
     },
     "tokens_identical": result["tokens_identical"],
   }
