@@ -3,16 +3,17 @@
 A scanned decoder (`scan_layers=True`, the default) keeps each weight of all its layers in one array with a
 leading layers axis. Under jit, XLA:CPU reads one layer out of such a stack by copying it (a dynamic slice in
 the layer scan; static slices copy too), and its matmuls then read the copy. A decode step is bound by reading
-the weights once, so the copies made every scanned decode step cost more than the step's own work. Separately
-held per-layer arrays, as the unrolled module (`scan_layers=False`) takes them, are read in place.
+the weights once, so copying them at every step about doubles it (bench/README.md). Separately held per-layer
+arrays, as the unrolled module (`scan_layers=False`) takes them, are read in place.
 
 On CPU a jax array's buffer is host memory: `np.asarray` exposes it without a copy, numpy slices it without a
 copy, and `jax.device_put` of an aligned numpy view wraps that memory without a copy. `decoding_layout` turns
 each stacked decoder weight into per-layer arrays made this way: they alias the caller's stacked buffers (no
 weight memory is added, the caller's params stay valid and unchanged) and keep those buffers alive. Every alias
 is checked by address. A slice whose address jax cannot wrap (not 64-byte aligned: gate scalars, short biases)
-is copied when it is small (SMALL_COPY_BYTES); where a large one cannot be wrapped (an accelerator, params sharded
-over several devices, a jax that copies), nothing is converted and decoding keeps the scanned module, as before.
+is copied when it is small (SMALL_COPY_BYTES). Where a large one cannot be wrapped, or the stacks are not on one
+CPU device (an accelerator, params sharded over several devices), nothing is converted and decoding keeps the
+scanned module, as before.
 """
 
 from __future__ import annotations
