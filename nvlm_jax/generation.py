@@ -11,6 +11,10 @@ returns (logits, cache), and `model.init_cache(batch, length)` makes an empty ca
 
 `stream_generate` is the same computation for callers that need each token on the host as soon as it
 exists (chat): the prefill and one decode step are each compiled once, and a Python loop drives them.
+
+The prefill runs the model as given. The decode steps run `layer_views.decoding_layout(model, params)`: for a
+scanned model on CPU, the unrolled module over per-layer views of the same weight buffers, so that no step
+copies a layer's weights out of the stacks (and no weight memory is added).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nvlm_jax.layer_views import decoding_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +107,7 @@ def left_align(
 
 def _decode_halves(
   model,
+  decode_model,
   max_new_tokens: int,
   sampling: SamplingConfig,
   eos_ids: tuple[int, ...],
@@ -108,7 +115,8 @@ def _decode_halves(
   image_keys: tuple[str, ...],
 ):
   """(prefill, step), pure functions: the prompt (images included) into a fresh cache and the first token;
-  then one token per call. `generate` runs both in one program, `stream_generate` calls them one by one."""
+  then one token per call. `generate` runs both in one program, `stream_generate` calls them one by one.
+  The prefill applies `model`, the step `decode_model` (same cache layout; see `decoding_layout`)."""
   eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def prefill(params, ids, segments, images, rng):
@@ -123,7 +131,7 @@ def _decode_halves(
     return token, cache, jnp.isin(token, eos), rng
 
   def step(params, token, cache, done, rng):
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache)
+    logits, cache = decode_model.apply({"params": params}, token[:, None], cache=cache)
     rng, step_rng = jax.random.split(rng)
     token = sample_token(logits[:, -1], step_rng, sampling)
     token = jnp.where(done, pad_id, token)
@@ -135,15 +143,16 @@ def _decode_halves(
 @functools.lru_cache(maxsize=32)
 def _compiled_generate(
   model,
+  decode_model,
   max_new_tokens: int,
   sampling: SamplingConfig,
   eos_ids: tuple[int, ...],
   pad_id: int,
   image_keys: tuple[str, ...],
 ):
-  prefill, step = _decode_halves(model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
+  prefill, step = _decode_halves(model, decode_model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
 
-  def run(params, ids, segments, images, rng):
+  def run(params, decode_params, ids, segments, images, rng):
     token, cache, done, rng = prefill(params, ids, segments, images, rng)
     out = jnp.full((ids.shape[0], max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
 
@@ -153,7 +162,7 @@ def _compiled_generate(
 
     def body(state):
       produced, token, cache, done, out, rng = state
-      token, cache, done, rng = step(params, token, cache, done, rng)
+      token, cache, done, rng = step(decode_params, token, cache, done, rng)
       out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], produced, axis=1)
       return produced + 1, token, cache, done, out, rng
 
@@ -201,10 +210,11 @@ def generate(
     pad_token_id=pad_token_id,
     pad_to_multiple_of=pad_to_multiple_of,
   )
+  decode_model, decode_params = decoding_layout(model, params)
   run = _compiled_generate(
-    model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad, prepared.image_keys
+    model, decode_model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad, prepared.image_keys
   )
-  return run(params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
+  return run(params, decode_params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +285,7 @@ def _prepare(
 @functools.lru_cache(maxsize=32)
 def _compiled_stream(
   model,
+  decode_model,
   max_new_tokens: int,
   sampling: SamplingConfig,
   eos_ids: tuple[int, ...],
@@ -282,7 +293,7 @@ def _compiled_stream(
   image_keys: tuple[str, ...],
 ):
   """(prefill, step) of `_compiled_generate`'s program, compiled separately (same PRNG splits)."""
-  prefill, step = _decode_halves(model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
+  prefill, step = _decode_halves(model, decode_model, max_new_tokens, sampling, eos_ids, pad_id, image_keys)
   return jax.jit(prefill), jax.jit(step, donate_argnums=(2,))
 
 
@@ -325,8 +336,9 @@ def stream_generate(
     pad_token_id=pad_token_id,
     pad_to_multiple_of=pad_to_multiple_of,
   )
+  decode_model, decode_params = decoding_layout(model, params)
   prefill, step = _compiled_stream(
-    model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad, prepared.image_keys
+    model, decode_model, prepared.max_new_tokens, prepared.sampling, prepared.eos_ids, prepared.pad, prepared.image_keys
   )
   token, cache, done, rng = prefill(params, prepared.ids, prepared.segments, prepared.images, prepared.rng)
   for produced in range(1, prepared.max_new_tokens + 1):
@@ -334,4 +346,4 @@ def stream_generate(
     yield np.asarray(host_token)
     if produced == prepared.max_new_tokens or np.all(host_done):
       return
-    token, cache, done, rng = step(params, token, cache, done, rng)
+    token, cache, done, rng = step(decode_params, token, cache, done, rng)

@@ -56,12 +56,25 @@ def test_generate_bench_tokens_identical_to_torch(tmp_path):
     "96",
     "--new-tokens",
     str(new_tokens),
+    "--no-memory",  # the peak-memory child builds a 200 MB model: a benchmark figure, too slow for the suite
     tmp_path=tmp_path,
   )
-  assert r["sanity"]["identical"] and r["sanity"]["unrolled_identical"], r["sanity"]
-  for name in ("ours", "ours_unrolled", "reference"):
+  sanity = r["sanity"]
+  assert sanity["identical"] and sanity["unrolled_identical"] and sanity["scanned_sliced_identical"], sanity
+  assert sanity["prefill_first_token_identical"] and r["summary"]["tokens_identical"], sanity
+  for name in ("ours", "ours_unrolled", "ours_scanned_sliced", "reference"):
     assert r[name]["tokens_per_s"] == pytest.approx(batch * new_tokens / r[name]["median_s"], rel=DIGITS)
+    # one repeat: the decode step is exactly (whole - prefill) / (new_tokens - 1)
+    step_s = (r[name]["median_s"] - r[name]["prefill_median_s"]) / (new_tokens - 1)
+    assert r[name]["decode_step_median_ms"] == pytest.approx(1e3 * step_s, rel=5 * DIGITS, abs=1e-3)
   assert_speedup_is_reference_over_ours(r["speedup_ours_vs_reference"], r["ours"], r["reference"])
+  floor = r["weight_streaming_floor"]
+  assert floor["floor_ms"] == pytest.approx(
+    floor["language_weight_mb"] * 2**20 / (floor["host_streaming_gb_per_s"] * 1e9) * 1e3, rel=5 * DIGITS
+  )
+  assert floor["decode_step_over_floor"]["ours"] == pytest.approx(
+    r["ours"]["decode_step_median_ms"] / floor["floor_ms"], rel=5 * DIGITS
+  )
 
 
 @pytest.mark.slow

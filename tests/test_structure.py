@@ -2,8 +2,8 @@
 
 Order (a module may import its own unit and the units before it, at module level and inside functions alike):
   config, sharding, presets -> layers -> language, vision, processing -> fusion -> checkpoint (formats)
-  -> models -> generation -> data -> training -> evaluation -> studies -> the command lines (chat, convert: with
-  checkpoint/convert/, the converter's commands)
+  -> models -> layer_views -> generation -> data -> training -> evaluation -> studies -> the command lines
+  (chat, convert: with checkpoint/convert/, the converter's commands)
 A function-level import of our own modules is allowed where it keeps a heavy or optional dependency out of a
 light path, or runs a command's code only when that command is chosen; it says why in a comment on its line or the line above.
 """
@@ -26,6 +26,7 @@ ORDER = (
   "fusion",
   "checkpoint",
   "models",
+  "layer_views",
   "generation",
   "data",
   "training",
