@@ -23,18 +23,20 @@ def pair(request, tmp_path_factory):
   return reference, model, params
 
 
-def reference_greedy(reference, prompt: np.ndarray) -> np.ndarray:
-  ids = torch.as_tensor(prompt[None], dtype=torch.long)
+def reference_greedy(reference, prompt: np.ndarray, new_tokens: int = NEW_TOKENS) -> np.ndarray:
+  """transformers' greedy tokens after `prompt` ([L] -> [new_tokens], or [B, L] -> [B, new_tokens])."""
+  ids = torch.as_tensor(np.atleast_2d(prompt), dtype=torch.long)
   with torch.no_grad():  # an explicit mask: with pad_token_id set, transformers would hide prompt tokens == pad
     out = reference.generate(
       ids,
       attention_mask=torch.ones_like(ids),
-      max_new_tokens=NEW_TOKENS,
+      max_new_tokens=new_tokens,
       do_sample=False,
       eos_token_id=None,
       pad_token_id=0,
     )
-  return out[0, len(prompt) :].numpy()
+  tokens = out[:, ids.shape[1] :].numpy()
+  return tokens[0] if prompt.ndim == 1 else tokens
 
 
 def test_greedy_tokens_equal_transformers_generate(pair):

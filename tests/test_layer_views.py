@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import nvlm_jax
 import reference_models as rm
 from nvlm_jax import generation, layer_views
 from nvlm_jax.layer_views import decoding_layout
+from test_generation import reference_greedy
 from test_nvlm_xh import CLASSES, O0, config_for, hand_batch, random_params
 
 NEW_TOKENS = 12
@@ -71,17 +71,7 @@ def test_scanned_unrolled_and_transformers_tokens_are_identical(loaded, monkeypa
   layouts = []
   monkeypatch.setattr(generation, "decoding_layout", lambda m, p: layouts.append(decoding_layout(m, p)) or layouts[-1])
   prompts = rm.random_tokens(rm.TINY_TEXT["vocab_size"], (2, 160), seed=8)
-  with torch.no_grad():
-    ids = torch.as_tensor(prompts, dtype=torch.long)
-    out = reference.generate(
-      ids,
-      attention_mask=torch.ones_like(ids),
-      max_new_tokens=NEW_TOKENS,
-      do_sample=False,
-      eos_token_id=None,
-      pad_token_id=0,
-    )
-  expected = out[:, prompts.shape[1] :].numpy()
+  expected = reference_greedy(reference, prompts, NEW_TOKENS)
   kwargs = dict(max_new_tokens=NEW_TOKENS, eos_token_id=[])
   scanned = np.asarray(nvlm_jax.generate(model, params, prompts, **kwargs))
   np.testing.assert_array_equal(scanned, expected)
