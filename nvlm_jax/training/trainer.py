@@ -116,7 +116,7 @@ def build_setup(config, *, devices=None, model_config=None) -> Setup:
   # `trainable` alone says whether the ViT trains; its stop_gradient follows (a trainable ViT behind a
   # stop_gradient would silently get zero gradients, a frozen one without it would cost a backward pass).
   vision_trains = optimizer.TRAINABLE in jax.tree.leaves(labels.get("vision_model", {}))
-  if getattr(model_config, "freeze_vision", vision_trains) == vision_trains:
+  if hasattr(model_config, "freeze_vision") and model_config.freeze_vision == vision_trains:
     model_config = dataclasses.replace(model_config, freeze_vision=not vision_trains)
     model = models.module_for_config(model_config)
   decay_mask = optimizer.weight_decay_mask(logical)
