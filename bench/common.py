@@ -376,7 +376,7 @@ def our_train_step(model, params, trainable=("projector", "language_model"), opt
   tx, schedule = make_optimizer(ml_collections.ConfigDict(optimizer), labels, decay, total_steps=10**9)
   # every leaf its own buffer: new_train_state shares one zero scalar between its counters, and a
   # donated call refuses to donate one buffer twice
-  state = jax.tree.map(jnp.copy, new_train_state(params, tx.init(params), seed=0))
+  state = jax.tree.map(jnp.copy, new_train_state(params, tx.init(params), jax.random.key(0)))
   step = jax.jit(make_train_step(model, tx, labels, schedule), donate_argnums=(0,))
   return step, state, labels
 

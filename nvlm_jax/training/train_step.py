@@ -51,14 +51,15 @@ class TrainState:
   opt_state: Any
 
 
-def new_train_state(params, opt_state, seed: int) -> TrainState:
+def new_train_state(params, opt_state, rng: jax.Array) -> TrainState:
+  """The step-0 state around `params`: counters at zero, `rng` (a typed PRNG key) as the state's key."""
   zero = jnp.zeros((), jnp.int32)
   return TrainState(
     step=zero,
     applied_steps=zero,
     skipped_steps=zero,
     nonfinite_streak=zero,
-    rng=jax.random.key_data(jax.random.key(seed)),
+    rng=jax.random.key_data(rng),
     params=params,
     opt_state=opt_state,
   )

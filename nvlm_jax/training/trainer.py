@@ -37,7 +37,7 @@ from nvlm_jax.training import checkpointing, config_base, optimizer, run_config,
 from nvlm_jax.training import flops as flops_lib
 from nvlm_jax.training import metrics as metrics_lib
 from nvlm_jax.training.synthetic_lm import make_synthetic_lm_iterator
-from nvlm_jax.training.train_step import TrainState, batch_sharding, jit_train_step, make_train_step
+from nvlm_jax.training.train_step import TrainState, batch_sharding, jit_train_step, make_train_step, new_train_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -335,17 +335,7 @@ def fresh_state(setup: Setup, seed: int) -> TrainState:
 
   def make(rng):
     params = strip_boxes(init(rng))["params"]
-    opt_state = setup.tx.init(params)
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(
-      step=zero,
-      applied_steps=zero,
-      skipped_steps=zero,
-      nonfinite_streak=zero,
-      rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
-      params=params,
-      opt_state=opt_state,
-    )
+    return new_train_state(params, setup.tx.init(params), jax.random.fold_in(rng, 1))
 
   with _MeshContext(setup):
     return jax.jit(make, out_shardings=setup.state_shardings, compiler_options=init_compiler_options(setup.config))(
@@ -368,16 +358,7 @@ def state_from_params(setup: Setup, params, seed: int) -> TrainState:
   params = jax.tree.map(lambda p, s: jax.device_put(jnp.asarray(p, s.dtype), s.sharding), params, expected)
 
   def make(params):
-    zero = jnp.zeros((), jnp.int32)
-    return TrainState(
-      step=zero,
-      applied_steps=zero,
-      skipped_steps=zero,
-      nonfinite_streak=zero,
-      rng=jax.random.key_data(jax.random.key(seed)),
-      params=params,
-      opt_state=setup.tx.init(params),
-    )
+    return new_train_state(params, setup.tx.init(params), jax.random.key(seed))
 
   with _MeshContext(setup):
     return jax.jit(
