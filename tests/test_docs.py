@@ -121,6 +121,10 @@ SHORTENED = {
     "python -m nvlm_jax.data.tfds_builder --synthetic 50 --seed 0 --out /data/nvlm --name synth",
     "100,000 drawn samples run 50",
   ),
+  "python -m nvlm_jax.studies.learning_curve /tmp/nvlm_tiny_d --samples 500": (
+    "python -m nvlm_jax.studies.learning_curve /tmp/nvlm_tiny_d --samples 2 --out learning_curve",
+    "500 held-out samples per checkpoint run 2, written beside the test, not into the shared stand-in workdir",
+  ),
   "python -m nvlm_jax.studies tile_tags --out studies": (
     "python -m nvlm_jax.studies tile_tags --out studies --seeds 1 --steps 2 --eval-samples 2 --arms tags_1d",
     "a 30 min study (5 arms x 3 seeds) runs one arm, one seed, 2 steps",

@@ -20,6 +20,7 @@ import pytest
 from nvlm_jax.data import synthetic as data
 from nvlm_jax.data.synthetic import SyntheticSource
 from nvlm_jax.evaluation import synthetic
+from nvlm_jax.studies import learning_curve
 from nvlm_jax.training import run_config, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,14 +91,15 @@ TEXT_ONLY_FRACTION = 0.4  # not the generator's default: the benchmark must take
 
 @pytest.fixture(scope="module")
 def tiny_d_workdir(tmp_path_factory) -> Path:
-  """configs/tiny_d.py trained 2 steps (real trainer and data pipeline) on a synthetic source of seed 7."""
+  """configs/tiny_d.py trained 2 steps (real trainer and data pipeline) on a synthetic source of seed 7,
+  checkpointed after each step."""
   c = _load_module("tiny_d_config", ROOT / "configs" / "tiny_d.py").get_config()
   workdir = tmp_path_factory.mktemp("tiny_d")
   c.update(workdir=str(workdir), total_steps=2, compiler_options={"xla_backend_optimization_level": 0})
   c.optimizer.update(warmup_steps=1)
   c.data.update(global_batch_size=2, seq_len=160, max_tiles=3, read_threads=1, batch_prefetch=1)
   c.data.sources = [{**TRAIN_SOURCE, "text_only_fraction": TEXT_ONLY_FRACTION}]
-  c.checkpoint.update(every_steps=2, async_save=False)
+  c.checkpoint.update(every_steps=1, max_to_keep=2, async_save=False)
   c.log.update(every_steps=1, tensorboard=False)
   trainer.Trainer(c, devices=jax.devices()[:1]).run()
   return workdir
@@ -167,3 +169,23 @@ def test_an_explicit_source_asks_other_checkpoints_the_same_questions(tiny_d_wor
   assert set(summary["per_type"]) <= {"digits", "count", "colour", "word"}
   expected = SyntheticSource(3, synthetic.HELD_OUT_SEED, size="tiny", image_size_range=(40, 56), text_only_fraction=0)
   assert summary["num_questions"] == sum(len(expected.plan(i).qa) for i in range(3))
+
+
+def test_learning_curve_evaluates_each_checkpoint_once(tiny_d_workdir, tmp_path, monkeypatch, capsys):
+  out = tmp_path / "curve"
+  assert learning_curve.main([str(tiny_d_workdir), "--samples", "2", "--out", str(out)]) == 0
+  curve = json.loads((out / learning_curve.CURVE_FILE).read_text())
+  assert list(curve) == ["1", "2"]  # every kept checkpoint, in step order
+  direct = synthetic.evaluate_checkpoint(tiny_d_workdir / "checkpoints" / "2", num_samples=2)
+  assert curve["2"]["accuracy"] == direct["accuracy"] and curve["2"]["per_type"] == direct["per_type"]
+  assert curve["1"]["num_samples"] == 2 and (out / "learning_curve.png").stat().st_size > 0
+  assert "step 1: overall" in capsys.readouterr().out
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("a step already in the curve was evaluated again")
+
+  monkeypatch.setattr(synthetic, "evaluate_checkpoint", must_not_run)
+  assert learning_curve.main([str(tiny_d_workdir), "--samples", "2", "--out", str(out)]) == 0
+  with pytest.raises(SystemExit):  # a workdir without checkpoints: a usage error naming the directory
+    learning_curve.main([str(tmp_path / "empty"), "--out", str(out)])
+  assert "no checkpoints" in capsys.readouterr().err

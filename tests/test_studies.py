@@ -111,6 +111,31 @@ def test_spread_over_seeds():
 TYPES = ("digits", "tile", "count", "colour", "word", "text_only")
 
 
+def test_markdown_table_shows_each_arm_mean_and_std_in_percent():
+  runs = {
+    "nvlm_d": [
+      {"seed": s, "accuracy": a, "per_type": {"tile": t}, "samples_per_s": v, "decoder_tokens_per_sample": 141.0}
+      for s, a, t, v in ((0, 0.2, 0.5, 30.0), (1, 0.4, 0.7, 34.0))
+    ],
+    "nvlm_x": [
+      {"seed": 0, "accuracy": 0.25, "per_type": {"tile": 0.3}, "samples_per_s": 20.0, "decoder_tokens_per_sample": 77.0}
+    ],
+  }
+  study = definitions.get_study("fusion")
+  summary = report.summarize(study, runs, failures=[], steps=10, eval_samples=5)
+  lines = report.markdown_table(study, summary).splitlines()
+  assert lines[0] == "| arm | seeds | overall | tile | samples per s | decoder tokens per sample |"
+  std = 100 * np.std([0.2, 0.4], ddof=1)
+  assert (
+    lines[2]
+    == f"| NVLM-D | 2 | 30.0 ± {std:.1f} | 60.0 ± {std:.1f} | 32.0 ± {np.std([30, 34], ddof=1):.1f} | 141.0 ± 0.0 |"
+  )
+  assert lines[3] == "| NVLM-X | 1 | 25.0 ± 0.0 | 30.0 ± 0.0 | 20.0 ± 0.0 | 77.0 ± 0.0 |"
+  assert len(lines) == 4  # the arm with no finished run (NVLM-H) has no row
+  no_speed = report.markdown_table(definitions.get_study("tile_tags"), {"arms": {}})
+  assert no_speed.splitlines()[0] == "| arm | seeds | overall |"
+
+
 def _stand_in_scores(seed: int) -> dict:
   per_type = {t: {"accuracy": round(0.1 * (i + 1) + 0.05 * seed, 3), "count": 3 + i} for i, t in enumerate(TYPES)}
   return {"accuracy": 0.3 + 0.1 * seed, "num_questions": 33, "num_samples": 5, "seed": 10**6, "per_type": per_type}
@@ -189,6 +214,7 @@ def test_a_study_arm_end_to_end_with_a_failure_and_resume(tmp_path, stand_in_ben
   assert run["steps"] == 2 and run["samples_per_s"] > 0 and run["decoder_tokens_per_sample"] > 16
   png = study_dir / "tile_tags.png"
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (study_dir / "tile_tags.md").read_text() == report.markdown_table(definitions.get_study("tile_tags"), summary)
 
   lines.clear()
   runner().run()  # everything finished: nothing trains, nothing is asked again

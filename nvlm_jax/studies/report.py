@@ -77,6 +77,24 @@ def summarize(study, runs: dict[str, list[dict]], *, failures: list[dict], steps
   }
 
 
+def markdown_table(study, summary: dict) -> str:
+  """The study's table as docs/miniature.md shows it: per arm the mean ± std over seeds, in percent, of the
+  overall and each type's accuracy (the fusion study adds samples/s and decoder tokens per sample)."""
+  arms = {name: a for name, a in summary["arms"].items() if a["aggregate"]}
+  types = question_types([r for a in arms.values() for r in a["runs"]])
+  speed = [m for m in SPEED_METRICS if study.name == "fusion"]
+  header = ["arm", "seeds", "overall"] + types + [m.replace("_", " ") for m in speed]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for arm in arms.values():
+    agg = arm["aggregate"]
+    accuracy = [agg["accuracy"]] + [agg["per_type"].get(t) for t in types]
+    cells = [arm["label"].replace("<", "\\<"), str(len(arm["runs"]))]  # a tag in a label is text, not HTML
+    cells += [f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s else "" for s in accuracy]
+    cells += [f"{agg[m]['mean']:.1f} ± {agg[m]['std']:.1f}" for m in speed]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot(study, summary: dict, path: Path) -> None:
   """Bars per question type (and overall) per arm: mean, std as error bars, each seed as a dot. The fusion
   study adds training samples/s and decoder tokens per sample."""

@@ -246,6 +246,7 @@ class StudyRunner:
     write_json_atomic(self.dir / "results.json", summary)
     if any(runs.values()):
       report.plot(self.study, summary, self.dir / f"{self.study.name}.png")
+      (self.dir / f"{self.study.name}.md").write_text(report.markdown_table(self.study, summary))
     return summary
 
   def _run_one(self, arm: Arm, seed: int, tag: str) -> dict:
