@@ -41,6 +41,14 @@ class DamagedCheckpointError(RuntimeError):
     super().__init__(f"checkpoint {path} is damaged: {reason}")
 
 
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+  """The steps, ascending, that have parameters in a checkpoints/ directory (none if it does not exist)."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").is_dir())
+
+
 def resolve_step(path: str | os.PathLike, step: int | None) -> tuple[Path, int]:
   """(checkpoint manager directory, step) for a workdir, its checkpoints/ dir, or one step dir."""
   path = Path(path).absolute()
@@ -50,9 +58,7 @@ def resolve_step(path: str | os.PathLike, step: int | None) -> tuple[Path, int]:
     if step is not None and step != int(path.name):
       raise ValueError(f"{path} is the checkpoint of step {path.name}, but step={step} was asked for")
     return path.parent, int(path.name)
-  steps = (
-    sorted(int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "params").is_dir()) if path.is_dir() else []
-  )
+  steps = checkpoint_steps(path)
   if not steps:
     raise FileNotFoundError(f"{path}: no nvlm_jax training checkpoint (expected {CHECKPOINT_SUBDIR}/<step>/params)")
   if step is None:

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from nvlm_jax.checkpoint.orbax_checkpoint import CHECKPOINT_SUBDIR
+from nvlm_jax.checkpoint.orbax_checkpoint import CHECKPOINT_SUBDIR, checkpoint_steps
 from nvlm_jax.evaluation import synthetic
 from nvlm_jax.studies.report import QUESTION_TYPES, plt
 from nvlm_jax.studies.runner import write_json_atomic
@@ -24,21 +24,17 @@ from nvlm_jax.studies.runner import write_json_atomic
 CURVE_FILE = "learning_curve.json"
 
 
-def checkpoint_steps(workdir: Path) -> list[int]:
-  """The steps of the checkpoints a training workdir holds, ascending."""
-  root = workdir / CHECKPOINT_SUBDIR
-  steps = sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
-  if not steps:
-    raise FileNotFoundError(f"{root}: no checkpoints (train with --config.checkpoint.every_steps to keep some)")
-  return steps
-
-
 def evaluate_steps(workdir: Path, out: Path, *, num_samples: int) -> dict[int, dict]:
   """step -> synthetic benchmark summary for every checkpoint; results already in OUT are reused."""
   path = out / CURVE_FILE
   curve = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
   curve = {step: s for step, s in curve.items() if s.get("num_samples") == num_samples}
-  for step in checkpoint_steps(workdir):
+  steps = checkpoint_steps(workdir / CHECKPOINT_SUBDIR)
+  if not steps:
+    raise FileNotFoundError(
+      f"{workdir / CHECKPOINT_SUBDIR}: no checkpoints (train with --config.checkpoint.every_steps to keep some)"
+    )
+  for step in steps:
     if step in curve:
       continue
     summary = synthetic.evaluate_checkpoint(workdir / CHECKPOINT_SUBDIR / str(step), num_samples=num_samples)

@@ -16,7 +16,8 @@ matplotlib.use("Agg")  # files only: no display on the machines the studies run 
 import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
 import numpy as np  # noqa: E402
 
-QUESTION_TYPES = ("digits", "tile", "count", "colour", "word", "text_only")
+from nvlm_jax.data.synthetic import QUESTION_TYPES  # noqa: E402 (the benchmark's order of the types)
+
 SPEED_METRICS = ("samples_per_s", "decoder_tokens_per_sample")
 
 
@@ -32,6 +33,11 @@ def spread(values) -> dict:
     "max": float(values.max()),
     "n": int(values.size),
   }
+
+
+def speed_metrics(study) -> tuple[str, ...]:
+  """The training-speed figures a study's table and plot show: the fusion study's question is speed too."""
+  return SPEED_METRICS if study.name == "fusion" else ()
 
 
 def question_types(runs: list[dict]) -> list[str]:
@@ -82,7 +88,7 @@ def markdown_table(study, summary: dict) -> str:
   overall and each type's accuracy (the fusion study adds samples/s and decoder tokens per sample)."""
   arms = {name: a for name, a in summary["arms"].items() if a["aggregate"]}
   types = question_types([r for a in arms.values() for r in a["runs"]])
-  speed = [m for m in SPEED_METRICS if study.name == "fusion"]
+  speed = speed_metrics(study)
   header = ["arm", "seeds", "overall"] + types + [m.replace("_", " ") for m in speed]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for arm in arms.values():
@@ -101,7 +107,8 @@ def plot(study, summary: dict, path: Path) -> None:
   arms = {name: a for name, a in summary["arms"].items() if a["aggregate"]}
   all_runs = [r for a in arms.values() for r in a["runs"]]
   types = ["overall"] + question_types(all_runs)
-  panels = 3 if study.name == "fusion" else 1
+  speed = speed_metrics(study)
+  panels = 1 + len(speed)
   fig, axes = plt.subplots(1, panels, figsize=(4 + 1.3 * len(types) + 3.5 * (panels - 1), 4.2), squeeze=False)
   ax = axes[0][0]
   width = 0.8 / max(len(arms), 1)
@@ -121,8 +128,8 @@ def plot(study, summary: dict, path: Path) -> None:
   seeds = max((len(a["runs"]) for a in arms.values()), default=0)
   ax.set_title(f"{study.title}\n{summary['steps']} steps, {seeds} seed(s): mean, std, seeds as dots", fontsize=9)
   ax.legend(fontsize=7)
-  if panels == 3:
-    for ax, key, label in zip(axes[0][1:], SPEED_METRICS, ("training samples/s", "decoder tokens per sample (mean)")):
+  if speed:
+    for ax, key, label in zip(axes[0][1:], speed, ("training samples/s", "decoder tokens per sample (mean)")):
       names = list(arms)
       means = [arms[n]["aggregate"][key]["mean"] for n in names]
       stds = [arms[n]["aggregate"][key]["std"] for n in names]
