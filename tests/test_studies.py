@@ -134,6 +134,10 @@ def test_markdown_table_shows_each_arm_mean_and_std_in_percent():
   assert len(lines) == 4  # the arm with no finished run (NVLM-H) has no row
   no_speed = report.markdown_table(definitions.get_study("tile_tags"), {"arms": {}})
   assert no_speed.splitlines()[0] == "| arm | seeds | overall |"
+  tile_tags = definitions.get_study("tile_tags")
+  tagged = report.summarize(tile_tags, {"tags_1d": runs["nvlm_x"]}, failures=[], steps=10, eval_samples=5)
+  # the arm's label "1-D tags <tile_k>": escaped, or a Markdown viewer hides <tile_k> as an HTML tag
+  assert report.markdown_table(tile_tags, tagged).splitlines()[2].startswith("| 1-D tags \\<tile_k> | 1 |")
 
 
 def _stand_in_scores(seed: int) -> dict:
