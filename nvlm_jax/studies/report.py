@@ -83,11 +83,16 @@ def summarize(study, runs: dict[str, list[dict]], *, failures: list[dict], steps
   }
 
 
+def finished_arms(summary: dict) -> tuple[dict, list[str]]:
+  """The arms a table or plot shows (those with a finished run) and the question types their runs hold."""
+  arms = {name: a for name, a in summary["arms"].items() if a["aggregate"]}
+  return arms, question_types([r for a in arms.values() for r in a["runs"]])
+
+
 def markdown_table(study, summary: dict) -> str:
   """The study's table as docs/miniature.md shows it: per arm the mean ± std over seeds, in percent, of the
   overall and each type's accuracy (the fusion study adds samples/s and decoder tokens per sample)."""
-  arms = {name: a for name, a in summary["arms"].items() if a["aggregate"]}
-  types = question_types([r for a in arms.values() for r in a["runs"]])
+  arms, types = finished_arms(summary)
   speed = speed_metrics(study)
   header = ["arm", "seeds", "overall"] + types + [m.replace("_", " ") for m in speed]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -104,9 +109,8 @@ def markdown_table(study, summary: dict) -> str:
 def plot(study, summary: dict, path: Path) -> None:
   """Bars per question type (and overall) per arm: mean, std as error bars, each seed as a dot. The fusion
   study adds training samples/s and decoder tokens per sample."""
-  arms = {name: a for name, a in summary["arms"].items() if a["aggregate"]}
-  all_runs = [r for a in arms.values() for r in a["runs"]]
-  types = ["overall"] + question_types(all_runs)
+  arms, question_kinds = finished_arms(summary)
+  types = ["overall"] + question_kinds
   speed = speed_metrics(study)
   panels = 1 + len(speed)
   fig, axes = plt.subplots(1, panels, figsize=(4 + 1.3 * len(types) + 3.5 * (panels - 1), 4.2), squeeze=False)
