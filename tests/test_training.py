@@ -322,6 +322,18 @@ def test_trainer_writes_metrics_and_a_loadable_checkpoint(tmp_path):
   assert not orbax_checkpoint.is_training_checkpoint(tmp_path / "tensorboard")
 
 
+def test_checkpoint_steps_lists_only_steps_with_parameters(tmp_path):
+  checkpoints = tmp_path / "checkpoints"
+  for name in ("2/params", "10/params", "7/opt_state", "5.orbax-checkpoint-tmp-1/params", "notes"):
+    (checkpoints / name).mkdir(parents=True)
+  # numeric order; step 7 (a save killed before its parameters) and orbax's temporary directory are not steps
+  assert orbax_checkpoint.checkpoint_steps(checkpoints) == [2, 10]
+  assert orbax_checkpoint.resolve_step(tmp_path, None) == (checkpoints, 10)
+  with pytest.raises(FileNotFoundError, match="available steps \\[2, 10\\]"):
+    orbax_checkpoint.resolve_step(tmp_path, 7)
+  assert orbax_checkpoint.checkpoint_steps(tmp_path / "missing") == []
+
+
 # --- NVLM-D ------------------------------------------------------------------------------------------
 
 
